@@ -1,0 +1,386 @@
+/*
+ * libcancel: cooperative cancellation for C services.
+ *
+ * A cancel_source is the side that asks for cancellation; a cancel_token is
+ * the read-only view of it that is passed down a call chain.  Work stops
+ * because every wait it blocks in observes the token: nothing is interrupted
+ * asynchronously.  Every cancellation carries a reason (what kind, which
+ * source fired first, the link path it travelled, a detail and the time).
+ *
+ * Conventions used by every function in this header:
+ *   - Errors are negative errno values.  0 (or a positive count or flag) is
+ *     success.  -ECANCELED means "the token fired", whatever the reason.
+ *   - Time is int64_t nanoseconds of CLOCK_MONOTONIC (cancel_now()).
+ *     Deadlines are absolute; CANCEL_NEVER is "no deadline".
+ *   - A function that takes a `const cancel_token *` borrows it for the
+ *     duration of the call.  NULL is a token that is never cancelled.
+ *   - A cancellation callback runs on the thread that cancels.  It MUST be
+ *     short and MUST NOT block: it wakes a waiter, it does not do the
+ *     waiter's cleanup.  It may cancel other sources, register and
+ *     unregister callbacks (including itself) and drop references.
+ */
+#ifndef CANCEL_H
+#define CANCEL_H
+
+#include <errno.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ======================================================================
+ * Version and export
+ * ====================================================================== */
+
+#define CANCEL_VERSION_MAJOR 0
+#define CANCEL_VERSION_MINOR 1
+#define CANCEL_VERSION_PATCH 0
+#define CANCEL_VERSION_STRING "0.1.0"
+/* 0xMMmmpp: compare with CANCEL_VERSION_HEX >= 0x000100. */
+#define CANCEL_VERSION_HEX                                                   \
+  ((CANCEL_VERSION_MAJOR << 16) | (CANCEL_VERSION_MINOR << 8) |              \
+   CANCEL_VERSION_PATCH)
+
+#if defined(_WIN32)
+#define CANCEL_API
+#elif defined(__GNUC__)
+#define CANCEL_API __attribute__((visibility("default")))
+#else
+#define CANCEL_API
+#endif
+
+/* The version of the library actually linked, e.g. "0.1.0". */
+CANCEL_API const char *cancel_version(void);
+
+/* ======================================================================
+ * Time
+ * ====================================================================== */
+
+/* A deadline that never comes. */
+#define CANCEL_NEVER INT64_MAX
+
+#define CANCEL_USEC(n) ((int64_t)(n) * 1000)
+#define CANCEL_MSEC(n) ((int64_t)(n) * 1000000)
+#define CANCEL_SEC(n) ((int64_t)(n) * 1000000000)
+
+/* CLOCK_MONOTONIC in nanoseconds.  Thread-safe, never fails. */
+CANCEL_API int64_t cancel_now(void);
+
+/* ======================================================================
+ * Errors
+ * ====================================================================== */
+
+/* A static, human description of a negative errno value (or of a positive
+ * one: the sign is ignored).  Never returns NULL.  Thread-safe. */
+CANCEL_API const char *cancel_strerror(int err);
+
+/* ======================================================================
+ * Reasons
+ * ====================================================================== */
+
+/* The kind of a cancellation.  Values from CANCEL_USER up are the
+ * application's own codes; values between CANCEL_SHUTDOWN and CANCEL_USER
+ * are reserved. */
+enum cancel_kind {
+  CANCEL_NONE = 0,        /* not cancelled */
+  CANCEL_REQUESTED = 1,   /* somebody called cancel */
+  CANCEL_TIMEOUT = 2,     /* a deadline passed */
+  CANCEL_CLIENT_GONE = 3, /* the peer we work for went away */
+  CANCEL_SHUTDOWN = 4,    /* the process is stopping */
+  CANCEL_USER = 100
+};
+
+/* How many hops of the link path a cancel_reason holds.  A longer path
+ * keeps the hops nearest the queried token and counts the rest. */
+#define CANCEL_VIA_MAX 8
+
+typedef struct cancel_hop {
+  const char *name; /* the source's name, "" when unnamed */
+  const char *note; /* NULL, or e.g. "grace 2s expired" for a shield */
+} cancel_hop;
+
+/* A snapshot of why a token was cancelled.  The strings point into the
+ * sources along the path: they stay valid while the queried token's source
+ * is alive (a source keeps its ancestors alive). */
+typedef struct cancel_reason {
+  int kind;           /* enum cancel_kind or a user code */
+  int64_t time;       /* cancel_now() when the origin fired */
+  const char *origin; /* name of the source that fired first, or "" */
+  const char *detail; /* "" or detail text, e.g. "2s" for a timeout */
+  size_t via_len;     /* hops in via[], origin side first */
+  size_t via_skipped; /* hops nearer the origin left out of via[] */
+  cancel_hop via[CANCEL_VIA_MAX]; /* sources crossed after the origin, the
+                                     queried one last */
+} cancel_reason;
+
+/* The lower-case name of a kind: "requested", "timeout", "client gone",
+ * "shutdown", "user" for a user code, "none", "invalid".  Never NULL. */
+CANCEL_API const char *cancel_kind_name(int kind);
+
+/* Writes one human line for `r` into buf, snprintf style, e.g.
+ * "timeout (db-query 2s) via request GET /reports/42".
+ * Returns the length the full line needs (excluding the NUL), or -EINVAL
+ * when r is NULL or buf is NULL with len > 0.  Truncates to len-1 bytes. */
+CANCEL_API int cancel_reason_format(const cancel_reason *r, char *buf,
+                                    size_t len);
+
+/* ======================================================================
+ * Tokens and sources
+ * ====================================================================== */
+
+/* Private layout: read and write only through the functions below.  The
+ * structures are public so that sources and registrations can live on the
+ * caller's storage (no allocation on hot paths). */
+typedef struct cancel_token {
+  uint32_t state; /* bit 0: cancelled; written only by the library */
+} cancel_token;
+
+typedef struct cancel_reg cancel_reg;
+typedef struct cancel_source cancel_source;
+struct cancel__link;
+struct cancel__shield;
+
+/* A cancellation callback.  See the callback rules at the top. */
+typedef void cancel_fn(void *arg);
+
+struct cancel_reg {
+  cancel_reg *next, *prev;
+  cancel_fn *fn;
+  void *arg;
+  cancel_source *src;
+  uint32_t state;
+  uint32_t waiters;
+};
+
+#define CANCEL__NAME_INLINE 40
+#define CANCEL__DETAIL_INLINE 24
+
+struct cancel_source {
+  cancel_token tok;        /* first member: a token is a source */
+  uint32_t refs;           /* atomic */
+  uint32_t flags;          /* under the lock, or before publication */
+  cancel_reg *head;        /* registered callbacks, newest first; lock */
+  cancel_reg *running;     /* callback being run by cancel; lock */
+  const void *running_tid; /* thread running the cancel */
+  bool *running_gone;      /* set when `running` unregisters itself */
+  struct cancel__link *children; /* links and shields hooked on us; lock */
+  cancel_source *via;      /* the parent whose cancel reached us */
+  cancel_source *free_next; /* teardown work list */
+  const char *name;        /* name_buf, heap copy or "" */
+  const char *detail;      /* detail_buf, heap copy or "" */
+  int kind;                /* the reason, valid once cancelled */
+  uint32_t nlinks;         /* parents */
+  int64_t time;            /* when the origin fired */
+  struct cancel__link *links;     /* one per parent */
+  struct cancel__shield *shield;  /* shields only */
+  int64_t deadline; /* own deadline, CANCEL_NEVER if none; atomic */
+  int64_t timeout;  /* duration behind the deadline, for the detail */
+  int64_t timer_at; /* key in the timer heap; timer lock */
+  int64_t heap_idx; /* position in the timer heap or -1; timer lock */
+  char name_buf[CANCEL__NAME_INLINE];
+  char detail_buf[CANCEL__DETAIL_INLINE];
+};
+
+/* True when tok has been cancelled.  One acquire load: a caller that sees
+ * true also sees everything written before the cancel.  NULL is never
+ * cancelled.  Thread-safe, lock-free. */
+static inline bool cancel_token_is_cancelled(const cancel_token *tok) {
+  return tok != NULL && (__atomic_load_n(&tok->state, __ATOMIC_ACQUIRE) & 1u);
+}
+
+/* 0 while tok is live, -ECANCELED once it fired (level-triggered: forever
+ * after).  Thread-safe, lock-free. */
+static inline int cancel_token_check(const cancel_token *tok) {
+  return cancel_token_is_cancelled(tok) ? -ECANCELED : 0;
+}
+
+/* The token of src (NULL for NULL).  Valid while src is alive. */
+static inline const cancel_token *
+cancel_source_token(const cancel_source *src) {
+  return src != NULL ? &src->tok : NULL;
+}
+
+/* Creates a heap source with one reference.  `name` (may be NULL) is
+ * copied; it names the source in reasons and logs.
+ * Returns 0, -EINVAL (srcp NULL), -ENOMEM. */
+CANCEL_API int cancel_source_new(cancel_source **srcp, const char *name);
+
+/* Initialises a source on caller storage; no allocation unless the name is
+ * longer than CANCEL__NAME_INLINE-1 bytes.  Tear down with
+ * cancel_source_destroy(); the storage MUST stay valid until then.
+ * Returns 0, -EINVAL (src NULL), -ENOMEM. */
+CANCEL_API int cancel_source_init(cancel_source *src, const char *name);
+
+/* Takes one more reference (for a thread or a queue that keeps the source
+ * beyond the call that lent it).  Returns src.  Thread-safe. */
+CANCEL_API cancel_source *cancel_source_ref(cancel_source *src);
+
+/* Drops one reference.  The last one tears the source down:
+ *   - it is unhooked from its parents and its timer is disarmed;
+ *   - callbacks still registered on it are detached: they never run, and
+ *     cancel_unregister() on them returns 1;
+ *   - a heap source that still has linked children or shields stays alive
+ *     (it can still be cancelled by its own parents or timer) until the last
+ *     of them is destroyed: children keep their parents alive;
+ *   - a caller-storage source cannot outlive its storage: its children are
+ *     detached instead and will not be cancelled by it any more.
+ * Safe from a callback (including one running on src).  NULL is a no-op.
+ * Thread-safe against everything except a concurrent use of src by a
+ * thread that holds no reference (a lifetime bug, like a use after free). */
+CANCEL_API void cancel_source_unref(cancel_source *src);
+
+/* The same as cancel_source_unref(), named for sources made with *_init. */
+CANCEL_API void cancel_source_destroy(cancel_source *src);
+
+/* The name given at creation, "" when none.  Valid while src is alive. */
+CANCEL_API const char *cancel_source_name(const cancel_source *src);
+
+/* Cancels src with kind CANCEL_REQUESTED.  The first cancel wins: it records
+ * the reason, publishes the cancelled state (a release), then runs the
+ * registered callbacks one at a time, newest first, outside any lock, on
+ * this thread, and cancels linked children.  Returns 1 when this call
+ * cancelled src, 0 when it was already cancelled, -EINVAL for NULL.
+ * Thread-safe; may be called from a callback. */
+CANCEL_API int cancel_source_cancel(cancel_source *src);
+
+/* The same with an explicit kind (CANCEL_REQUESTED..CANCEL_SHUTDOWN or a
+ * code >= CANCEL_USER) and an optional detail, copied (dropped silently if
+ * memory runs out: a cancellation never fails for lack of memory).
+ * Returns 1, 0, or -EINVAL (NULL src, reserved or negative kind). */
+CANCEL_API int cancel_source_cancel_with(cancel_source *src, int kind,
+                                         const char *detail);
+
+/* The kind tok was cancelled with, CANCEL_NONE while live (and for NULL).
+ * Thread-safe, O(1). */
+CANCEL_API int cancel_token_kind(const cancel_token *tok);
+
+/* Fills *out with why tok was cancelled.  Returns 1 when cancelled, 0 when
+ * not (out->kind is CANCEL_NONE), -EINVAL when out is NULL.  Thread-safe. */
+CANCEL_API int cancel_token_reason(const cancel_token *tok,
+                                   cancel_reason *out);
+
+/* ======================================================================
+ * Registrations
+ * ====================================================================== */
+
+/* Registers fn(arg) to run when tok is cancelled.  reg is caller storage,
+ * nothing is allocated; it MUST stay valid until cancel_unregister()
+ * returns (or until the callback ran and will not be looked at again).
+ * Returns:
+ *   0        registered (for a NULL token: never runs);
+ *   1        tok was already cancelled: fn(arg) ran on this thread before
+ *            the call returned (a later cancel_unregister() returns 0, as
+ *            for any callback that ran);
+ *   -EINVAL  reg or fn is NULL.
+ * Thread-safe.  Callable from a callback. */
+CANCEL_API int cancel_register(cancel_reg *reg, const cancel_token *tok,
+                               cancel_fn *fn, void *arg);
+
+/* Removes a registration.  Returns:
+ *   1        removed before it ran: it will never run (also for a NULL
+ *            token and for a registration detached by its source's
+ *            destruction);
+ *   0        it already ran, or is running: if it is running on another
+ *            thread this call waits until it has returned; if it is running
+ *            on this thread (a callback removing itself) it does not wait;
+ *   -EINVAL  reg is NULL, or not registered (never registered, or already
+ *            unregistered: unregistering twice is caught here).
+ * After it returns (except in the self-removal case) the callback is not
+ * running and reg may be freed.  Thread-safe. */
+CANCEL_API int cancel_unregister(cancel_reg *reg);
+
+/* ======================================================================
+ * Linked sources
+ * ====================================================================== */
+
+/* Creates a source cancelled when any of the n parent tokens is (NULL
+ * entries are never cancelled).  It inherits the reason of the first parent
+ * that fires, with itself appended to the via path; a parent already
+ * cancelled cancels it at once.  Its effective deadline is the earliest
+ * along its ancestry.  Destroying it unhooks it from every parent; it keeps
+ * its heap parents alive until then.  Allocates the link nodes (with the
+ * source, for *_new).
+ * Returns 0, -EINVAL (srcp/src NULL, parents NULL with n > 0), -ENOMEM. */
+CANCEL_API int cancel_source_new_linked(cancel_source **srcp,
+                                        const char *name,
+                                        const cancel_token *const *parents,
+                                        size_t n);
+CANCEL_API int cancel_source_init_linked(cancel_source *src, const char *name,
+                                         const cancel_token *const *parents,
+                                         size_t n);
+
+/* The effective deadline of tok: the earliest deadline armed on its source
+ * or any ancestor, CANCEL_NEVER when none (and for NULL).  Use it to
+ * propagate a budget downstream.  Thread-safe. */
+CANCEL_API int64_t cancel_token_deadline(const cancel_token *tok);
+
+/* The time left until cancel_token_deadline(tok): 0 when passed,
+ * CANCEL_NEVER when there is none.  Thread-safe. */
+CANCEL_API int64_t cancel_token_remaining(const cancel_token *tok);
+
+/* ======================================================================
+ * Timeouts
+ * ====================================================================== */
+
+/* Arms (or re-arms, earlier or later) src to cancel with kind CANCEL_TIMEOUT
+ * at `deadline`.  CANCEL_NEVER disarms.  A deadline already passed cancels
+ * at once on this thread.  A no-op once src is cancelled.  The timer lives
+ * on the library's one internal thread (started on first use; a fired
+ * timer's callbacks run there).
+ * Returns 0 (armed, disarmed or fired), 1 (src already cancelled: nothing
+ * done), -EINVAL (src NULL), -ENOMEM, -EAGAIN (the timer thread could not
+ * be started).  Thread-safe. */
+CANCEL_API int cancel_source_cancel_at(cancel_source *src, int64_t deadline);
+
+/* cancel_source_cancel_at(src, cancel_now() + timeout_ns); the reason's
+ * detail is the duration ("250ms").  -EINVAL also for timeout_ns < 0. */
+CANCEL_API int cancel_source_cancel_after(cancel_source *src,
+                                          int64_t timeout_ns);
+
+/* A source linked to `parent` (may be NULL) that times out after
+ * timeout_ns: the C spelling of Go's context.WithTimeout.
+ * Returns 0, -EINVAL (srcp/src NULL, timeout_ns < 0), -ENOMEM, -EAGAIN. */
+CANCEL_API int cancel_source_new_timeout(cancel_source **srcp,
+                                         const char *name,
+                                         const cancel_token *parent,
+                                         int64_t timeout_ns);
+CANCEL_API int cancel_source_init_timeout(cancel_source *src,
+                                          const char *name,
+                                          const cancel_token *parent,
+                                          int64_t timeout_ns);
+
+/* ======================================================================
+ * Shields: the point of no return
+ * ====================================================================== */
+
+/* A shield is a source whose token ignores the cancellation of `outer` for
+ * a grace period: work that must not be cut in half (a COMMIT, a
+ * compensation, cleanup) runs under its token.
+ *   grace_ns == 0: the shield never follows outer; it finishes no matter
+ *                  what (it is still cancellable directly);
+ *   grace_ns  > 0: grace_ns after outer fired, the shield is cancelled with
+ *                  outer's kind, origin and detail, itself appended to the
+ *                  via path with the note "grace <d> expired".
+ * The shield's deadline is its own, not outer's.  Like any source it is
+ * torn down with unref/destroy.
+ * Returns 0, -EINVAL (srcp/src NULL, grace_ns < 0), -ENOMEM. */
+CANCEL_API int cancel_source_new_shield(cancel_source **srcp,
+                                        const char *name,
+                                        const cancel_token *outer,
+                                        int64_t grace_ns);
+CANCEL_API int cancel_source_init_shield(cancel_source *src, const char *name,
+                                         const cancel_token *outer,
+                                         int64_t grace_ns);
+
+/* How many shields are alive in the process (the host waits for them to
+ * close before it exits).  Thread-safe. */
+CANCEL_API size_t cancel_shields_open(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* CANCEL_H */

@@ -1,0 +1,39 @@
+/* Error strings, version, and the loud reporting of API misuse. */
+#define _GNU_SOURCE
+#include "internal.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+const char *cancel_version(void) { return CANCEL_VERSION_STRING; }
+
+const char *cancel_strerror(int err) {
+  if (err < 0)
+    err = -err;
+  switch (err) {
+  case 0:
+    return "success";
+  case ECANCELED:
+    return "operation cancelled: the token fired";
+  case ETIMEDOUT:
+    return "the call's own deadline passed";
+  case EINVAL:
+    return "invalid argument";
+  case ENOMEM:
+    return "out of memory";
+  case EAGAIN:
+    return "resource temporarily unavailable (could not start a thread)";
+  default:
+    break;
+  }
+  /* glibc's description table: static strings, thread-safe. */
+  const char *s = strerrordesc_np(err);
+  return s != NULL ? s : "unknown error";
+}
+
+void cancel__misuse(const char *func, const char *what) {
+  fprintf(stderr, "libcancel: misuse in %s: %s\n", func, what);
+  if (getenv("CANCEL_ABORT_ON_MISUSE") != NULL)
+    abort();
+}

@@ -1,0 +1,202 @@
+/*
+ * Internal declarations shared by the core's source files.  Nothing here is
+ * exported: names are cancel__* (or static), visibility is hidden.
+ */
+#ifndef CANCEL_INTERNAL_H
+#define CANCEL_INTERNAL_H
+
+#include "cancel.h"
+
+#include <assert.h>
+#include <sched.h>
+#include <stdint.h>
+
+/* ---- Atomics: thin names over the GCC/Clang builtins ------------------ */
+
+#define ld_relaxed(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+#define ld_acquire(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define st_relaxed(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
+#define st_release(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+
+/* ---- Source state word (cancel_token.state) --------------------------- */
+
+#define ST_CANCELLED 1u /* the public bit: see cancel_token_is_cancelled() */
+#define ST_LOCKED 2u    /* the source's spin lock */
+
+/* ---- Source flags (cancel_source.flags, under the source lock) -------- */
+
+#define SF_HEAP 0x001u        /* allocated by *_new: free() at teardown */
+#define SF_NAME_OWNED 0x002u  /* name is a heap copy */
+#define SF_DETAIL_OWNED 0x004u
+#define SF_LINKS_OWNED 0x008u /* links array allocated apart (init_linked) */
+#define SF_SHIELD_OWNED 0x010u
+#define SF_FIRING 0x020u      /* cancel() is running the callbacks */
+#define SF_ZOMBIE 0x040u      /* no references left, children keep it */
+#define SF_PENDING 0x080u     /* torn down while firing: finish after */
+#define SF_DEAD 0x100u        /* teardown started */
+#define SF_TIMED 0x200u       /* has been armed: disarm at teardown */
+#define SF_OWNED_MASK                                                       \
+  (SF_NAME_OWNED | SF_DETAIL_OWNED | SF_LINKS_OWNED | SF_SHIELD_OWNED)
+
+/* ---- Registration states (cancel_reg.state, low byte) ----------------- */
+
+enum {
+  REG_IDLE = 0,     /* not registered (never, or unregistered) */
+  REG_LISTED = 1,   /* in its source's list */
+  REG_RUNNING = 2,  /* popped by cancel, callback running */
+  REG_DONE = 3,     /* the callback ran */
+  REG_DETACHED = 4, /* its source was destroyed first: will never run */
+  REG_NULLTOK = 5   /* registered on the NULL token: will never run */
+};
+#define REG_STATE_MASK 0xffu
+#define REG_WAITERS 0x100u /* a thread sleeps on the futex until DONE */
+
+/* A parent -> child edge.  The registration lives in the parent's callback
+ * list; the link itself also sits in the parent's children list so that a
+ * heap parent knows it is still needed, and so that a caller-storage parent
+ * can detach its children when it is destroyed. */
+struct cancel__link {
+  cancel_reg reg;               /* on the parent's token */
+  cancel_source *child;         /* the source this edge cancels */
+  cancel_source *parent;        /* NULL once detached; atomic */
+  struct cancel__link *cnext;   /* in parent->children; parent lock */
+  struct cancel__link *cprev;
+};
+
+struct cancel__shield {
+  struct cancel__link link; /* on the outer token */
+  int64_t grace;            /* 0: never follow outer */
+  int64_t grace_at;         /* CANCEL_NEVER until outer fired; atomic */
+  char note[40];            /* "grace 2s expired" */
+};
+
+/* ---- Thread identity -------------------------------------------------- */
+
+/* A cheap unique id of the calling thread (address of a thread-local). */
+const void *cancel__self(void);
+
+/* ---- Spin lock on the state word -------------------------------------- */
+
+/* Locks src and returns the state word as locked.  Critical sections are a
+ * few pointer writes long and never call user code, so spinning (with a
+ * yield after a while) beats a futex lock here. */
+uint32_t cancel__lock_slow(cancel_source *src);
+
+static inline uint32_t cancel__lock(cancel_source *src) {
+  uint32_t v = ld_relaxed(&src->tok.state) & ~ST_LOCKED;
+  if (__atomic_compare_exchange_n(&src->tok.state, &v, v | ST_LOCKED, 1,
+                                  __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+    return v | ST_LOCKED;
+  return cancel__lock_slow(src);
+}
+
+/* Unlocks with the value the holder knows (only lock holders write the
+ * word), so unlocking is a plain release store, not a read-modify-write. */
+static inline void cancel__unlock(cancel_source *src, uint32_t locked) {
+  st_release(&src->tok.state, locked & ~ST_LOCKED);
+}
+
+static inline void cancel__cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  __asm__ __volatile__("yield");
+#endif
+}
+
+/* ---- Futex ------------------------------------------------------------ */
+
+void cancel__futex_wait(uint32_t *addr, uint32_t expected);
+void cancel__futex_wake_all(uint32_t *addr);
+
+/* ---- Cancelling (source.c) -------------------------------------------- */
+
+/* Cancels src with the given reason.  `detail` is copied (may be NULL),
+ * `via` is the parent whose cancellation reached src (NULL at the origin).
+ * Returns 1 if this call cancelled src, 0 if it was already cancelled. */
+int cancel__fire(cancel_source *src, int kind, const char *detail,
+                 cancel_source *via, int64_t time, uint32_t extra_flags);
+
+/* Sets up the fields common to every source.  Returns 0 or -ENOMEM. */
+int cancel__source_setup(cancel_source *src, const char *name,
+                         uint32_t flags);
+
+/* Hooks `link` (with its child set) on `parent`: it joins the parent's
+ * children and its callback list.  If the parent is already cancelled the
+ * callback runs now, on this thread. */
+void cancel__link_attach(struct cancel__link *link, cancel_source *parent,
+                         cancel_fn *fn);
+
+/* Removes reg from src, which the caller has locked (v); unlocks.  Returns
+ * 1 if it was removed before running, 0 if it ran or is running (waiting
+ * for it unless it runs on this thread). */
+int cancel__reg_remove_locked(cancel_source *src, uint32_t v,
+                              cancel_reg *reg);
+void cancel__list_push(cancel_source *src, cancel_reg *reg);
+
+/* Unhooks a link from its parent: waits for its callback if another thread
+ * runs it.  Returns the parent if this was the last child of a zombie that
+ * must now be torn down, else NULL. */
+cancel_source *cancel__link_detach(struct cancel__link *link);
+
+/* Finishes the teardown of a source whose last reference (or child) went. */
+void cancel__source_free(cancel_source *src);
+
+/* ---- Timers (timer.c) ------------------------------------------------- */
+
+/* Puts src in the timer heap at cancel__own_deadline(src), moves it, or
+ * takes it out when that is CANCEL_NEVER.  The key is read under the timer
+ * lock, so concurrent re-arms settle on the last value written.  Returns 0,
+ * -ENOMEM, -EAGAIN when the timer thread cannot start. */
+int cancel__timer_update(cancel_source *src);
+
+/* Takes src out of the heap.  If the timer thread is firing src right now,
+ * waits for it to finish (unless called on the timer thread itself). */
+void cancel__timer_disarm(cancel_source *src);
+
+/* Called on the timer thread when src's timer_at passed (timer.c calls it,
+ * source.c / shield.c decide what it means). */
+void cancel__timer_fired(cancel_source *src);
+
+/* Formats a duration as "2s", "250ms", "40us" or "7ns". */
+void cancel__format_duration(char *buf, size_t len, int64_t ns);
+
+/* ---- Reactor (reactor.c): the one internal thread ---------------------- */
+
+void cancel__reactor_lock(void);
+void cancel__reactor_unlock(void);
+/* Blocks on the reactor's condition variable (reactor lock held). */
+void cancel__reactor_wait_locked(void);
+void cancel__reactor_broadcast_locked(void);
+/* Starts the thread (and its descriptors) if it is not running. */
+int cancel__reactor_ensure_locked(void);
+/* Makes sure the thread wakes by `at` (the earliest timer). */
+void cancel__reactor_schedule_locked(int64_t at);
+/* True on the reactor thread. */
+bool cancel__on_reactor(void);
+
+/* Timer side of the reactor loop (timer.c), reactor lock held: fires every
+ * due timer (dropping the lock around each) and returns the next key. */
+int64_t cancel__timer_run_locked(void);
+/* After fork(), in the child: nothing is being fired any more. */
+void cancel__timer_atfork_child(void);
+
+/* ---- Misuse ------------------------------------------------------------ */
+
+/* Reports a misuse of the API on stderr (always: misuse must be loud), and
+ * aborts when the environment variable CANCEL_ABORT_ON_MISUSE is set. */
+void cancel__misuse(const char *func, const char *what);
+
+/* ---- Shields (shield.c) ----------------------------------------------- */
+
+/* The shield's side of a timer expiry: 1 if it handled it. */
+int cancel__shield_timer_fired(cancel_source *src, int64_t now);
+
+/* The shield's teardown: unhook from outer (returns a zombie to free, or
+ * NULL) and count it closed. */
+cancel_source *cancel__shield_teardown(cancel_source *src);
+
+/* The earliest deadline of src itself (own timer, shield grace). */
+int64_t cancel__own_deadline(const cancel_source *src);
+
+#endif /* CANCEL_INTERNAL_H */

@@ -1,0 +1,417 @@
+/*
+ * Sources: creation, references, cancellation, registrations, teardown.
+ *
+ * Invariants (the source lock is the ST_LOCKED bit of the state word):
+ *   - head, running, running_*, children and flags change only under the
+ *     lock; the reason fields (kind, time, via, detail) are written once,
+ *     under the lock, before ST_CANCELLED is published with a release store.
+ *   - A registration is in exactly one of the states of internal.h.  Only
+ *     the canceller moves it RUNNING -> DONE, and after that store it never
+ *     touches the registration again (the owner may free it at once).
+ *   - Callbacks run outside the lock, one at a time, newest first.
+ */
+#include "internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+/* ---------------------------------------------------------------------
+ * Setup
+ * --------------------------------------------------------------------- */
+
+int cancel__source_setup(cancel_source *src, const char *name,
+                         uint32_t flags) {
+  src->tok.state = 0;
+  src->refs = 1;
+  src->head = NULL;
+  src->running = NULL;
+  src->running_tid = NULL;
+  src->running_gone = NULL;
+  src->children = NULL;
+  src->via = NULL;
+  src->free_next = NULL;
+  src->detail = "";
+  src->kind = CANCEL_NONE;
+  src->nlinks = 0;
+  src->time = 0;
+  src->links = NULL;
+  src->shield = NULL;
+  src->deadline = CANCEL_NEVER;
+  src->timeout = 0;
+  src->timer_at = CANCEL_NEVER;
+  src->heap_idx = -1;
+  if (name == NULL || name[0] == '\0') {
+    src->name = "";
+  } else {
+    size_t n = strlen(name);
+    if (n < sizeof src->name_buf) {
+      memcpy(src->name_buf, name, n + 1);
+      src->name = src->name_buf;
+    } else {
+      char *copy = malloc(n + 1);
+      if (copy == NULL)
+        return -ENOMEM;
+      memcpy(copy, name, n + 1);
+      src->name = copy;
+      flags |= SF_NAME_OWNED;
+    }
+  }
+  src->flags = flags;
+  return 0;
+}
+
+int cancel_source_new(cancel_source **srcp, const char *name) {
+  if (srcp == NULL)
+    return -EINVAL;
+  *srcp = NULL;
+  cancel_source *src = malloc(sizeof *src);
+  if (src == NULL)
+    return -ENOMEM;
+  int rc = cancel__source_setup(src, name, SF_HEAP);
+  if (rc < 0) {
+    free(src);
+    return rc;
+  }
+  *srcp = src;
+  return 0;
+}
+
+int cancel_source_init(cancel_source *src, const char *name) {
+  if (src == NULL)
+    return -EINVAL;
+  return cancel__source_setup(src, name, 0);
+}
+
+const char *cancel_source_name(const cancel_source *src) {
+  return src != NULL ? src->name : "";
+}
+
+cancel_source *cancel_source_ref(cancel_source *src) {
+  if (src != NULL)
+    __atomic_add_fetch(&src->refs, 1, __ATOMIC_RELAXED);
+  return src;
+}
+
+/* ---------------------------------------------------------------------
+ * Registration lists
+ * --------------------------------------------------------------------- */
+
+void cancel__list_push(cancel_source *src, cancel_reg *reg) {
+  reg->prev = NULL;
+  reg->next = src->head;
+  if (src->head != NULL)
+    src->head->prev = reg;
+  src->head = reg;
+}
+
+static void list_unlink(cancel_source *src, cancel_reg *reg) {
+  if (reg->prev != NULL)
+    reg->prev->next = reg->next;
+  else
+    src->head = reg->next;
+  if (reg->next != NULL)
+    reg->next->prev = reg->prev;
+}
+
+int cancel__reg_remove_locked(cancel_source *src, uint32_t v,
+                             cancel_reg *reg) {
+  uint32_t st = ld_acquire(&reg->state);
+  switch (st & REG_STATE_MASK) {
+  case REG_LISTED:
+    list_unlink(src, reg);
+    st_relaxed(&reg->state, REG_IDLE);
+    cancel__unlock(src, v);
+    return 1;
+  case REG_RUNNING:
+    if (src->running == reg && src->running_tid == cancel__self()) {
+      /* A callback removing itself (or a sibling call on the cancelling
+       * thread): waiting would deadlock.  Tell the canceller not to touch
+       * reg after the callback returns, since its owner may free it. */
+      *src->running_gone = true;
+      st_relaxed(&reg->state, REG_IDLE);
+      cancel__unlock(src, v);
+      return 0;
+    }
+    /* Announce a waiter while still locked, so that the canceller's
+     * exchange to DONE sees it and wakes us. */
+    while ((st & REG_STATE_MASK) == REG_RUNNING &&
+           !__atomic_compare_exchange_n(&reg->state, &st, st | REG_WAITERS, 1,
+                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+      ;
+    cancel__unlock(src, v);
+    while ((st & REG_STATE_MASK) == REG_RUNNING) {
+      cancel__futex_wait(&reg->state, st);
+      st = ld_acquire(&reg->state);
+    }
+    st_relaxed(&reg->state, REG_IDLE);
+    return 0;
+  case REG_DONE:
+    cancel__unlock(src, v);
+    st_relaxed(&reg->state, REG_IDLE);
+    return 0;
+  default:
+    cancel__unlock(src, v);
+    st_relaxed(&reg->state, REG_IDLE);
+    return 1;
+  }
+}
+
+int cancel_register(cancel_reg *reg, const cancel_token *tok, cancel_fn *fn,
+                    void *arg) {
+  if (reg == NULL || fn == NULL)
+    return -EINVAL;
+  reg->fn = fn;
+  reg->arg = arg;
+  if (tok == NULL) {
+    reg->src = NULL;
+    st_relaxed(&reg->state, REG_NULLTOK);
+    return 0;
+  }
+  cancel_source *src = (cancel_source *)tok;
+  reg->src = src;
+  uint32_t v = cancel__lock(src);
+  if (v & ST_CANCELLED) {
+    cancel__unlock(src, v);
+    st_relaxed(&reg->state, REG_DONE);
+    fn(arg);
+    return 1;
+  }
+  cancel__list_push(src, reg);
+  st_relaxed(&reg->state, REG_LISTED);
+  cancel__unlock(src, v);
+  return 0;
+}
+
+int cancel_unregister(cancel_reg *reg) {
+  if (reg == NULL)
+    return -EINVAL;
+  switch (ld_acquire(&reg->state) & REG_STATE_MASK) {
+  case REG_LISTED:
+  case REG_RUNNING: {
+    cancel_source *src = reg->src;
+    return cancel__reg_remove_locked(src, cancel__lock(src), reg);
+  }
+  case REG_DONE:
+    st_relaxed(&reg->state, REG_IDLE);
+    return 0;
+  case REG_DETACHED:
+  case REG_NULLTOK:
+    st_relaxed(&reg->state, REG_IDLE);
+    return 1;
+  default:
+    return -EINVAL;
+  }
+}
+
+/* ---------------------------------------------------------------------
+ * Cancelling
+ * --------------------------------------------------------------------- */
+
+static void teardown_list(cancel_source *src);
+
+int cancel__fire(cancel_source *src, int kind, const char *detail,
+                 cancel_source *via, int64_t time, uint32_t extra_flags) {
+  /* A long detail is copied before taking the lock: no malloc while other
+   * threads spin on it. */
+  char *owned = NULL;
+  size_t dlen = detail != NULL ? strlen(detail) : 0;
+  if (dlen >= sizeof src->detail_buf)
+    owned = strdup(detail); /* NULL on ENOMEM: the detail is dropped */
+
+  uint32_t v = cancel__lock(src);
+  if (v & ST_CANCELLED) {
+    cancel__unlock(src, v);
+    free(owned);
+    return 0;
+  }
+  src->kind = kind;
+  src->time = time;
+  src->via = via;
+  if (owned != NULL) {
+    src->detail = owned;
+    src->flags |= SF_DETAIL_OWNED;
+  } else if (dlen > 0 && dlen < sizeof src->detail_buf) {
+    memcpy(src->detail_buf, detail, dlen + 1);
+    src->detail = src->detail_buf;
+  }
+  src->flags |= SF_FIRING | extra_flags;
+  src->running_tid = cancel__self();
+  v |= ST_CANCELLED;
+  st_release(&src->tok.state, v); /* publish the reason; still locked */
+
+  cancel_reg *reg;
+  while ((reg = src->head) != NULL) {
+    list_unlink(src, reg);
+    st_relaxed(&reg->state, REG_RUNNING);
+    bool gone = false;
+    src->running = reg;
+    src->running_gone = &gone;
+    cancel__unlock(src, v);
+    reg->fn(reg->arg);
+    if (!gone) {
+      uint32_t old =
+          __atomic_exchange_n(&reg->state, REG_DONE, __ATOMIC_ACQ_REL);
+      if (old & REG_WAITERS)
+        cancel__futex_wake_all(&reg->state);
+    }
+    v = cancel__lock(src);
+  }
+  src->running = NULL;
+  src->running_gone = NULL;
+  src->flags &= ~SF_FIRING;
+  bool pending = (src->flags & SF_PENDING) != 0;
+  cancel__unlock(src, v);
+  if (pending) /* its last reference went while we ran its callbacks */
+    teardown_list(src);
+  return 1;
+}
+
+int cancel_source_cancel_with(cancel_source *src, int kind,
+                              const char *detail) {
+  if (src == NULL || kind <= CANCEL_NONE ||
+      (kind > CANCEL_SHUTDOWN && kind < CANCEL_USER))
+    return -EINVAL;
+  return cancel__fire(src, kind, detail, NULL, cancel_now(), 0);
+}
+
+int cancel_source_cancel(cancel_source *src) {
+  return cancel_source_cancel_with(src, CANCEL_REQUESTED, NULL);
+}
+
+int cancel_token_kind(const cancel_token *tok) {
+  if (!cancel_token_is_cancelled(tok))
+    return CANCEL_NONE;
+  return ((const cancel_source *)tok)->kind;
+}
+
+/* ---------------------------------------------------------------------
+ * Teardown
+ * --------------------------------------------------------------------- */
+
+/* Cuts src loose from everything that still points at it, then frees what
+ * it owns.  Parents that were kept alive only by src are pushed on *todo. */
+static void teardown_one(cancel_source *src, cancel_source **todo) {
+  for (uint32_t i = 0; i < src->nlinks; i++) {
+    cancel_source *zombie = cancel__link_detach(&src->links[i]);
+    if (zombie != NULL) {
+      zombie->free_next = *todo;
+      *todo = zombie;
+    }
+  }
+  if (src->shield != NULL) {
+    cancel_source *zombie = cancel__shield_teardown(src);
+    if (zombie != NULL) {
+      zombie->free_next = *todo;
+      *todo = zombie;
+    }
+  }
+  if (src->flags & SF_TIMED)
+    cancel__timer_disarm(src);
+
+  uint32_t v = cancel__lock(src);
+  for (cancel_reg *reg = src->head; reg != NULL; reg = reg->next) {
+    reg->src = NULL;
+    st_release(&reg->state, REG_DETACHED);
+  }
+  src->head = NULL;
+  if (src->children != NULL) {
+    /* Only a caller-storage source gets here with children (a heap one
+     * would have become a zombie): its storage is going away, so its
+     * children lose this parent. */
+    cancel__misuse("cancel_source_destroy",
+                   "source destroyed while linked children are alive: they "
+                   "are detached from it");
+    for (struct cancel__link *l = src->children; l != NULL; l = l->cnext) {
+      st_release(&l->parent, NULL);
+      uint32_t st = ld_relaxed(&l->reg.state) & REG_STATE_MASK;
+      if (st == REG_LISTED)
+        st_relaxed(&l->reg.state, REG_DETACHED);
+      cancel_source *child = l->child;
+      uint32_t cv = cancel__lock(child);
+      if (child->via == src) /* the path is cut here */
+        child->via = NULL;
+      cancel__unlock(child, cv);
+    }
+    src->children = NULL;
+  }
+  cancel__unlock(src, v);
+
+  if (src->flags & SF_NAME_OWNED)
+    free((char *)src->name);
+  if (src->flags & SF_DETAIL_OWNED)
+    free((char *)src->detail);
+  if (src->flags & SF_LINKS_OWNED)
+    free(src->links);
+  if (src->flags & SF_SHIELD_OWNED)
+    free(src->shield);
+  if (src->flags & SF_HEAP)
+    free(src);
+}
+
+/* Tears down src and every zombie ancestor it was the last child of,
+ * iteratively: a long chain must not recurse down the stack. */
+static void teardown_list(cancel_source *src) {
+  cancel_source *todo = src;
+  src->free_next = NULL;
+  while (todo != NULL) {
+    cancel_source *next = todo;
+    todo = next->free_next;
+    teardown_one(next, &todo);
+  }
+}
+
+void cancel__source_free(cancel_source *src) { teardown_list(src); }
+
+/* The last reference is gone: decide whether the source dies now. */
+static void release(cancel_source *src) {
+  /* A fresh source that nothing was ever hooked to needs no lock: nobody
+   * else can hold a pointer to it.  The acquire load pairs with the
+   * release that unlocked it last. */
+  uint32_t v = ld_acquire(&src->tok.state);
+  if (!(v & ST_LOCKED) && src->head == NULL && src->children == NULL &&
+      src->nlinks == 0 && src->shield == NULL &&
+      !(src->flags & (SF_FIRING | SF_TIMED | SF_OWNED_MASK))) {
+    if (src->flags & SF_HEAP)
+      free(src);
+    return;
+  }
+  v = cancel__lock(src);
+  if ((src->flags & SF_HEAP) && src->children != NULL) {
+    /* Children keep their parents alive: it can still be cancelled by its
+     * own parents or timer, and must pass that on. */
+    src->flags |= SF_ZOMBIE;
+    cancel__unlock(src, v);
+    return;
+  }
+  if ((src->flags & SF_FIRING) &&
+      ((src->flags & SF_HEAP) || src->running_tid == cancel__self())) {
+    /* Dropped from a callback while its cancel is still running: the
+     * canceller finishes the teardown when its loop ends. */
+    src->flags |= SF_PENDING;
+    cancel__unlock(src, v);
+    return;
+  }
+  src->flags |= SF_DEAD;
+  cancel__unlock(src, v);
+  teardown_list(src);
+}
+
+void cancel_source_unref(cancel_source *src) {
+  if (src == NULL)
+    return;
+  uint32_t refs = ld_acquire(&src->refs);
+  if (refs == 0) {
+    cancel__misuse("cancel_source_unref",
+                   "no reference left (released twice)");
+    return;
+  }
+  /* The sole owner needs no read-modify-write: nobody else can take a
+   * reference without already holding one. */
+  if (refs == 1)
+    st_relaxed(&src->refs, 0);
+  else if (__atomic_sub_fetch(&src->refs, 1, __ATOMIC_ACQ_REL) != 0)
+    return;
+  release(src);
+}
+
+void cancel_source_destroy(cancel_source *src) { cancel_source_unref(src); }

@@ -1,0 +1,44 @@
+/*
+ * The low-level synchronisation the core is built on: the calling thread's
+ * identity, the slow path of the per-source spin lock, and the futex used
+ * to wait for a callback that another thread is running.
+ */
+#include "internal.h"
+
+#include <limits.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+static __thread char self_anchor;
+
+const void *cancel__self(void) { return &self_anchor; }
+
+uint32_t cancel__lock_slow(cancel_source *src) {
+  unsigned spins = 0;
+  for (;;) {
+    uint32_t v = ld_relaxed(&src->tok.state);
+    if (!(v & ST_LOCKED) &&
+        __atomic_compare_exchange_n(&src->tok.state, &v, v | ST_LOCKED, 0,
+                                    __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+      return v | ST_LOCKED;
+    /* The holder runs a handful of instructions, unless it was preempted:
+     * then spinning only burns its time slice, so give it the CPU. */
+    if (++spins < 100)
+      cancel__cpu_relax();
+    else
+      sched_yield();
+  }
+}
+
+void cancel__futex_wait(uint32_t *addr, uint32_t expected) {
+  /* EINTR and EAGAIN (value changed) both mean "look again": the caller
+   * loops on the value. */
+  syscall(SYS_futex, addr, FUTEX_WAIT_PRIVATE, expected, NULL, NULL, 0);
+}
+
+void cancel__futex_wake_all(uint32_t *addr) {
+  /* A private futex wake only uses the address as a key: it is safe even
+   * if the waiter has already returned and reused the memory. */
+  syscall(SYS_futex, addr, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+}

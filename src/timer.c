@@ -1,0 +1,189 @@
+/*
+ * Timeouts: a binary min-heap of sources keyed by their timer_at, fired on
+ * the reactor thread.  A heap rather than a timing wheel: arming and
+ * disarming are O(log n) with no per-tick work and exact deadlines, and the
+ * common case (a timeout disposed long before it fires, many per second,
+ * few alive at once) keeps the heap shallow.  Each source carries its own
+ * heap index, so removal needs no search and no allocation.
+ *
+ * Everything here is under the reactor lock.
+ */
+#include "internal.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+
+static struct {
+  cancel_source **v;
+  size_t len, cap;
+  cancel_source *firing; /* popped and being fired right now */
+  unsigned waiters;      /* threads waiting for `firing` to change */
+} heap;
+
+static void place(size_t i, cancel_source *src) {
+  heap.v[i] = src;
+  src->heap_idx = (int64_t)i;
+}
+
+static void sift_up(size_t i) {
+  cancel_source *src = heap.v[i];
+  while (i > 0) {
+    size_t up = (i - 1) / 2;
+    if (heap.v[up]->timer_at <= src->timer_at)
+      break;
+    place(i, heap.v[up]);
+    i = up;
+  }
+  place(i, src);
+}
+
+static void sift_down(size_t i) {
+  cancel_source *src = heap.v[i];
+  for (;;) {
+    size_t l = 2 * i + 1, best = i;
+    int64_t key = src->timer_at;
+    if (l < heap.len && heap.v[l]->timer_at < key)
+      best = l, key = heap.v[l]->timer_at;
+    if (l + 1 < heap.len && heap.v[l + 1]->timer_at < key)
+      best = l + 1;
+    if (best == i)
+      break;
+    place(i, heap.v[best]);
+    i = best;
+  }
+  place(i, src);
+}
+
+static void heap_remove(cancel_source *src) {
+  size_t i = (size_t)src->heap_idx;
+  src->heap_idx = -1;
+  src->timer_at = CANCEL_NEVER;
+  cancel_source *last = heap.v[--heap.len];
+  if (last == src)
+    return;
+  place(i, last);
+  sift_down(i);
+  sift_up((size_t)last->heap_idx);
+}
+
+int cancel__timer_update(cancel_source *src) {
+  int rc = 0;
+  cancel__reactor_lock();
+  int64_t at = cancel__own_deadline(src);
+  if (at == CANCEL_NEVER) {
+    if (src->heap_idx >= 0)
+      heap_remove(src);
+    goto out;
+  }
+  if (src->heap_idx < 0) {
+    if (heap.len == heap.cap) {
+      size_t cap = heap.cap ? 2 * heap.cap : 64;
+      cancel_source **v = realloc(heap.v, cap * sizeof *v);
+      if (v == NULL) {
+        rc = -ENOMEM;
+        goto out;
+      }
+      heap.v = v;
+      heap.cap = cap;
+    }
+    src->timer_at = at;
+    place(heap.len++, src);
+    sift_up(heap.len - 1);
+  } else {
+    src->timer_at = at;
+    sift_down((size_t)src->heap_idx);
+    sift_up((size_t)src->heap_idx);
+  }
+  if ((rc = cancel__reactor_ensure_locked()) < 0) {
+    heap_remove(src);
+    goto out;
+  }
+  if (heap.v[0] == src)
+    cancel__reactor_schedule_locked(at);
+out:
+  cancel__reactor_unlock();
+  return rc;
+}
+
+void cancel__timer_disarm(cancel_source *src) {
+  cancel__reactor_lock();
+  if (src->heap_idx >= 0)
+    heap_remove(src);
+  while (heap.firing == src && !cancel__on_reactor()) {
+    heap.waiters++;
+    cancel__reactor_wait_locked();
+    heap.waiters--;
+  }
+  cancel__reactor_unlock();
+}
+
+int64_t cancel__timer_run_locked(void) {
+  int64_t now = cancel_now();
+  while (heap.len > 0 && heap.v[0]->timer_at <= now) {
+    cancel_source *src = heap.v[0];
+    heap_remove(src);
+    heap.firing = src;
+    cancel__reactor_unlock();
+    cancel__timer_fired(src);
+    cancel__reactor_lock();
+    heap.firing = NULL;
+    if (heap.waiters > 0)
+      cancel__reactor_broadcast_locked();
+    now = cancel_now();
+  }
+  return heap.len > 0 ? heap.v[0]->timer_at : CANCEL_NEVER;
+}
+
+void cancel__timer_atfork_child(void) {
+  heap.firing = NULL;
+  heap.waiters = 0;
+}
+
+void cancel__timer_fired(cancel_source *src) {
+  int64_t now = cancel_now();
+  if (cancel__shield_timer_fired(src, now))
+    return;
+  if (ld_relaxed(&src->deadline) > now)
+    return; /* moved later meanwhile: the move re-queued it */
+  char detail[CANCEL__DETAIL_INLINE];
+  int64_t timeout = ld_relaxed(&src->timeout);
+  if (timeout >= 0)
+    cancel__format_duration(detail, sizeof detail, timeout);
+  else
+    snprintf(detail, sizeof detail, "deadline");
+  cancel__fire(src, CANCEL_TIMEOUT, detail, NULL, now, 0);
+}
+
+/* Sets the source's own deadline (and the duration behind it, -1 for an
+ * absolute deadline) and queues it. */
+static int arm(cancel_source *src, int64_t deadline, int64_t timeout) {
+  if (src == NULL)
+    return -EINVAL;
+  uint32_t v = cancel__lock(src);
+  if (v & ST_CANCELLED) {
+    cancel__unlock(src, v);
+    return 1;
+  }
+  src->flags |= SF_TIMED;
+  st_relaxed(&src->deadline, deadline);
+  st_relaxed(&src->timeout, timeout);
+  cancel__unlock(src, v);
+  if (deadline != CANCEL_NEVER && deadline <= cancel_now()) {
+    cancel__timer_fired(src);
+    return 0;
+  }
+  return cancel__timer_update(src);
+}
+
+int cancel_source_cancel_at(cancel_source *src, int64_t deadline) {
+  return arm(src, deadline, -1);
+}
+
+int cancel_source_cancel_after(cancel_source *src, int64_t timeout_ns) {
+  if (timeout_ns < 0)
+    return -EINVAL;
+  int64_t now = cancel_now();
+  int64_t deadline =
+      timeout_ns >= CANCEL_NEVER - now ? CANCEL_NEVER : now + timeout_ns;
+  return arm(src, deadline, timeout_ns);
+}
