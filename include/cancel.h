@@ -162,6 +162,7 @@ struct cancel_source {
   cancel_token tok;        /* first member: a token is a source */
   uint32_t refs;           /* atomic */
   uint32_t flags;          /* under the lock, or before publication */
+  uint32_t seen;           /* what it was ever used for; owners only */
   cancel_reg *head;        /* registered callbacks, newest first; lock */
   cancel_reg *running;     /* callback being run by cancel; lock */
   const void *running_tid; /* thread running the cancel */
@@ -223,11 +224,17 @@ CANCEL_API cancel_source *cancel_source_ref(cancel_source *src);
  *   - callbacks still registered on it are detached: they never run, and
  *     cancel_unregister() on them returns 1;
  *   - a heap source that still has linked children or shields stays alive
- *     (it can still be cancelled by its own parents or timer) until the last
- *     of them is destroyed: children keep their parents alive;
+ *     (it can still be cancelled by its own parents or timer, and passes
+ *     that on) until the last of them is destroyed: children keep their
+ *     parents alive.  Its callbacks are detached all the same;
  *   - a caller-storage source cannot outlive its storage: its children are
  *     detached instead and will not be cancelled by it any more.
- * Safe from a callback (including one running on src).  NULL is a no-op.
+ * When the timer thread or a parent is cancelling src on another thread
+ * right now, this waits until that cancel (its callbacks) has finished: on
+ * return every callback registered on src has run or never will.  From a
+ * callback running on src itself it returns at once and the teardown ends
+ * when that cancel does (caller storage MUST stay valid until then).
+ * NULL is a no-op.
  * Thread-safe against everything except a concurrent use of src by a
  * thread that holds no reference (a lifetime bug, like a use after free). */
 CANCEL_API void cancel_source_unref(cancel_source *src);
@@ -289,7 +296,10 @@ CANCEL_API int cancel_register(cancel_reg *reg, const cancel_token *tok,
  *   -EINVAL  reg is NULL, or not registered (never registered, or already
  *            unregistered: unregistering twice is caught here).
  * After it returns (except in the self-removal case) the callback is not
- * running and reg may be freed.  Thread-safe. */
+ * running and reg may be freed.  Thread-safe, but a registration holds no
+ * reference: the source MUST NOT be torn down while this call runs on
+ * another thread (after teardown the registration is detached, and this
+ * returns 1). */
 CANCEL_API int cancel_unregister(cancel_reg *reg);
 
 /* ======================================================================

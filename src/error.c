@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include "internal.h"
 
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -10,7 +11,7 @@ const char *cancel_version(void) { return CANCEL_VERSION_STRING; }
 
 const char *cancel_strerror(int err) {
   if (err < 0)
-    err = -err;
+    err = err == INT_MIN ? INT_MAX : -err; /* -INT_MIN overflows */
   switch (err) {
   case 0:
     return "success";

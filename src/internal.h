@@ -34,9 +34,17 @@
 #define SF_ZOMBIE 0x040u      /* no references left, children keep it */
 #define SF_PENDING 0x080u     /* torn down while firing: finish after */
 #define SF_DEAD 0x100u        /* teardown started */
-#define SF_TIMED 0x200u       /* has been armed: disarm at teardown */
 #define SF_OWNED_MASK                                                       \
   (SF_NAME_OWNED | SF_DETAIL_OWNED | SF_LINKS_OWNED | SF_SHIELD_OWNED)
+
+/* ---- What a source was ever used for (cancel_source.seen) ------------ *
+ * Set under the lock by threads that own or borrow the source, never by a
+ * canceller: the last owner can read it without the lock (its reference
+ * count or the end of the borrow orders it after those writes), and learn
+ * whether another thread may still reach the source. */
+
+#define SEEN_TIMER 0x1u /* armed: the timer thread may fire it */
+#define SEEN_CHILD 0x2u /* had a child or shield: they may detach from it */
 
 /* ---- Registration states (cancel_reg.state, low byte) ----------------- */
 
@@ -72,8 +80,11 @@ struct cancel__shield {
 
 /* ---- Thread identity -------------------------------------------------- */
 
-/* A cheap unique id of the calling thread (address of a thread-local). */
-const void *cancel__self(void);
+/* A cheap unique id of the calling thread: the address of a thread-local
+ * (initial-exec: one add to the thread pointer, no call). */
+extern __thread char cancel__self_anchor
+    __attribute__((tls_model("initial-exec")));
+static inline const void *cancel__self(void) { return &cancel__self_anchor; }
 
 /* ---- Spin lock on the state word -------------------------------------- */
 
@@ -138,6 +149,11 @@ void cancel__list_push(cancel_source *src, cancel_reg *reg);
  * runs it.  Returns the parent if this was the last child of a zombie that
  * must now be torn down, else NULL. */
 cancel_source *cancel__link_detach(struct cancel__link *link);
+
+/* The callbacks of internal edges (a link, a shield's hook on its outer):
+ * a zombie keeps these registrations and drops the application's. */
+void cancel__link_fired(void *arg);
+void cancel__shield_outer_fired(void *arg);
 
 /* Finishes the teardown of a source whose last reference (or child) went. */
 void cancel__source_free(cancel_source *src);

@@ -15,6 +15,7 @@ void cancel__link_attach(struct cancel__link *link, cancel_source *parent,
   link->reg.src = parent;
   link->parent = parent;
   uint32_t v = cancel__lock(parent);
+  parent->seen |= SEEN_CHILD;
   link->cprev = NULL;
   link->cnext = parent->children;
   if (parent->children != NULL)
@@ -57,7 +58,7 @@ cancel_source *cancel__link_detach(struct cancel__link *link) {
   return zombie;
 }
 
-static void link_fired(void *arg) {
+void cancel__link_fired(void *arg) {
   struct cancel__link *link = arg;
   cancel_source *parent = ld_relaxed(&link->parent);
   if (parent != NULL)
@@ -81,7 +82,8 @@ static void attach_all(cancel_source *src, const cancel_token *const *parents,
     link->reg.state = REG_IDLE;
     link->parent = NULL;
     if (parents[i] != NULL)
-      cancel__link_attach(link, (cancel_source *)parents[i], link_fired);
+      cancel__link_attach(link, (cancel_source *)parents[i],
+                          cancel__link_fired);
   }
 }
 

@@ -14,15 +14,12 @@ static size_t open_shields; /* atomic */
 
 size_t cancel_shields_open(void) { return ld_acquire(&open_shields); }
 
-static void outer_fired(void *arg) {
+void cancel__shield_outer_fired(void *arg) {
   struct cancel__link *link = arg;
   cancel_source *src = link->child;
   struct cancel__shield *sh = src->shield;
   if (sh->grace == 0)
     return; /* finish no matter what */
-  uint32_t v = cancel__lock(src);
-  src->flags |= SF_TIMED;
-  cancel__unlock(src, v);
   int64_t at = cancel_now() + sh->grace;
   st_relaxed(&sh->grace_at, at);
   /* Callbacks must not fail: if the timer cannot be armed, the shield
@@ -66,7 +63,8 @@ static void setup_shield(cancel_source *src, struct cancel__shield *sh,
   src->shield = sh;
   __atomic_add_fetch(&open_shields, 1, __ATOMIC_RELAXED);
   if (outer != NULL)
-    cancel__link_attach(&sh->link, (cancel_source *)outer, outer_fired);
+    cancel__link_attach(&sh->link, (cancel_source *)outer,
+                        cancel__shield_outer_fired);
 }
 
 int cancel_source_new_shield(cancel_source **srcp, const char *name,

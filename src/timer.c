@@ -164,7 +164,7 @@ static int arm(cancel_source *src, int64_t deadline, int64_t timeout) {
     cancel__unlock(src, v);
     return 1;
   }
-  src->flags |= SF_TIMED;
+  src->seen |= SEEN_TIMER;
   st_relaxed(&src->deadline, deadline);
   st_relaxed(&src->timeout, timeout);
   cancel__unlock(src, v);

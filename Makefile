@@ -1,0 +1,214 @@
+# libcancel: the newcomer's entry point.
+#
+#   make deps    install the Debian packages everything below needs
+#   make         configure and build (RelWithDebInfo) into build/
+#   make check   tests in three builds (normal, ASan+UBSan, TSan) + valgrind
+#   make bench   build (Release) and run the benchmarks
+#   make demo    build and run the example programs
+#   make format  clang-format the sources
+#   make clean   remove every build directory
+#
+# Variables worth overriding on the command line:
+#   VALGRIND_SKIP="stress_test foo_test"   tests not run under valgrind
+#   VALGRIND_TIMEOUT=600                   seconds per program under valgrind
+#   CANCEL_TEST_TIME_SCALE=5               widen the tests' timing tolerances
+#   JOBS=4                                 parallel compile jobs
+
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
+
+CMAKE ?= cmake
+CTEST ?= ctest
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+CTEST_FLAGS ?= --output-on-failure -j2 --no-tests=error
+
+# ----------------------------------------------------------------------
+# Dependencies (Debian packages).  Later work appends to these lists, e.g.
+# DEPS_CHECK += libcurl4-openssl-dev libsqlite3-dev libpq-dev postgresql
+#               libmicrohttpd-dev
+# ----------------------------------------------------------------------
+
+DEPS_CHECK := build-essential cmake pkg-config libcmocka-dev valgrind
+# node may come from outside Debian: only ask for nodejs when none is found.
+DEPS_BENCH := golang-go g++ $(if $(shell command -v node),,nodejs)
+DEPS_FORMAT := clang-format
+
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+# $(call apt_install,PACKAGES): installs those not installed yet; runs
+# apt-get update first, and only when something is missing.
+define apt_install
+	@missing=""; \
+	for p in $(1); do \
+	  status=$$(dpkg-query -W -f='$${Status}' "$$p" 2>/dev/null || true); \
+	  [ "$$status" = "install ok installed" ] || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "== installing:$$missing"; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -q --no-install-recommends $$missing </dev/null; \
+	fi
+endef
+
+.PHONY: all build deps deps-check deps-bench deps-format check \
+	check-normal check-asan check-tsan check-valgrind check-summary \
+	bench demo format clean
+
+all: build
+
+deps: deps-check deps-bench
+
+deps-check:
+	$(call apt_install,$(DEPS_CHECK))
+
+deps-bench:
+	$(call apt_install,$(DEPS_BENCH))
+
+deps-format:
+	$(call apt_install,$(DEPS_FORMAT))
+
+# ----------------------------------------------------------------------
+# Build
+# ----------------------------------------------------------------------
+
+build:
+	$(CMAKE) -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo
+	$(CMAKE) --build build -j$(JOBS)
+
+# ----------------------------------------------------------------------
+# Check: every step runs even when an earlier one failed, records
+# "<passed> <failed> <what>" in $(TALLY), and check-summary prints the
+# totals as "N passed, M failed" and fails when M > 0.
+# ----------------------------------------------------------------------
+
+TALLY := build-check/tally
+
+# Sanitizer runtime settings; override from the environment if needed.
+export ASAN_OPTIONS ?= detect_leaks=1
+export UBSAN_OPTIONS ?= print_stacktrace=1:halt_on_error=1
+
+# gcc 12's TSan aborts with "unexpected memory mapping" when the kernel
+# randomises mmap with more bits than it expects (vm.mmap_rnd_bits > 28 on
+# newer kernels).  Running without ASLR avoids that; the personality is
+# inherited, so wrapping ctest covers every test it starts.
+TSAN_LAUNCHER = $(shell setarch $$(uname -m) -R true 2>/dev/null && \
+                   echo "setarch $$(uname -m) -R")
+
+# Sanitizers and valgrind slow tests down: widen the timing tolerances,
+# unless the caller chose a scale.
+SLOW_SCALE = $(or $(CANCEL_TEST_TIME_SCALE),4)
+VALGRIND_SCALE = $(or $(CANCEL_TEST_TIME_SCALE),10)
+
+VALGRIND_SKIP ?= stress_test
+VALGRIND_TIMEOUT ?= 600
+VALGRIND := valgrind --error-exitcode=1 --leak-check=full \
+	--errors-for-leak-kinds=definite,indirect
+
+# $(call check_build,DIR,WHAT,CMAKE-ARGS,CTEST-PREFIX): configure, build
+# and run ctest in DIR; a build failure counts as one failure.
+define check_build
+	@echo "== $(2): build $(1)"
+	@mkdir -p $(dir $(TALLY))
+	@if ! { $(CMAKE) -S . -B $(1) $(3) && $(CMAKE) --build $(1) -j$(JOBS); }; then \
+	  echo "0 1 $(2) (build failed)" >> $(TALLY); exit 1; \
+	fi
+	@echo "== $(2): ctest in $(1)"
+	@rm -f $(1)/junit.xml; \
+	rc=0; (cd $(1) && $(4) $(CTEST) $(CTEST_FLAGS) --output-junit junit.xml) || rc=$$?; \
+	set -- $$(tr '\n' ' ' < $(1)/junit.xml 2>/dev/null | \
+	  sed -n 's/.*<testsuite [^>]*tests="\([0-9]*\)"[^>]*failures="\([0-9]*\)".*/\1 \2/p') 0 0; \
+	passed=$$(($$1 - $$2)); failed=$$2; \
+	if [ $$rc -ne 0 ] && [ $$failed -eq 0 ]; then failed=1; fi; \
+	echo "$$passed $$failed $(2)" >> $(TALLY); \
+	exit $$rc
+endef
+
+check: deps-check
+	@rm -f $(TALLY)
+	@rc=0; \
+	for step in check-normal check-asan check-tsan check-valgrind; do \
+	  $(MAKE) --no-print-directory $$step || rc=1; \
+	done; \
+	$(MAKE) --no-print-directory check-summary || rc=1; \
+	exit $$rc
+
+NORMAL_CMAKE := -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCANCEL_WERROR=ON
+ASAN_CMAKE := -DCMAKE_BUILD_TYPE=Debug -DCANCEL_SANITIZE=address
+TSAN_CMAKE := -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCANCEL_SANITIZE=thread
+SLOW_ENV = CANCEL_TEST_TIME_SCALE=$(SLOW_SCALE)
+
+check-normal:
+	$(call check_build,build,normal,$(NORMAL_CMAKE),)
+
+check-asan:
+	$(call check_build,build-asan,asan,$(ASAN_CMAKE),$(SLOW_ENV))
+
+check-tsan:
+	$(call check_build,build-tsan,tsan,$(TSAN_CMAKE),$(SLOW_ENV) $(TSAN_LAUNCHER))
+
+# Every test and example program of the normal build under valgrind,
+# except those named in VALGRIND_SKIP.
+check-valgrind:
+	@mkdir -p $(dir $(TALLY))
+	@echo "== valgrind: programs of build/ (skipping: $(VALGRIND_SKIP))"
+	@if ! $(CMAKE) --build build -j$(JOBS) >/dev/null 2>&1; then \
+	  echo "0 1 valgrind (build failed)" >> $(TALLY); exit 1; \
+	fi
+	@passed=0; failed=0; \
+	for src in tests/*_test.c examples/patterns/*.c; do \
+	  [ -e "$$src" ] || continue; \
+	  name=$$(basename "$$src" .c); \
+	  case " $(VALGRIND_SKIP) " in *" $$name "*) continue ;; esac; \
+	  exe=build/$${src%.c}; \
+	  log=build/valgrind-$$name.log; \
+	  if CANCEL_TEST_TIME_SCALE=$(VALGRIND_SCALE) timeout $(VALGRIND_TIMEOUT) \
+	       $(VALGRIND) --log-file=$$log $$exe > $$log.out 2>&1; then \
+	    echo "valgrind $$name: passed"; passed=$$((passed + 1)); \
+	  else \
+	    echo "valgrind $$name: FAILED"; cat $$log.out $$log 2>/dev/null || true; \
+	    failed=$$((failed + 1)); \
+	  fi; \
+	done; \
+	echo "$$passed $$failed valgrind" >> $(TALLY); \
+	[ $$failed -eq 0 ]
+
+check-summary:
+	@echo "== summary"
+	@awk '{ p = $$1; f = $$2; sub(/^[0-9]+ [0-9]+ /, ""); \
+	        printf "  %-24s %d passed, %d failed\n", $$0 ":", p, f }' $(TALLY)
+	@awk '{ p += $$1; f += $$2 } END { printf "%d passed, %d failed\n", p, f; exit (f > 0) }' $(TALLY)
+
+# ----------------------------------------------------------------------
+# Bench and demo
+# ----------------------------------------------------------------------
+
+bench: deps-check deps-bench
+	$(CMAKE) -S . -B build-bench -DCMAKE_BUILD_TYPE=Release \
+	  -DCANCEL_BUILD_BENCH=ON -DCANCEL_BUILD_TESTS=OFF
+	$(CMAKE) --build build-bench -j$(JOBS)
+	@test -x bench/run.sh || { echo "bench/run.sh does not exist yet" >&2; exit 1; }
+	bench/run.sh build-bench
+
+# Until the reference service (examples/reportd) exists, the demo is the
+# pattern programs, one after the other.
+demo: deps-check build
+	@set -- examples/patterns/*.c; \
+	if [ ! -e "$$1" ]; then echo "no examples in examples/patterns yet"; exit 0; fi; \
+	for src in "$$@"; do \
+	  name=$$(basename "$$src" .c); \
+	  echo "=== $$name"; \
+	  build/examples/patterns/$$name; \
+	  echo; \
+	done
+
+# ----------------------------------------------------------------------
+# Housekeeping
+# ----------------------------------------------------------------------
+
+format: deps-format
+	find include src tests examples -name '*.[ch]' -print0 | xargs -0 -r clang-format -i
+	find bench -maxdepth 1 -name '*.c' -print0 | xargs -0 -r clang-format -i
+
+clean:
+	rm -rf build build-asan build-tsan build-bench build-check

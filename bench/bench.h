@@ -1,0 +1,125 @@
+/*
+ * bench.h: the measuring loop and the output row shared by the C benchmark
+ * programs (core_bench.c today; later floors and baselines).  The peers in
+ * bench/peers/ carry the same loop and the same formatting, written once per
+ * language, so every number in results.tsv is made the same way:
+ *
+ *   1. calibrate: run the batch with 1, 2, 4, ... operations until one batch
+ *      takes a tenth of the target, then size it for the target (~60 ms, or
+ *      ~6 ms with BENCH_QUICK=1).  Calibration doubles as the warm-up, and
+ *      one more batch of the final size is run and thrown away;
+ *   2. run BENCH_REPS timed batches of that size;
+ *   3. report the median of the per-unit times.
+ *
+ * A batch function times itself and returns the nanoseconds of the part
+ * that is measured: the whole loop for most scenarios, only the cancel for
+ * the fan-out and chain scenarios (their setup and teardown run in the same
+ * batch but outside the timed region; calibration sizes the batch on wall
+ * time, so the untimed work still counts against the time budget).
+ *
+ * Output: one line per scenario, `scenario<TAB>impl<TAB>value<TAB>unit`,
+ * value "n/a" when an implementation has no such feature.
+ */
+#ifndef CANCEL_BENCH_H
+#define CANCEL_BENCH_H
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define BENCH_REPS 7
+
+/* Runs n operations, returns the nanoseconds spent in the measured part. */
+typedef int64_t bench_batch_fn(void *ctx, uint64_t n);
+
+static inline int64_t bench_now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Keeps the compiler from proving anything about memory across this point
+ * (no instruction is emitted).  Used so a load cannot be hoisted out of a
+ * loop and a result cannot be dropped. */
+#define BENCH_CLOBBER() __asm__ __volatile__("" ::: "memory")
+#define BENCH_ESCAPE(p) __asm__ __volatile__("" : : "g"(p) : "memory")
+
+static inline int bench_quick(void) {
+  const char *q = getenv("BENCH_QUICK");
+  return q != NULL && *q != '\0' && strcmp(q, "0") != 0;
+}
+
+/* The wall time one timed batch should take. */
+static inline int64_t bench_target_ns(void) {
+  return bench_quick() ? 6000000 : 60000000;
+}
+
+static int bench_cmp_double(const void *a, const void *b) {
+  double x = *(const double *)a, y = *(const double *)b;
+  return (x > y) - (x < y);
+}
+
+/* The median time per unit of fn, in nanoseconds.  One operation of fn
+ * counts as `units` units (e.g. 1000 for "per callback" of a 1000-callback
+ * fan-out, 100 for "per hop" of a 100-deep chain). */
+static inline double bench_measure(bench_batch_fn *fn, void *ctx,
+                                   double units) {
+  const int64_t target = bench_target_ns();
+  uint64_t n = 1;
+  int64_t wall;
+  double per[BENCH_REPS];
+
+  for (;;) {
+    int64_t t0 = bench_now();
+    fn(ctx, n);
+    wall = bench_now() - t0;
+    if (wall >= target / 10 || n >= (UINT64_C(1) << 40))
+      break;
+    n *= 2;
+  }
+  if (wall < 1)
+    wall = 1;
+  n = (uint64_t)((double)n * (double)target / (double)wall);
+  if (n < 1)
+    n = 1;
+  fn(ctx, n); /* warm-up at the final size */
+  for (int i = 0; i < BENCH_REPS; i++)
+    per[i] = (double)fn(ctx, n) / ((double)n * units);
+  qsort(per, BENCH_REPS, sizeof per[0], bench_cmp_double);
+  return per[BENCH_REPS / 2];
+}
+
+/* The one number format of results.tsv: 2 decimals below 10, 1 below 1000,
+ * none above (the same rule in every language). */
+static inline void bench_format(char *buf, size_t len, double v) {
+  if (v < 10)
+    snprintf(buf, len, "%.2f", v);
+  else if (v < 1000)
+    snprintf(buf, len, "%.1f", v);
+  else
+    snprintf(buf, len, "%.0f", v);
+}
+
+static inline void bench_row(const char *scenario, const char *impl, double v,
+                             const char *unit) {
+  char buf[64];
+  bench_format(buf, sizeof buf, v);
+  printf("%s\t%s\t%s\t%s\n", scenario, impl, buf, unit);
+  fflush(stdout);
+}
+
+static inline void bench_row_na(const char *scenario, const char *impl,
+                                const char *unit) {
+  printf("%s\t%s\tn/a\t%s\n", scenario, impl, unit);
+  fflush(stdout);
+}
+
+__attribute__((noreturn)) static inline void bench_die(const char *what,
+                                                       int rc) {
+  fprintf(stderr, "bench: %s failed: %d\n", what, rc);
+  exit(1);
+}
+
+#endif /* CANCEL_BENCH_H */

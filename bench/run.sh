@@ -1,0 +1,228 @@
+#!/usr/bin/env bash
+# bench/run.sh [BUILD_DIR]: runs libcancel's benchmark and its peers in one
+# go, collects every row into BUILD_DIR/bench/results.tsv (copied to
+# build/bench/results.tsv under the repository root) and prints a table.
+#
+# BUILD_DIR (default: build under the repository root) is a CMake build
+# directory configured with -DCANCEL_BUILD_BENCH=ON and built, so that
+# BUILD_DIR/bench/core_bench exists.  The peers are optional: a peer whose
+# toolchain is missing, or that fails, is skipped with a warning.  The exit
+# status is non-zero only when a required program (core_bench) fails.
+#
+# Every program prints rows `scenario<TAB>impl<TAB>value<TAB>unit` on
+# stdout; value is "n/a" when the impl has no such feature.
+#
+# Environment: BENCH_QUICK=1 (batches ~10x smaller: a smoke test),
+# BENCH_ONLY=check,chain_100 (run only those scenarios), BENCH_TIMEOUT
+# (seconds allowed per program, default 300), CXX (for the C++ fallback),
+# BENCH_RESULTS_COPY (where the copy goes instead of build/bench/results.tsv).
+#
+# Needs bash and awk only.
+
+set -u
+
+# The programs, one per line:  name  kind  need  source
+#   kind exe:  BUILD_DIR/bench/<name>, built by CMake (source is informative)
+#   kind cxx:  BUILD_DIR/bench/<name> built by CMake; when missing, compiled
+#              here from source with ${CXX:-g++} -O2 -std=c++20 -pthread
+#   kind go:   source is a Go main package, built here to BUILD_DIR/bench/<name>
+#   kind node: source is an ES module run with node
+#   need:      required (failure fails the run) or optional (skipped on error)
+PROGRAMS='
+core_bench        exe   required  bench/core_bench.c
+stop_token_bench  cxx   optional  bench/peers/stop_token_bench.cpp
+ctxbench          go    optional  bench/peers/go
+abort_bench       node  optional  bench/peers/abort_bench.mjs
+'
+
+# The impl the ratio column is about, and impls shown in the table but not
+# counted as peers for the ratio (floors and baselines), space-separated.
+REF_IMPL=libcancel
+BASELINE_IMPLS=''
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BUILD_DIR=${1:-$ROOT/build}
+mkdir -p "$BUILD_DIR/bench" || exit 1
+BUILD_DIR=$(cd "$BUILD_DIR" && pwd)
+OUT_DIR=$BUILD_DIR/bench
+RESULTS=$OUT_DIR/results.tsv
+COPY=${BENCH_RESULTS_COPY:-$ROOT/build/bench/results.tsv}
+ROWS=$OUT_DIR/results.rows.tmp
+: >"$ROWS"
+
+warn() { printf 'bench: warning: %s\n' "$*" >&2; }
+note() { printf 'bench: %s\n' "$*" >&2; }
+
+run_limited() {
+  if command -v timeout >/dev/null 2>&1; then
+    timeout "${BENCH_TIMEOUT:-300}" "$@"
+  else
+    "$@"
+  fi
+}
+
+# Prepares program $1 (kind $2, source $3) and prints the command that runs
+# it, one word per line; returns non-zero (with a warning) if it cannot.
+prepare() {
+  local name=$1 kind=$2 src=$3 exe=$OUT_DIR/$1
+  case $kind in
+  exe)
+    if [ ! -x "$exe" ]; then
+      warn "$exe not found: configure with -DCANCEL_BUILD_BENCH=ON and build"
+      return 1
+    fi
+    printf '%s\n' "$exe"
+    ;;
+  cxx)
+    if [ ! -x "$exe" ]; then
+      local cxx=${CXX:-g++}
+      if ! command -v "$cxx" >/dev/null 2>&1; then
+        warn "$name: no C++ compiler ($cxx), skipped"
+        return 1
+      fi
+      note "building $name with $cxx"
+      if ! "$cxx" -O2 -std=c++20 -pthread -o "$exe" "$ROOT/$src"; then
+        warn "$name: build failed, skipped"
+        return 1
+      fi
+    fi
+    printf '%s\n' "$exe"
+    ;;
+  go)
+    if ! command -v go >/dev/null 2>&1; then
+      warn "$name: go not found, skipped"
+      return 1
+    fi
+    note "building $name with $(go version 2>/dev/null)"
+    # Caches live in the build directory (works as any user on a fresh
+    # machine); nothing is fetched from the network.
+    if ! (cd "$ROOT/$src" &&
+      GOCACHE=$OUT_DIR/go/cache GOPATH=$OUT_DIR/go/path GOFLAGS='' \
+        GOPROXY=off GOSUMDB=off GO111MODULE=on GOTOOLCHAIN=local \
+        go build -o "$exe" .); then
+      warn "$name: go build failed, skipped"
+      return 1
+    fi
+    printf '%s\n' "$exe"
+    ;;
+  node)
+    if ! command -v node >/dev/null 2>&1; then
+      warn "$name: node not found, skipped"
+      return 1
+    fi
+    printf '%s\n%s\n' node "$ROOT/$src"
+    ;;
+  *)
+    warn "$name: unknown kind $kind"
+    return 1
+    ;;
+  esac
+}
+
+# A failure of the current program: an error for a required one, a warning
+# for an optional one.
+fail() {
+  if [ "$need" = required ]; then
+    printf 'bench: error: %s\n' "$*" >&2
+    status=1
+  else
+    warn "$*"
+  fi
+}
+
+status=0
+while read -r name kind need src <&3; do
+  [ -n "${name:-}" ] || continue
+  case $name in \#*) continue ;; esac
+  if ! cmd=$(prepare "$name" "$kind" "$src" </dev/null); then
+    fail "$name could not be prepared"
+    continue
+  fi
+  mapfile -t argv <<<"$cmd"
+  note "running $name"
+  out=$OUT_DIR/$name.out
+  run_limited "${argv[@]}" </dev/null >"$out"
+  rc=$?
+  # Keep the well-formed rows even from a program that failed half-way.
+  awk -F'\t' -v prog="$name" '
+    NF == 4 && $1 != "" && $2 != "" && $3 != "" { print; next }
+    {
+      printf "bench: warning: %s: ignored line: %s\n", prog, $0 > "/dev/stderr"
+    }
+  ' "$out" >>"$ROWS"
+  if [ "$rc" -ne 0 ]; then
+    fail "$name exited with status $rc"
+  fi
+done 3<<<"$PROGRAMS"
+
+{
+  printf 'scenario\timpl\tvalue\tunit\n'
+  cat "$ROWS"
+} >"$RESULTS.tmp" && mv "$RESULTS.tmp" "$RESULTS"
+rm -f "$ROWS"
+mkdir -p "$(dirname "$COPY")"
+if [ ! "$RESULTS" -ef "$COPY" ]; then
+  cp "$RESULTS" "$COPY"
+fi
+note "results: $RESULTS"
+
+# The table: one line per scenario (in order of first appearance), one
+# column per impl (in order of first appearance), then
+# ratio = REF_IMPL / best peer: the lowest numeric value among the other
+# impls with the same unit, baselines excluded.
+awk -F'\t' -v ref="$REF_IMPL" -v baselines="$BASELINE_IMPLS" '
+  function numeric(v) { return v ~ /^[0-9]+(\.[0-9]*)?([eE][-+]?[0-9]+)?$/ }
+  NR == 1 { next }
+  {
+    s = $1; i = $2
+    if (!(s in seen_s)) { seen_s[s] = 1; sc[++ns] = s }
+    if (!(i in seen_i)) { seen_i[i] = 1; im[++ni] = i }
+    val[s, i] = $3; unit[s, i] = $4
+  }
+  END {
+    nb = split(baselines, b, " ")
+    for (k = 1; k <= nb; k++) base[b[k]] = 1
+    cell[0, 0] = "scenario"
+    for (c = 1; c <= ni; c++) cell[0, c] = im[c]
+    cell[0, ni + 1] = "ratio"
+    for (r = 1; r <= ns; r++) {
+      s = sc[r]
+      cell[r, 0] = s
+      for (c = 1; c <= ni; c++) {
+        i = im[c]
+        if (!((s, i) in val)) cell[r, c] = "-"
+        else if (numeric(val[s, i])) cell[r, c] = val[s, i] " " unit[s, i]
+        else cell[r, c] = val[s, i]
+      }
+      ratio = "-"
+      if ((s, ref) in val && numeric(val[s, ref])) {
+        best = ""
+        for (c = 1; c <= ni; c++) {
+          i = im[c]
+          if (i == ref || (i in base) || !((s, i) in val)) continue
+          if (!numeric(val[s, i]) || unit[s, i] != unit[s, ref]) continue
+          if (best == "" || val[s, i] + 0 < best + 0) best = val[s, i]
+        }
+        if (best != "" && best + 0 > 0)
+          ratio = sprintf("%.2fx", val[s, ref] / best)
+      }
+      cell[r, ni + 1] = ratio
+    }
+    for (c = 0; c <= ni + 1; c++) {
+      w[c] = 0
+      for (r = 0; r <= ns; r++)
+        if (length(cell[r, c]) > w[c]) w[c] = length(cell[r, c])
+    }
+    for (r = 0; r <= ns; r++) {
+      line = sprintf("%-" w[0] "s", cell[r, 0])
+      for (c = 1; c <= ni + 1; c++)
+        line = line sprintf("  %" w[c] "s", cell[r, c])
+      print line
+    }
+    if (ni > 0) print ""
+    print "ratio = " ref " / best peer (the lowest value among the other"
+    print "impls, same unit); below 1 means " ref " is faster."
+  }
+' "$RESULTS"
+
+exit "$status"

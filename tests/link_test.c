@@ -1,0 +1,579 @@
+/*
+ * Linked sources: propagation from 0, 1 and N parents, inherited reasons,
+ * already-cancelled parents, NULL parents, diamonds, unhooking on destroy,
+ * parents kept alive by children, caller-storage parents, and effective
+ * deadlines along the ancestry.
+ */
+#include "test_util.h"
+
+static cancel_source *new_src(const char *name) {
+  cancel_source *s = NULL;
+  assert_int_equal(cancel_source_new(&s, name), 0);
+  assert_non_null(s);
+  return s;
+}
+
+static cancel_source *new_child(const char *name,
+                                const cancel_token *const *parents, size_t n) {
+  cancel_source *s = NULL;
+  assert_int_equal(cancel_source_new_linked(&s, name, parents, n), 0);
+  assert_non_null(s);
+  return s;
+}
+
+#define TOK(s) cancel_source_token(s)
+
+/* ---- Propagation ------------------------------------------------------ */
+
+static void test_zero_parents(void **state) {
+  (void)state;
+  cancel_source *c = new_child("orphan", NULL, 0);
+  cancel_source *other = new_src("other");
+  cancel_reg reg;
+  int count = 0;
+  assert_int_equal(cancel_register(&reg, TOK(c), test_count_cb, &count), 0);
+  assert_int_equal(cancel_source_cancel(other), 1);
+  assert_false(cancel_token_is_cancelled(TOK(c)));
+  assert_i64_eq(cancel_token_deadline(TOK(c)), CANCEL_NEVER);
+
+  assert_int_equal(cancel_source_cancel(c), 1);
+  assert_int_equal(test_load(&count), 1);
+  cancel_reason r;
+  assert_int_equal(cancel_token_reason(TOK(c), &r), 1);
+  assert_string_equal(r.origin, "orphan");
+  assert_int_equal(r.via_len, 0);
+  assert_int_equal(cancel_unregister(&reg), 0);
+  cancel_source_unref(c);
+  cancel_source_unref(other);
+
+  /* On caller storage too. */
+  cancel_source local;
+  assert_int_equal(cancel_source_init_linked(&local, "orphan2", NULL, 0), 0);
+  assert_false(cancel_token_is_cancelled(TOK(&local)));
+  assert_int_equal(cancel_source_cancel(&local), 1);
+  cancel_source_destroy(&local);
+}
+
+static void test_one_parent(void **state) {
+  (void)state;
+  cancel_source *p = new_src("parent");
+  const cancel_token *ps[] = {TOK(p)};
+  cancel_source *c = new_child("child", ps, 1);
+  cancel_reg reg;
+  int count = 0;
+  assert_int_equal(cancel_register(&reg, TOK(c), test_count_cb, &count), 0);
+  assert_false(cancel_token_is_cancelled(TOK(c)));
+
+  /* Cancelling the child does not touch the parent... */
+  cancel_source *c2 = new_child("child2", ps, 1);
+  assert_int_equal(cancel_source_cancel(c2), 1);
+  assert_false(cancel_token_is_cancelled(TOK(p)));
+  assert_false(cancel_token_is_cancelled(TOK(c)));
+
+  /* ...cancelling the parent cancels the child before cancel returns. */
+  assert_int_equal(cancel_source_cancel_with(p, CANCEL_TIMEOUT, "1s"), 1);
+  assert_true(cancel_token_is_cancelled(TOK(c)));
+  assert_int_equal(test_load(&count), 1);
+
+  cancel_reason r;
+  assert_int_equal(cancel_token_reason(TOK(c), &r), 1);
+  assert_int_equal(r.kind, CANCEL_TIMEOUT);
+  assert_string_equal(r.origin, "parent");
+  assert_string_equal(r.detail, "1s");
+  assert_int_equal(r.via_len, 1);
+  assert_int_equal(r.via_skipped, 0);
+  assert_string_equal(r.via[0].name, "child");
+  assert_null(r.via[0].note);
+  assert_int_equal(cancel_token_kind(TOK(c)), CANCEL_TIMEOUT);
+
+  /* child2 cancelled itself first: its reason is its own. */
+  assert_int_equal(cancel_token_reason(TOK(c2), &r), 1);
+  assert_int_equal(r.kind, CANCEL_REQUESTED);
+  assert_string_equal(r.origin, "child2");
+  assert_int_equal(r.via_len, 0);
+
+  assert_int_equal(cancel_unregister(&reg), 0);
+  cancel_source_unref(c2);
+  cancel_source_unref(c);
+  cancel_source_unref(p);
+}
+
+static void test_n_parents(void **state) {
+  (void)state;
+  enum { N = 5 };
+  for (int k = 0; k < N; k++) {
+    cancel_source *p[N];
+    const cancel_token *ps[N];
+    char name[16];
+    for (int i = 0; i < N; i++) {
+      snprintf(name, sizeof name, "p%d", i);
+      p[i] = new_src(name);
+      ps[i] = TOK(p[i]);
+    }
+    cancel_source *c = new_child("multi", ps, N);
+    cancel_reg reg;
+    int count = 0;
+    assert_int_equal(cancel_register(&reg, TOK(c), test_count_cb, &count), 0);
+
+    assert_int_equal(cancel_source_cancel_with(p[k], CANCEL_USER + k, NULL), 1);
+    assert_true(cancel_token_is_cancelled(TOK(c)));
+    assert_int_equal(test_load(&count), 1);
+    for (int i = 0; i < N; i++)
+      if (i != k)
+        assert_false(cancel_token_is_cancelled(TOK(p[i])));
+
+    cancel_reason r;
+    assert_int_equal(cancel_token_reason(TOK(c), &r), 1);
+    snprintf(name, sizeof name, "p%d", k);
+    assert_string_equal(r.origin, name);
+    assert_int_equal(r.kind, CANCEL_USER + k);
+    assert_int_equal(r.via_len, 1);
+    assert_string_equal(r.via[0].name, "multi");
+
+    /* Later parents change nothing: first parent wins, callback once. */
+    for (int i = 0; i < N; i++)
+      if (i != k)
+        assert_int_equal(cancel_source_cancel(p[i]), 1);
+    assert_int_equal(test_load(&count), 1);
+    assert_int_equal(cancel_token_reason(TOK(c), &r), 1);
+    assert_string_equal(r.origin, name);
+
+    assert_int_equal(cancel_unregister(&reg), 0);
+    cancel_source_unref(c);
+    for (int i = 0; i < N; i++)
+      cancel_source_unref(p[i]);
+  }
+}
+
+static void test_link_to_cancelled_parent(void **state) {
+  (void)state;
+  cancel_source *p = new_src("gone-parent");
+  assert_int_equal(
+      cancel_source_cancel_with(p, CANCEL_CLIENT_GONE, "peer reset"), 1);
+  const cancel_token *ps[] = {TOK(p)};
+
+  cancel_source *c = new_child("late-child", ps, 1);
+  assert_true(cancel_token_is_cancelled(TOK(c)));
+  cancel_reason r;
+  assert_int_equal(cancel_token_reason(TOK(c), &r), 1);
+  assert_int_equal(r.kind, CANCEL_CLIENT_GONE);
+  assert_string_equal(r.origin, "gone-parent");
+  assert_string_equal(r.detail, "peer reset");
+  assert_int_equal(r.via_len, 1);
+  assert_string_equal(r.via[0].name, "late-child");
+
+  /* Caller storage, and a cancelled parent that is not the first entry. */
+  cancel_source *live = new_src("live");
+  const cancel_token *ps2[] = {TOK(live), TOK(p)};
+  cancel_source local;
+  assert_int_equal(cancel_source_init_linked(&local, "local", ps2, 2), 0);
+  assert_true(cancel_token_is_cancelled(TOK(&local)));
+  assert_int_equal(cancel_token_reason(TOK(&local), &r), 1);
+  assert_string_equal(r.origin, "gone-parent");
+  assert_int_equal(r.via_len, 1);
+  assert_string_equal(r.via[0].name, "local");
+  assert_false(cancel_token_is_cancelled(TOK(live)));
+
+  /* A callback registered now runs inline. */
+  cancel_reg reg;
+  int count = 0;
+  assert_int_equal(cancel_register(&reg, TOK(&local), test_count_cb, &count),
+                   1);
+  assert_int_equal(test_load(&count), 1);
+
+  cancel_source_destroy(&local);
+  cancel_source_unref(live);
+  cancel_source_unref(c);
+  cancel_source_unref(p);
+}
+
+static void test_null_parent_entries(void **state) {
+  (void)state;
+  cancel_source *p = new_src("real");
+  const cancel_token *ps[] = {NULL, TOK(p), NULL};
+  cancel_source *c = new_child("c", ps, 3);
+  const cancel_token *nulls[] = {NULL, NULL};
+  cancel_source *n = new_child("n", nulls, 2);
+  assert_false(cancel_token_is_cancelled(TOK(c)));
+  assert_false(cancel_token_is_cancelled(TOK(n)));
+  assert_i64_eq(cancel_token_deadline(TOK(n)), CANCEL_NEVER);
+
+  assert_int_equal(cancel_source_cancel(p), 1);
+  assert_true(cancel_token_is_cancelled(TOK(c)));
+  assert_false(cancel_token_is_cancelled(TOK(n)));
+  cancel_reason r;
+  assert_int_equal(cancel_token_reason(TOK(c), &r), 1);
+  assert_string_equal(r.origin, "real");
+
+  assert_int_equal(cancel_source_cancel(n), 1);
+  cancel_source_unref(n);
+  cancel_source_unref(c);
+  cancel_source_unref(p);
+}
+
+static void test_diamond(void **state) {
+  (void)state;
+  cancel_source *g = new_src("G");
+  const cancel_token *pg[] = {TOK(g)};
+  cancel_source *a = new_child("A", pg, 1); /* linked to G first */
+  cancel_source *b = new_child("B", pg, 1); /* linked to G last */
+  const cancel_token *pab[] = {TOK(a), TOK(b)};
+  cancel_source *c = new_child("child", pab, 2);
+  cancel_reg reg;
+  int count = 0;
+  assert_int_equal(cancel_register(&reg, TOK(c), test_count_cb, &count), 0);
+
+  assert_int_equal(cancel_source_cancel(g), 1);
+  assert_true(cancel_token_is_cancelled(TOK(a)));
+  assert_true(cancel_token_is_cancelled(TOK(b)));
+  assert_true(cancel_token_is_cancelled(TOK(c)));
+  assert_int_equal(test_load(&count), 1);
+
+  cancel_reason r;
+  assert_int_equal(cancel_token_reason(TOK(c), &r), 1);
+  assert_string_equal(r.origin, "G");
+  assert_int_equal(r.via_len, 2);
+  /* G runs its callbacks newest first, so B (linked last) fires first and
+   * its cancellation reaches the child. */
+  assert_string_equal(r.via[0].name, "B");
+  assert_string_equal(r.via[1].name, "child");
+
+  assert_int_equal(cancel_unregister(&reg), 0);
+  cancel_source_unref(c);
+  cancel_source_unref(b);
+  cancel_source_unref(a);
+  cancel_source_unref(g);
+}
+
+/* ---- Teardown --------------------------------------------------------- */
+
+static void test_destroy_child_unhooks(void **state) {
+  (void)state;
+  cancel_source *p = new_src("p");
+  const cancel_token *ps[] = {TOK(p)};
+  cancel_reg preg, creg;
+  int pcount = 0, ccount = 0;
+  assert_int_equal(cancel_register(&preg, TOK(p), test_count_cb, &pcount), 0);
+
+  cancel_source *c = new_child("c", ps, 1);
+  assert_int_equal(cancel_register(&creg, TOK(c), test_count_cb, &ccount), 0);
+  cancel_source_unref(c);
+  assert_int_equal(cancel_unregister(&creg), 1);
+
+  /* Many short-lived children, heap and caller storage. */
+  for (int i = 0; i < 500; i++) {
+    cancel_source *h = new_child("h", ps, 1);
+    cancel_source local;
+    assert_int_equal(cancel_source_init_linked(&local, "l", ps, 1), 0);
+    cancel_source_unref(h);
+    cancel_source_destroy(&local);
+    memset(&local, 0xDB, sizeof local); /* storage reused at once */
+  }
+
+  /* Cancelling the parent now must not touch freed children (ASan). */
+  assert_int_equal(cancel_source_cancel(p), 1);
+  assert_int_equal(test_load(&pcount), 1);
+  assert_int_equal(test_load(&ccount), 0);
+  assert_int_equal(cancel_unregister(&preg), 0);
+  cancel_source_unref(p);
+}
+
+static void test_destroy_child_of_many_parents(void **state) {
+  (void)state;
+  enum { N = 4 };
+  cancel_source *p[N];
+  const cancel_token *ps[N];
+  for (int i = 0; i < N; i++) {
+    p[i] = new_src("p");
+    ps[i] = TOK(p[i]);
+  }
+  for (int i = 0; i < 200; i++) {
+    cancel_source *c = new_child("c", ps, N);
+    cancel_source_unref(c);
+  }
+  for (int i = 0; i < N; i++) {
+    assert_int_equal(cancel_source_cancel(p[i]), 1);
+    cancel_source_unref(p[i]);
+  }
+}
+
+struct sem_cb {
+  sem_t sem;
+  int count;
+};
+
+static void sem_count_cb(void *arg) {
+  struct sem_cb *s = arg;
+  __atomic_add_fetch(&s->count, 1, __ATOMIC_SEQ_CST);
+  sem_post(&s->sem);
+}
+
+static void test_children_keep_heap_parents_alive(void **state) {
+  (void)state;
+  cancel_source *g = new_src("grand");
+  const cancel_token *pg[] = {TOK(g)};
+  cancel_source *p = new_child("parent", pg, 1);
+  const cancel_token *pp[] = {TOK(p)};
+  cancel_source *c = new_child("child", pp, 1);
+  cancel_reg reg;
+  int count = 0;
+  assert_int_equal(cancel_register(&reg, TOK(c), test_count_cb, &count), 0);
+
+  cancel_source_unref(p); /* the child still needs it */
+  assert_int_equal(cancel_source_cancel_with(g, CANCEL_SHUTDOWN, NULL), 1);
+  assert_true(cancel_token_is_cancelled(TOK(c)));
+  assert_int_equal(test_load(&count), 1);
+  cancel_reason r;
+  assert_int_equal(cancel_token_reason(TOK(c), &r), 1);
+  assert_int_equal(r.kind, CANCEL_SHUTDOWN);
+  assert_string_equal(r.origin, "grand");
+  assert_int_equal(r.via_len, 2);
+  assert_string_equal(r.via[0].name, "parent");
+  assert_string_equal(r.via[1].name, "child");
+  assert_int_equal(cancel_unregister(&reg), 0);
+  cancel_source_unref(c); /* frees child and parent */
+  cancel_source_unref(g);
+
+  /* A chain whose only holder is the leaf: the unreferenced root can still
+   * be cancelled by its own timer, and it reaches the leaf. */
+  struct sem_cb s;
+  s.count = 0;
+  sem_init(&s.sem, 0, 0);
+  g = new_src("timed-root");
+  const cancel_token *pg2[] = {TOK(g)};
+  p = new_child("mid", pg2, 1);
+  const cancel_token *pp2[] = {TOK(p)};
+  c = new_child("leaf", pp2, 1);
+  assert_int_equal(cancel_register(&reg, TOK(c), sem_count_cb, &s), 0);
+  assert_int_equal(cancel_source_cancel_after(g, CANCEL_MSEC(20)), 0);
+  cancel_source_unref(g);
+  cancel_source_unref(p);
+  assert_int_equal(test_sem_wait_ns(&s.sem, CANCEL_SEC(5)), 0);
+  assert_int_equal(test_load(&s.count), 1);
+  assert_int_equal(cancel_token_reason(TOK(c), &r), 1);
+  assert_int_equal(r.kind, CANCEL_TIMEOUT);
+  assert_string_equal(r.origin, "timed-root");
+  assert_int_equal(r.via_len, 2);
+  assert_string_equal(r.via[0].name, "mid");
+  assert_int_equal(cancel_unregister(&reg), 0);
+  cancel_source_unref(c);
+  sem_destroy(&s.sem);
+}
+
+/* The last unref of a heap parent detaches its registrations at once, even
+ * though its children keep it alive: they never run, also when the parent
+ * is later cancelled through its own parent. */
+static void test_unreferenced_parent_detaches_registrations(void **state) {
+  (void)state;
+  cancel_source *g = new_src("grand");
+  const cancel_token *pg[] = {TOK(g)};
+  cancel_source *p = new_child("parent", pg, 1);
+  const cancel_token *pp[] = {TOK(p)};
+  cancel_source *c = new_child("child", pp, 1);
+  cancel_reg preg, creg;
+  int pcount = 0, ccount = 0;
+  assert_int_equal(cancel_register(&preg, TOK(p), test_count_cb, &pcount), 0);
+  assert_int_equal(cancel_register(&creg, TOK(c), test_count_cb, &ccount), 0);
+
+  cancel_source_unref(p); /* last reference: preg is detached now */
+  assert_int_equal(cancel_source_cancel(g), 1);
+  assert_int_equal(test_load(&ccount), 1); /* the child still follows */
+  assert_int_equal(test_load(&pcount), 0); /* the detached one never runs */
+  assert_int_equal(cancel_unregister(&preg), 1);
+  assert_int_equal(cancel_unregister(&creg), 0);
+  cancel_source_unref(c);
+  cancel_source_unref(g);
+}
+
+/* The last unref of a parent racing with the destruction of its child (the
+ * child unhooks itself from the parent while the parent's teardown looks
+ * at its children).  Run under TSan/ASan to see the races. */
+enum { RACE_ROUNDS = 2000 };
+
+struct unref_race {
+  pthread_barrier_t start, end;
+  cancel_source *victim[2];
+};
+
+static void *unref_racer(void *arg) {
+  struct unref_race *u = arg;
+  static int next_id;
+  int id = __atomic_fetch_add(&next_id, 1, __ATOMIC_SEQ_CST) % 2;
+  for (int i = 0; i < RACE_ROUNDS; i++) {
+    pthread_barrier_wait(&u->start);
+    cancel_source_unref(u->victim[id]);
+    pthread_barrier_wait(&u->end);
+  }
+  return NULL;
+}
+
+static void test_concurrent_parent_child_unref(void **state) {
+  (void)state;
+  struct unref_race u;
+  pthread_barrier_init(&u.start, NULL, 3);
+  pthread_barrier_init(&u.end, NULL, 3);
+  pthread_t t[2];
+  for (int i = 0; i < 2; i++)
+    t[i] = test_thread_start(unref_racer, &u);
+  for (int i = 0; i < RACE_ROUNDS; i++) {
+    cancel_source *p = new_src("p");
+    const cancel_token *ps[] = {TOK(p)};
+    cancel_source *c = new_child("c", ps, 1);
+    u.victim[0] = p;
+    u.victim[1] = c;
+    pthread_barrier_wait(&u.start); /* both unref now */
+    pthread_barrier_wait(&u.end);
+  }
+  for (int i = 0; i < 2; i++)
+    test_thread_join(t[i]);
+  pthread_barrier_destroy(&u.start);
+  pthread_barrier_destroy(&u.end);
+}
+
+static void test_caller_storage_parent_destroyed_first(void **state) {
+  (void)state;
+  cancel_source *g = new_src("grand");
+  const cancel_token *pg[] = {TOK(g)};
+  cancel_source p;
+  assert_int_equal(cancel_source_init_linked(&p, "storage-parent", pg, 1), 0);
+  const cancel_token *pp[] = {TOK(&p)};
+  cancel_source *c = new_child("child", pp, 1);
+  cancel_source local_child;
+  assert_int_equal(cancel_source_init_linked(&local_child, "lchild", pp, 1), 0);
+  cancel_reg reg, lreg;
+  int count = 0, lcount = 0;
+  assert_int_equal(cancel_register(&reg, TOK(c), test_count_cb, &count), 0);
+  assert_int_equal(
+      cancel_register(&lreg, TOK(&local_child), test_count_cb, &lcount), 0);
+
+  cancel_source_destroy(&p); /* the children are detached */
+  memset(&p, 0xCD, sizeof p);
+
+  assert_int_equal(cancel_source_cancel(g), 1);
+  assert_false(cancel_token_is_cancelled(TOK(c)));
+  assert_false(cancel_token_is_cancelled(TOK(&local_child)));
+  assert_int_equal(test_load(&count), 0);
+  assert_int_equal(test_load(&lcount), 0);
+
+  /* The children still work on their own. */
+  assert_int_equal(cancel_source_cancel(c), 1);
+  assert_int_equal(test_load(&count), 1);
+  cancel_reason r;
+  assert_int_equal(cancel_token_reason(TOK(c), &r), 1);
+  assert_string_equal(r.origin, "child");
+  assert_int_equal(cancel_unregister(&reg), 0);
+  assert_int_equal(cancel_unregister(&lreg), 1);
+
+  cancel_source_unref(c);
+  cancel_source_destroy(&local_child);
+  cancel_source_unref(g);
+}
+
+/* ---- Deadlines -------------------------------------------------------- */
+
+static void test_deadline_basics(void **state) {
+  (void)state;
+  assert_i64_eq(cancel_token_deadline(NULL), CANCEL_NEVER);
+  assert_i64_eq(cancel_token_remaining(NULL), CANCEL_NEVER);
+
+  cancel_source *s = new_src("d");
+  assert_i64_eq(cancel_token_deadline(TOK(s)), CANCEL_NEVER);
+  assert_i64_eq(cancel_token_remaining(TOK(s)), CANCEL_NEVER);
+
+  int64_t at = cancel_now() + CANCEL_SEC(10);
+  assert_int_equal(cancel_source_cancel_at(s, at), 0);
+  assert_i64_eq(cancel_token_deadline(TOK(s)), at);
+  int64_t rem = cancel_token_remaining(TOK(s));
+  assert_i64_gt(rem, 0);
+  assert_i64_le(rem, CANCEL_SEC(10));
+  assert_i64_ge(rem, CANCEL_SEC(10) - CANCEL_SEC(1) - test_tol(CANCEL_SEC(1)));
+
+  int64_t before = cancel_now();
+  assert_int_equal(cancel_source_cancel_after(s, CANCEL_SEC(5)), 0);
+  int64_t after = cancel_now();
+  assert_i64_ge(cancel_token_deadline(TOK(s)), before + CANCEL_SEC(5));
+  assert_i64_le(cancel_token_deadline(TOK(s)), after + CANCEL_SEC(5));
+
+  assert_int_equal(cancel_source_cancel_at(s, CANCEL_NEVER), 0);
+  assert_i64_eq(cancel_token_deadline(TOK(s)), CANCEL_NEVER);
+  assert_i64_eq(cancel_token_remaining(TOK(s)), CANCEL_NEVER);
+  assert_false(cancel_token_is_cancelled(TOK(s)));
+  cancel_source_unref(s);
+}
+
+static void test_deadline_earliest_of_parents(void **state) {
+  (void)state;
+  int64_t now = cancel_now();
+  int64_t d1 = now + CANCEL_SEC(10), d2 = now + CANCEL_SEC(5);
+  cancel_source *p1 = new_src("p1");
+  cancel_source *p2 = new_src("p2");
+  cancel_source *p3 = new_src("p3"); /* no deadline */
+  assert_int_equal(cancel_source_cancel_at(p1, d1), 0);
+  assert_int_equal(cancel_source_cancel_at(p2, d2), 0);
+  const cancel_token *ps[] = {TOK(p1), NULL, TOK(p2), TOK(p3)};
+  cancel_source *c = new_child("c", ps, 4);
+  assert_i64_eq(cancel_token_deadline(TOK(c)), d2);
+  int64_t rem = cancel_token_remaining(TOK(c));
+  assert_i64_gt(rem, 0);
+  assert_i64_le(rem, d2 - now);
+
+  /* A grandchild sees the same; its own earlier deadline wins. */
+  const cancel_token *pc[] = {TOK(c)};
+  cancel_source *gc = new_child("gc", pc, 1);
+  assert_i64_eq(cancel_token_deadline(TOK(gc)), d2);
+  int64_t d_own = now + CANCEL_SEC(2);
+  assert_int_equal(cancel_source_cancel_at(gc, d_own), 0);
+  assert_i64_eq(cancel_token_deadline(TOK(gc)), d_own);
+  assert_i64_eq(cancel_token_deadline(TOK(c)), d2); /* not upwards */
+  /* An own deadline later than the inherited one does not win. */
+  assert_int_equal(cancel_source_cancel_at(gc, now + CANCEL_SEC(60)), 0);
+  assert_i64_eq(cancel_token_deadline(TOK(gc)), d2);
+
+  /* Re-arming a parent later changes the child's effective deadline. */
+  int64_t d2_later = now + CANCEL_SEC(20);
+  assert_int_equal(cancel_source_cancel_at(p2, d2_later), 0);
+  assert_i64_eq(cancel_token_deadline(TOK(p2)), d2_later);
+  assert_i64_eq(cancel_token_deadline(TOK(c)), d1);
+  assert_i64_eq(cancel_token_deadline(TOK(gc)), d1);
+
+  /* ...and earlier. */
+  int64_t d3 = now + CANCEL_SEC(3);
+  assert_int_equal(cancel_source_cancel_at(p3, d3), 0);
+  assert_i64_eq(cancel_token_deadline(TOK(c)), d3);
+  assert_i64_eq(cancel_token_deadline(TOK(gc)), d3);
+
+  /* Disarming everything: none left. */
+  assert_int_equal(cancel_source_cancel_at(p1, CANCEL_NEVER), 0);
+  assert_int_equal(cancel_source_cancel_at(p2, CANCEL_NEVER), 0);
+  assert_int_equal(cancel_source_cancel_at(p3, CANCEL_NEVER), 0);
+  assert_int_equal(cancel_source_cancel_at(gc, CANCEL_NEVER), 0);
+  assert_i64_eq(cancel_token_deadline(TOK(c)), CANCEL_NEVER);
+  assert_i64_eq(cancel_token_deadline(TOK(gc)), CANCEL_NEVER);
+  assert_i64_eq(cancel_token_remaining(TOK(gc)), CANCEL_NEVER);
+
+  cancel_source_unref(gc);
+  cancel_source_unref(c);
+  cancel_source_unref(p3);
+  cancel_source_unref(p2);
+  cancel_source_unref(p1);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_zero_parents),
+      cmocka_unit_test(test_one_parent),
+      cmocka_unit_test(test_n_parents),
+      cmocka_unit_test(test_link_to_cancelled_parent),
+      cmocka_unit_test(test_null_parent_entries),
+      cmocka_unit_test(test_diamond),
+      cmocka_unit_test(test_destroy_child_unhooks),
+      cmocka_unit_test(test_destroy_child_of_many_parents),
+      cmocka_unit_test(test_children_keep_heap_parents_alive),
+      cmocka_unit_test(test_unreferenced_parent_detaches_registrations),
+      cmocka_unit_test(test_concurrent_parent_child_unref),
+      cmocka_unit_test(test_caller_storage_parent_destroyed_first),
+      cmocka_unit_test(test_deadline_basics),
+      cmocka_unit_test(test_deadline_earliest_of_parents),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}
