@@ -40,8 +40,8 @@ extern "C" {
 #define CANCEL_VERSION_PATCH 0
 #define CANCEL_VERSION_STRING "0.1.0"
 /* 0xMMmmpp: compare with CANCEL_VERSION_HEX >= 0x000100. */
-#define CANCEL_VERSION_HEX                                                   \
-  ((CANCEL_VERSION_MAJOR << 16) | (CANCEL_VERSION_MINOR << 8) |              \
+#define CANCEL_VERSION_HEX                                                     \
+  ((CANCEL_VERSION_MAJOR << 16) | (CANCEL_VERSION_MINOR << 8) |                \
    CANCEL_VERSION_PATCH)
 
 #if defined(_WIN32)
@@ -62,9 +62,9 @@ CANCEL_API const char *cancel_version(void);
 /* A deadline that never comes. */
 #define CANCEL_NEVER INT64_MAX
 
-#define CANCEL_USEC(n) ((int64_t)(n) * 1000)
-#define CANCEL_MSEC(n) ((int64_t)(n) * 1000000)
-#define CANCEL_SEC(n) ((int64_t)(n) * 1000000000)
+#define CANCEL_USEC(n) ((int64_t)(n)*1000)
+#define CANCEL_MSEC(n) ((int64_t)(n)*1000000)
+#define CANCEL_SEC(n) ((int64_t)(n)*1000000000)
 
 /* CLOCK_MONOTONIC in nanoseconds.  Thread-safe, never fails. */
 CANCEL_API int64_t cancel_now(void);
@@ -159,24 +159,24 @@ struct cancel_reg {
 #define CANCEL__DETAIL_INLINE 24
 
 struct cancel_source {
-  cancel_token tok;        /* first member: a token is a source */
-  uint32_t refs;           /* atomic */
-  uint32_t flags;          /* under the lock, or before publication */
-  uint32_t seen;           /* what it was ever used for; owners only */
-  cancel_reg *head;        /* registered callbacks, newest first; lock */
-  cancel_reg *running;     /* callback being run by cancel; lock */
-  const void *running_tid; /* thread running the cancel */
-  bool *running_gone;      /* set when `running` unregisters itself */
+  cancel_token tok;              /* first member: a token is a source */
+  uint32_t refs;                 /* atomic */
+  uint32_t flags;                /* under the lock, or before publication */
+  uint32_t seen;                 /* what it was ever used for; owners only */
+  cancel_reg *head;              /* registered callbacks, newest first; lock */
+  cancel_reg *running;           /* callback being run by cancel; lock */
+  const void *running_tid;       /* thread running the cancel */
+  bool *running_gone;            /* set when `running` unregisters itself */
   struct cancel__link *children; /* links and shields hooked on us; lock */
-  cancel_source *via;      /* the parent whose cancel reached us */
-  cancel_source *free_next; /* teardown work list */
-  const char *name;        /* name_buf, heap copy or "" */
-  const char *detail;      /* detail_buf, heap copy or "" */
-  int kind;                /* the reason, valid once cancelled */
-  uint32_t nlinks;         /* parents */
-  int64_t time;            /* when the origin fired */
-  struct cancel__link *links;     /* one per parent */
-  struct cancel__shield *shield;  /* shields only */
+  cancel_source *via;            /* the parent whose cancel reached us */
+  cancel_source *free_next;      /* teardown work list */
+  const char *name;              /* name_buf, heap copy or "" */
+  const char *detail;            /* detail_buf, heap copy or "" */
+  int kind;                      /* the reason, valid once cancelled */
+  uint32_t nlinks;               /* parents */
+  int64_t time;                  /* when the origin fired */
+  struct cancel__link *links;    /* one per parent */
+  struct cancel__shield *shield; /* shields only */
   int64_t deadline; /* own deadline, CANCEL_NEVER if none; atomic */
   int64_t timeout;  /* duration behind the deadline, for the detail */
   int64_t timer_at; /* key in the timer heap; timer lock */
@@ -266,8 +266,7 @@ CANCEL_API int cancel_token_kind(const cancel_token *tok);
 
 /* Fills *out with why tok was cancelled.  Returns 1 when cancelled, 0 when
  * not (out->kind is CANCEL_NONE), -EINVAL when out is NULL.  Thread-safe. */
-CANCEL_API int cancel_token_reason(const cancel_token *tok,
-                                   cancel_reason *out);
+CANCEL_API int cancel_token_reason(const cancel_token *tok, cancel_reason *out);
 
 /* ======================================================================
  * Registrations
@@ -314,8 +313,7 @@ CANCEL_API int cancel_unregister(cancel_reg *reg);
  * its heap parents alive until then.  Allocates the link nodes (with the
  * source, for *_new).
  * Returns 0, -EINVAL (srcp/src NULL, parents NULL with n > 0), -ENOMEM. */
-CANCEL_API int cancel_source_new_linked(cancel_source **srcp,
-                                        const char *name,
+CANCEL_API int cancel_source_new_linked(cancel_source **srcp, const char *name,
                                         const cancel_token *const *parents,
                                         size_t n);
 CANCEL_API int cancel_source_init_linked(cancel_source *src, const char *name,
@@ -353,12 +351,10 @@ CANCEL_API int cancel_source_cancel_after(cancel_source *src,
 /* A source linked to `parent` (may be NULL) that times out after
  * timeout_ns: the C spelling of Go's context.WithTimeout.
  * Returns 0, -EINVAL (srcp/src NULL, timeout_ns < 0), -ENOMEM, -EAGAIN. */
-CANCEL_API int cancel_source_new_timeout(cancel_source **srcp,
-                                         const char *name,
+CANCEL_API int cancel_source_new_timeout(cancel_source **srcp, const char *name,
                                          const cancel_token *parent,
                                          int64_t timeout_ns);
-CANCEL_API int cancel_source_init_timeout(cancel_source *src,
-                                          const char *name,
+CANCEL_API int cancel_source_init_timeout(cancel_source *src, const char *name,
                                           const cancel_token *parent,
                                           int64_t timeout_ns);
 
@@ -377,8 +373,7 @@ CANCEL_API int cancel_source_init_timeout(cancel_source *src,
  * The shield's deadline is its own, not outer's.  Like any source it is
  * torn down with unref/destroy.
  * Returns 0, -EINVAL (srcp/src NULL, grace_ns < 0), -ENOMEM. */
-CANCEL_API int cancel_source_new_shield(cancel_source **srcp,
-                                        const char *name,
+CANCEL_API int cancel_source_new_shield(cancel_source **srcp, const char *name,
                                         const cancel_token *outer,
                                         int64_t grace_ns);
 CANCEL_API int cancel_source_init_shield(cancel_source *src, const char *name,

@@ -7,7 +7,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-const char *cancel_version(void) { return CANCEL_VERSION_STRING; }
+const char *cancel_version(void) {
+  return CANCEL_VERSION_STRING;
+}
 
 const char *cancel_strerror(int err) {
   if (err < 0)

@@ -25,16 +25,16 @@
 
 /* ---- Source flags (cancel_source.flags, under the source lock) -------- */
 
-#define SF_HEAP 0x001u        /* allocated by *_new: free() at teardown */
-#define SF_NAME_OWNED 0x002u  /* name is a heap copy */
+#define SF_HEAP 0x001u       /* allocated by *_new: free() at teardown */
+#define SF_NAME_OWNED 0x002u /* name is a heap copy */
 #define SF_DETAIL_OWNED 0x004u
 #define SF_LINKS_OWNED 0x008u /* links array allocated apart (init_linked) */
 #define SF_SHIELD_OWNED 0x010u
-#define SF_FIRING 0x020u      /* cancel() is running the callbacks */
-#define SF_ZOMBIE 0x040u      /* no references left, children keep it */
-#define SF_PENDING 0x080u     /* torn down while firing: finish after */
-#define SF_DEAD 0x100u        /* teardown started */
-#define SF_OWNED_MASK                                                       \
+#define SF_FIRING 0x020u  /* cancel() is running the callbacks */
+#define SF_ZOMBIE 0x040u  /* no references left, children keep it */
+#define SF_PENDING 0x080u /* torn down while firing: finish after */
+#define SF_DEAD 0x100u    /* teardown started */
+#define SF_OWNED_MASK                                                          \
   (SF_NAME_OWNED | SF_DETAIL_OWNED | SF_LINKS_OWNED | SF_SHIELD_OWNED)
 
 /* ---- What a source was ever used for (cancel_source.seen) ------------ *
@@ -64,10 +64,10 @@ enum {
  * heap parent knows it is still needed, and so that a caller-storage parent
  * can detach its children when it is destroyed. */
 struct cancel__link {
-  cancel_reg reg;               /* on the parent's token */
-  cancel_source *child;         /* the source this edge cancels */
-  cancel_source *parent;        /* NULL once detached; atomic */
-  struct cancel__link *cnext;   /* in parent->children; parent lock */
+  cancel_reg reg;             /* on the parent's token */
+  cancel_source *child;       /* the source this edge cancels */
+  cancel_source *parent;      /* NULL once detached; atomic */
+  struct cancel__link *cnext; /* in parent->children; parent lock */
   struct cancel__link *cprev;
 };
 
@@ -84,18 +84,21 @@ struct cancel__shield {
  * (initial-exec: one add to the thread pointer, no call). */
 extern __thread char cancel__self_anchor
     __attribute__((tls_model("initial-exec")));
-static inline const void *cancel__self(void) { return &cancel__self_anchor; }
+static inline const void *cancel__self(void) {
+  return &cancel__self_anchor;
+}
 
 /* ---- Spin lock on the state word -------------------------------------- */
 
 /* Locks src and returns the state word as locked.  Critical sections are a
- * few pointer writes long and never call user code, so spinning (with a
- * yield after a while) beats a futex lock here. */
+ * few pointer writes long and never call user code, so a test-and-set lock
+ * that yields when it finds the lock held beats a futex lock here. */
 uint32_t cancel__lock_slow(cancel_source *src);
 
 static inline uint32_t cancel__lock(cancel_source *src) {
-  uint32_t v = ld_relaxed(&src->tok.state) & ~ST_LOCKED;
-  if (__atomic_compare_exchange_n(&src->tok.state, &v, v | ST_LOCKED, 1,
+  uint32_t v = ld_relaxed(&src->tok.state);
+  if (!(v & ST_LOCKED) &&
+      __atomic_compare_exchange_n(&src->tok.state, &v, v | ST_LOCKED, 1,
                                   __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
     return v | ST_LOCKED;
   return cancel__lock_slow(src);
@@ -129,8 +132,7 @@ int cancel__fire(cancel_source *src, int kind, const char *detail,
                  cancel_source *via, int64_t time, uint32_t extra_flags);
 
 /* Sets up the fields common to every source.  Returns 0 or -ENOMEM. */
-int cancel__source_setup(cancel_source *src, const char *name,
-                         uint32_t flags);
+int cancel__source_setup(cancel_source *src, const char *name, uint32_t flags);
 
 /* Hooks `link` (with its child set) on `parent`: it joins the parent's
  * children and its callback list.  If the parent is already cancelled the
@@ -141,8 +143,7 @@ void cancel__link_attach(struct cancel__link *link, cancel_source *parent,
 /* Removes reg from src, which the caller has locked (v); unlocks.  Returns
  * 1 if it was removed before running, 0 if it ran or is running (waiting
  * for it unless it runs on this thread). */
-int cancel__reg_remove_locked(cancel_source *src, uint32_t v,
-                              cancel_reg *reg);
+int cancel__reg_remove_locked(cancel_source *src, uint32_t v, cancel_reg *reg);
 void cancel__list_push(cancel_source *src, cancel_reg *reg);
 
 /* Unhooks a link from its parent: waits for its callback if another thread

@@ -170,8 +170,7 @@ static int arm_timeout(cancel_source *src, int64_t timeout_ns) {
 }
 
 int cancel_source_new_timeout(cancel_source **srcp, const char *name,
-                              const cancel_token *parent,
-                              int64_t timeout_ns) {
+                              const cancel_token *parent, int64_t timeout_ns) {
   if (srcp == NULL)
     return -EINVAL;
   *srcp = NULL;
@@ -190,8 +189,7 @@ int cancel_source_new_timeout(cancel_source **srcp, const char *name,
 }
 
 int cancel_source_init_timeout(cancel_source *src, const char *name,
-                               const cancel_token *parent,
-                               int64_t timeout_ns) {
+                               const cancel_token *parent, int64_t timeout_ns) {
   if (src == NULL || timeout_ns < 0)
     return -EINVAL;
   int rc = cancel_source_init_linked(src, name, &parent, parent ? 1 : 0);

@@ -27,24 +27,39 @@ enum { R_STOPPED, R_RUNNING, R_EXITED };
 static struct {
   pthread_mutex_t mu;
   pthread_cond_t cond;
-  int state;         /* R_*: R_EXITED is a finished thread not yet joined */
-  bool quit;         /* asked to exit (process exit) */
+  int state; /* R_*: R_EXITED is a finished thread not yet joined */
+  bool quit; /* asked to exit (process exit) */
   pthread_t thread;
   int epfd, tfd, efd;
   int64_t programmed; /* what the timerfd is set to, CANCEL_NEVER if not */
-} R = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, R_STOPPED, false,
-       0, -1, -1, -1, CANCEL_NEVER};
+} R = {PTHREAD_MUTEX_INITIALIZER,
+       PTHREAD_COND_INITIALIZER,
+       R_STOPPED,
+       false,
+       0,
+       -1,
+       -1,
+       -1,
+       CANCEL_NEVER};
 
 static __thread bool on_reactor;
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 
-void cancel__reactor_lock(void) { pthread_mutex_lock(&R.mu); }
-void cancel__reactor_unlock(void) { pthread_mutex_unlock(&R.mu); }
-void cancel__reactor_wait_locked(void) { pthread_cond_wait(&R.cond, &R.mu); }
+void cancel__reactor_lock(void) {
+  pthread_mutex_lock(&R.mu);
+}
+void cancel__reactor_unlock(void) {
+  pthread_mutex_unlock(&R.mu);
+}
+void cancel__reactor_wait_locked(void) {
+  pthread_cond_wait(&R.cond, &R.mu);
+}
 void cancel__reactor_broadcast_locked(void) {
   pthread_cond_broadcast(&R.cond);
 }
-bool cancel__on_reactor(void) { return on_reactor; }
+bool cancel__on_reactor(void) {
+  return on_reactor;
+}
 
 static void set_timerfd(int64_t at) {
   struct itimerspec its;
@@ -139,8 +154,12 @@ static int open_fds(void) {
   return 0;
 }
 
-static void atfork_prepare(void) { pthread_mutex_lock(&R.mu); }
-static void atfork_parent(void) { pthread_mutex_unlock(&R.mu); }
+static void atfork_prepare(void) {
+  pthread_mutex_lock(&R.mu);
+}
+static void atfork_parent(void) {
+  pthread_mutex_unlock(&R.mu);
+}
 static void atfork_child(void) {
   /* Only the forking thread exists here.  The descriptors are shared with
    * the parent's epoll instance, so the child must not use them. */

@@ -12,7 +12,9 @@
 
 static size_t open_shields; /* atomic */
 
-size_t cancel_shields_open(void) { return ld_acquire(&open_shields); }
+size_t cancel_shields_open(void) {
+  return ld_acquire(&open_shields);
+}
 
 void cancel__shield_outer_fired(void *arg) {
   struct cancel__link *link = arg;
@@ -61,6 +63,7 @@ static void setup_shield(cancel_source *src, struct cancel__shield *sh,
   sh->link.parent = NULL;
   sh->link.reg.state = REG_IDLE;
   src->shield = sh;
+  src->heap_idx = -1; /* its grace timer may be armed by outer's canceller */
   __atomic_add_fetch(&open_shields, 1, __ATOMIC_RELAXED);
   if (outer != NULL)
     cancel__link_attach(&sh->link, (cancel_source *)outer,

@@ -164,7 +164,11 @@ static int arm(cancel_source *src, int64_t deadline, int64_t timeout) {
     cancel__unlock(src, v);
     return 1;
   }
-  src->seen |= SEEN_TIMER;
+  if (!(src->seen & SEEN_TIMER)) {
+    src->seen |= SEEN_TIMER;
+    if (src->shield == NULL) /* a shield's is set up with it */
+      src->heap_idx = -1;    /* first arm: not in the heap yet */
+  }
   st_relaxed(&src->deadline, deadline);
   st_relaxed(&src->timeout, timeout);
   cancel__unlock(src, v);

@@ -236,6 +236,47 @@ static void test_shield_destroyed_during_grace(void **state) {
   cancel_source_unref(outer);
 }
 
+/* A shield's own timeout and its grace share one timer slot: whichever
+ * comes first wins, and the reason says which (an own timeout armed on a
+ * shield must not disturb a grace timer already running, and back). */
+static void test_own_timeout_and_grace(void **state) {
+  (void)state;
+  struct fire_rec f;
+  fire_rec_init(&f);
+  cancel_source *outer = new_src("host");
+  cancel_source *sh = new_shield("commit", TOK(outer), CANCEL_SEC(60));
+  cancel_reg reg;
+  assert_int_equal(cancel_register(&reg, TOK(sh), fire_cb, &f), 0);
+  /* Grace starts (60 s), then the shield's own 20 ms timeout is armed. */
+  assert_int_equal(cancel_source_cancel_with(outer, CANCEL_SHUTDOWN, NULL), 1);
+  int64_t t0 = cancel_now();
+  assert_int_equal(cancel_source_cancel_after(sh, CANCEL_MSEC(20)), 0);
+  assert_int_equal(test_sem_wait_ns(&f.sem, fire_wait(CANCEL_MSEC(20))), 0);
+  assert_i64_ge(f.at, t0 + CANCEL_MSEC(20));
+  cancel_reason r;
+  assert_int_equal(cancel_token_reason(TOK(sh), &r), 1);
+  assert_int_equal(r.kind, CANCEL_TIMEOUT);
+  assert_string_equal(r.origin, "commit");
+  assert_string_equal(r.detail, "20ms");
+  assert_int_equal(r.via_len, 0);
+  assert_int_equal(cancel_unregister(&reg), 0);
+  cancel_source_unref(sh);
+
+  /* The other way round: own timeout first (60 s), then a 20 ms grace. */
+  cancel_source_unref(outer);
+  outer = new_src("host2");
+  sh = new_shield("commit2", TOK(outer), CANCEL_MSEC(20));
+  assert_int_equal(cancel_source_cancel_after(sh, CANCEL_SEC(60)), 0);
+  assert_int_equal(cancel_register(&reg, TOK(sh), fire_cb, &f), 0);
+  assert_int_equal(cancel_source_cancel_with(outer, CANCEL_SHUTDOWN, NULL), 1);
+  assert_int_equal(test_sem_wait_ns(&f.sem, fire_wait(CANCEL_MSEC(20))), 0);
+  assert_int_equal(cancel_token_kind(TOK(sh)), CANCEL_SHUTDOWN);
+  assert_int_equal(cancel_unregister(&reg), 0);
+  cancel_source_unref(sh);
+  cancel_source_unref(outer);
+  sem_destroy(&f.sem);
+}
+
 static void test_shields_open_count(void **state) {
   (void)state;
   size_t n0 = cancel_shields_open();
@@ -339,6 +380,7 @@ int main(void) {
       cmocka_unit_test(test_grace_through_linked_outer),
       cmocka_unit_test(test_direct_cancel_during_grace),
       cmocka_unit_test(test_shield_destroyed_during_grace),
+      cmocka_unit_test(test_own_timeout_and_grace),
       cmocka_unit_test(test_shields_open_count),
       cmocka_unit_test(test_invalid_arguments),
       cmocka_unit_test(test_shield_deadline_is_its_own),
