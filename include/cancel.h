@@ -23,9 +23,13 @@
 #define CANCEL_H
 
 #include <errno.h>
+#include <poll.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/socket.h>
+#include <sys/types.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -142,6 +146,7 @@ typedef struct cancel_reg cancel_reg;
 typedef struct cancel_source cancel_source;
 struct cancel__link;
 struct cancel__shield;
+struct cancel__tokenfd;
 
 /* A cancellation callback.  See the callback rules at the top. */
 typedef void cancel_fn(void *arg);
@@ -177,6 +182,7 @@ struct cancel_source {
   int64_t time;                  /* when the origin fired */
   struct cancel__link *links;    /* one per parent */
   struct cancel__shield *shield; /* shields only */
+  struct cancel__tokenfd *fdrec; /* cancel_token_fd(), once SEEN_FD */
   int64_t deadline; /* own deadline, CANCEL_NEVER if none; atomic */
   int64_t timeout;  /* duration behind the deadline, for the detail */
   int64_t timer_at; /* key in the timer heap; timer lock */
@@ -383,6 +389,151 @@ CANCEL_API int cancel_source_init_shield(cancel_source *src, const char *name,
 /* How many shields are alive in the process (the host waits for them to
  * close before it exits).  Thread-safe. */
 CANCEL_API size_t cancel_shields_open(void);
+
+/* ======================================================================
+ * Waiting: every blocking call, cancellable
+ *
+ * The same conventions everywhere: the token comes first; `deadline` is
+ * absolute (CANCEL_NEVER for none; one already passed makes the call a
+ * poll: it does what it can without blocking and returns); -ECANCELED as
+ * soon as the token fires (at once, without touching the descriptor, when
+ * it fired before the call); -ETIMEDOUT when the call's own deadline
+ * passed; -errno for the system's errors.  EINTR is handled inside: a
+ * signal never ends a wait early.  A blocked thread is woken through a
+ * per-thread primitive (a futex, or one eventfd per thread for descriptor
+ * waits) registered on the token for the duration of the wait: no
+ * descriptor and no allocation per token or per wait.
+ * ====================================================================== */
+
+/* Sleeps for ns (>= 0), or until `deadline`.  Returns 0 when the time is
+ * up, -ECANCELED, -EINVAL (ns < 0). */
+CANCEL_API int cancel_sleep(const cancel_token *tok, int64_t ns);
+CANCEL_API int cancel_sleep_until(const cancel_token *tok, int64_t deadline);
+
+/* poll(2) with a token.  Returns the number of entries with revents set
+ * (> 0; POLLNVAL for an invalid descriptor counts, as in poll), -ETIMEDOUT,
+ * -ECANCELED, -EINVAL (fds NULL with nfds > 0), -ENOMEM (nfds > 64 needs
+ * a copy with the wake descriptor appended). */
+CANCEL_API int cancel_poll(const cancel_token *tok, struct pollfd *fds,
+                           nfds_t nfds, int64_t deadline);
+
+/* Waits until fd is ready for `events` (POLLIN, POLLOUT...).  Returns the
+ * revents (> 0), -ETIMEDOUT, -ECANCELED, -EBADF. */
+CANCEL_API int cancel_wait_fd(const cancel_token *tok, int fd, short events,
+                              int64_t deadline);
+
+/* read(2) / write(2) that wait for the descriptor with the token.  They try
+ * the operation without blocking first (a ready descriptor costs one system
+ * call); blocking or not, the descriptor's own mode is left as it is.
+ * Return the bytes transferred (read: 0 at end of file), -ECANCELED,
+ * -ETIMEDOUT, -EINVAL (len > SSIZE_MAX), -EBADF, -errno. */
+CANCEL_API ssize_t cancel_read(const cancel_token *tok, int fd, void *buf,
+                               size_t len, int64_t deadline);
+CANCEL_API ssize_t cancel_write(const cancel_token *tok, int fd,
+                                const void *buf, size_t len, int64_t deadline);
+
+/* Loop until len bytes are transferred (read: or end of file).  Partial
+ * progress is never lost: *done (may be NULL) always holds the bytes
+ * transferred, also when the call returns an error.  Returns the bytes
+ * transferred (== len, or less at end of file for a read), or -ECANCELED /
+ * -ETIMEDOUT / -errno with *done saying how far it got. */
+CANCEL_API ssize_t cancel_read_full(const cancel_token *tok, int fd, void *buf,
+                                    size_t len, int64_t deadline, size_t *done);
+CANCEL_API ssize_t cancel_write_full(const cancel_token *tok, int fd,
+                                     const void *buf, size_t len,
+                                     int64_t deadline, size_t *done);
+
+/* recv(2) / send(2) with a token (MSG_DONTWAIT is added: the socket's mode
+ * is left as it is).  Returns as cancel_read / cancel_write. */
+CANCEL_API ssize_t cancel_recv(const cancel_token *tok, int fd, void *buf,
+                               size_t len, int flags, int64_t deadline);
+CANCEL_API ssize_t cancel_send(const cancel_token *tok, int fd, const void *buf,
+                               size_t len, int flags, int64_t deadline);
+
+/* accept4(2) with a token; flags as accept4 (SOCK_NONBLOCK, SOCK_CLOEXEC).
+ * Returns the new descriptor, -ECANCELED, -ETIMEDOUT, -errno. */
+CANCEL_API int cancel_accept(const cancel_token *tok, int fd,
+                             struct sockaddr *addr, socklen_t *addrlen,
+                             int flags, int64_t deadline);
+
+/* connect(2) finished with the token observed: TCP or Unix, IPv4 or IPv6.
+ * A blocking socket is switched to non-blocking for the call and switched
+ * back.  Returns 0 when connected, -ECANCELED, -ETIMEDOUT (the socket is
+ * then unusable: close it), -ECONNREFUSED and the other connect errors. */
+CANCEL_API int cancel_connect(const cancel_token *tok, int fd,
+                              const struct sockaddr *addr, socklen_t addrlen,
+                              int64_t deadline);
+
+/* pthread_cond_clockwait(CLOCK_MONOTONIC) with a token.  The mutex MUST be
+ * locked by the caller; it is locked again on every return.  Returns 0 when
+ * woken (spurious wake-ups happen, as with pthread: re-check your
+ * predicate), -ETIMEDOUT, -ECANCELED.  There is no lost wake-up between
+ * the token check and the wait: the cancelling thread takes the mutex
+ * briefly before it broadcasts (unless it holds it itself), so do not
+ * cancel while holding a lock that a holder of this mutex waits for.
+ *
+ * Why there is no cancel_mutex_lock: a mutex guards a short critical
+ * section and waiting for it is not a wait that should observe
+ * cancellation; and pthread offers no way to wake a thread blocked in
+ * pthread_mutex_lock short of polling.  Hold mutexes briefly; wait on
+ * conditions (cancel_cond_wait) instead. */
+CANCEL_API int cancel_cond_wait(const cancel_token *tok, pthread_cond_t *cond,
+                                pthread_mutex_t *mutex, int64_t deadline);
+
+/* A counting semaphore that a token can interrupt.  POSIX sem_t cannot be:
+ * the only way to wake a sem_wait is to post it, which another waiter may
+ * take.  Private layout; no allocation; usable between threads of one
+ * process. */
+typedef struct cancel_sem {
+  uint32_t value;   /* atomic: the count */
+  uint32_t waiters; /* atomic: threads blocked in cancel_sem_wait */
+  uint32_t seq;     /* atomic: the futex word, bumped by posts and wakes */
+} cancel_sem;
+
+/* Initialises with `value` (<= INT32_MAX).  Returns 0 or -EINVAL. */
+CANCEL_API int cancel_sem_init(cancel_sem *sem, unsigned value);
+/* Adds one and wakes a waiter.  Returns 0, -EINVAL, -EOVERFLOW. */
+CANCEL_API int cancel_sem_post(cancel_sem *sem);
+/* Takes one if there is one: 0, or -EAGAIN. */
+CANCEL_API int cancel_sem_trywait(cancel_sem *sem);
+/* Takes one, waiting with the token.  0, -ECANCELED, -ETIMEDOUT, -EINVAL. */
+CANCEL_API int cancel_sem_wait(const cancel_token *tok, cancel_sem *sem,
+                               int64_t deadline);
+
+/* A thread that can be joined with a token.  pthread_join cannot be woken,
+ * so the thread is started through cancel_thread_create, which marks its
+ * end where a waiter can see it. */
+typedef struct cancel_thread {
+  pthread_t thread;
+  uint32_t done; /* atomic futex word: bit 0 the start routine ended,
+                    the rest counts wake-ups of a waiter */
+  void *(*fn)(void *);
+  void *arg;
+  void *ret;
+} cancel_thread;
+
+/* pthread_create(&t->thread, attr, fn, arg) with the end marked.  `t` MUST
+ * stay valid until joined.  Returns 0, -EAGAIN, -EINVAL, -errno. */
+CANCEL_API int cancel_thread_create(cancel_thread *t,
+                                    const pthread_attr_t *attr,
+                                    void *(*fn)(void *), void *arg);
+/* Waits for t to finish, then joins it (*ret gets its result).  Returns 0,
+ * -ECANCELED or -ETIMEDOUT (t is still running and still joinable: call
+ * again later), -EINVAL. */
+CANCEL_API int cancel_thread_join(const cancel_token *tok, cancel_thread *t,
+                                  void **ret, int64_t deadline);
+
+/* ======================================================================
+ * A pollable token
+ * ====================================================================== */
+
+/* A descriptor that becomes readable (and stays readable) once tok is
+ * cancelled, for event loops: epoll, libuv's uv_poll, curl_multi_poll's
+ * extra_fds.  Created on first call (an eventfd), the same one for later
+ * calls; owned by the source: do not close it; it is closed when the source
+ * is torn down.  Returns the descriptor, -EINVAL (NULL token: it never
+ * fires, there is nothing to poll), -EMFILE / -ENOMEM. */
+CANCEL_API int cancel_token_fd(const cancel_token *tok);
 
 #ifdef __cplusplus
 }

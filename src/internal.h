@@ -10,6 +10,7 @@
 #include <assert.h>
 #include <sched.h>
 #include <stdint.h>
+#include <time.h>
 
 /* ---- Atomics: thin names over the GCC/Clang builtins ------------------ */
 
@@ -45,6 +46,7 @@
 
 #define SEEN_TIMER 0x1u /* armed: the timer thread may fire it */
 #define SEEN_CHILD 0x2u /* had a child or shield: they may detach from it */
+#define SEEN_FD 0x4u    /* has a token descriptor (fdrec) to close */
 
 /* ---- Registration states (cancel_reg.state, low byte) ----------------- */
 
@@ -197,6 +199,27 @@ bool cancel__on_reactor(void);
 int64_t cancel__timer_run_locked(void);
 /* After fork(), in the child: nothing is being fired any more. */
 void cancel__timer_atfork_child(void);
+
+/* ---- Waiting (wait.c) ------------------------------------------------ */
+
+/* The calling thread's wake primitive: a futex word for pure waits, and an
+ * eventfd (made on first use, closed at thread exit) for descriptor
+ * waits. */
+struct cancel__waiter {
+  uint32_t woken;
+  int efd;
+};
+struct cancel__waiter *cancel__waiter_self(void);
+/* The waiter's eventfd, created if needed: a descriptor or -errno. */
+int cancel__waiter_efd(struct cancel__waiter *w);
+/* An absolute CLOCK_MONOTONIC deadline as a timespec. */
+struct timespec cancel__abs_timespec(int64_t deadline);
+
+/* ---- Token descriptors (tokenfd.c) ----------------------------------- */
+
+/* Closes and frees src's token descriptor (teardown, registrations
+ * already detached). */
+void cancel__tokenfd_free(cancel_source *src);
 
 /* ---- Misuse ------------------------------------------------------------ */
 

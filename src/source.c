@@ -334,6 +334,9 @@ static void teardown_one(cancel_source *src, cancel_source **todo) {
   if ((src->seen & SEEN_TIMER) || src->shield != NULL)
     cancel__timer_disarm(src);
 
+  if (src->seen & SEEN_FD)
+    cancel__tokenfd_free(src);
+
   /* Nothing reaches src any more but its children (detaching, under its
    * lock): without any, and with no registration left, skip the lock. */
   if ((src->seen & SEEN_CHILD) || src->head != NULL) {

@@ -658,7 +658,7 @@ static void blocking_cb(void *arg) {
   __atomic_store_n(&b->done, 1, __ATOMIC_SEQ_CST);
 }
 
-static void *cancel_thread(void *arg) {
+static void *canceller_thread(void *arg) {
   struct blocking *b = arg;
   return (void *)(intptr_t)cancel_source_cancel(b->src);
 }
@@ -681,7 +681,7 @@ static void test_unregister_waits_for_running_callback(void **state) {
   assert_int_equal(
       cancel_register(&reg, cancel_source_token(b.src), blocking_cb, &b), 0);
 
-  pthread_t canceller = test_thread_start(cancel_thread, &b);
+  pthread_t canceller = test_thread_start(canceller_thread, &b);
   assert_int_equal(test_sem_wait_ns(&b.started, CANCEL_SEC(10)), 0);
   /* The callback now runs on `canceller` and blocks until go is posted. */
   pthread_t poster = test_thread_start(post_go_later, &b);

@@ -1,0 +1,233 @@
+/*
+ * The wake primitive and the basic waits.
+ *
+ * Each thread has one waiter: a futex word for pure waits (sleeps) and,
+ * created the first time the thread waits on descriptors, one eventfd that
+ * is polled next to them.  A wait registers a callback on the token that
+ * sets the word (or writes the eventfd) and wakes the thread, blocks, and
+ * unregisters before it returns: cancel_unregister() waits for a callback
+ * running on another thread, so a late wake-up can never reach the next
+ * wait.  Nothing is allocated and no descriptor is created per token or
+ * per wait.
+ */
+#define _GNU_SOURCE
+#include "internal.h"
+
+#include <limits.h>
+#include <linux/futex.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+static __thread struct cancel__waiter self = {0, -1};
+static pthread_key_t efd_key;
+static pthread_once_t efd_once = PTHREAD_ONCE_INIT;
+
+struct cancel__waiter *cancel__waiter_self(void) {
+  return &self;
+}
+
+/* At thread exit: the thread's eventfd goes with it. */
+static void efd_close(void *arg) {
+  (void)arg;
+  if (self.efd >= 0) {
+    close(self.efd);
+    self.efd = -1;
+  }
+}
+
+/* After fork() the child's eventfd would be the parent's: make a new one
+ * when the child first needs it. */
+static void efd_atfork_child(void) {
+  if (self.efd >= 0) {
+    close(self.efd);
+    self.efd = -1;
+  }
+}
+
+static void efd_setup(void) {
+  pthread_key_create(&efd_key, efd_close);
+  pthread_atfork(NULL, NULL, efd_atfork_child);
+}
+
+int cancel__waiter_efd(struct cancel__waiter *w) {
+  if (w->efd >= 0)
+    return w->efd;
+  pthread_once(&efd_once, efd_setup);
+  int fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (fd < 0)
+    return -errno;
+  w->efd = fd;
+  /* Any non-NULL value makes the key's destructor run at thread exit. */
+  pthread_setspecific(efd_key, w);
+  return fd;
+}
+
+/* ---- Waking ----------------------------------------------------------- */
+
+static void wake_futex(void *arg) {
+  struct cancel__waiter *w = arg;
+  st_release(&w->woken, 1);
+  cancel__futex_wake_all(&w->woken);
+}
+
+static void wake_efd(void *arg) {
+  struct cancel__waiter *w = arg;
+  uint64_t one = 1;
+  /* Non-blocking: a full counter (never, in practice) is still readable. */
+  ssize_t n = write(w->efd, &one, sizeof one);
+  (void)n;
+}
+
+static void drain_efd(int fd) {
+  uint64_t n;
+  while (read(fd, &n, sizeof n) > 0)
+    ;
+}
+
+/* ---- Deadlines -------------------------------------------------------- */
+
+struct timespec cancel__abs_timespec(int64_t deadline) {
+  struct timespec ts;
+  if (deadline < 0)
+    deadline = 0;
+  ts.tv_sec = deadline / 1000000000;
+  ts.tv_nsec = deadline % 1000000000;
+  return ts;
+}
+
+/* Time left until deadline as a relative timespec for ppoll: NULL for
+ * none, zero when passed. */
+static struct timespec *relative(int64_t deadline, struct timespec *ts) {
+  if (deadline == CANCEL_NEVER)
+    return NULL;
+  int64_t left = deadline - cancel_now();
+  if (left < 0)
+    left = 0;
+  ts->tv_sec = left / 1000000000;
+  ts->tv_nsec = left % 1000000000;
+  return ts;
+}
+
+/* ---- Sleeping --------------------------------------------------------- */
+
+int cancel_sleep_until(const cancel_token *tok, int64_t deadline) {
+  if (cancel_token_is_cancelled(tok))
+    return -ECANCELED;
+  struct cancel__waiter *w = &self;
+  cancel_reg reg;
+  st_relaxed(&w->woken, 0);
+  if (cancel_register(&reg, tok, wake_futex, w) == 1)
+    return -ECANCELED;
+  struct timespec ts = cancel__abs_timespec(deadline);
+  while (!ld_acquire(&w->woken)) {
+    if (deadline != CANCEL_NEVER && cancel_now() >= deadline)
+      break;
+    /* FUTEX_WAIT_BITSET takes an absolute CLOCK_MONOTONIC deadline:
+     * EINTR and spurious returns just go round the loop. */
+    syscall(SYS_futex, &w->woken, FUTEX_WAIT_BITSET | FUTEX_PRIVATE_FLAG, 0,
+            deadline == CANCEL_NEVER ? NULL : &ts, NULL,
+            FUTEX_BITSET_MATCH_ANY);
+  }
+  cancel_unregister(&reg);
+  return cancel_token_is_cancelled(tok) ? -ECANCELED : 0;
+}
+
+int cancel_sleep(const cancel_token *tok, int64_t ns) {
+  if (ns < 0)
+    return -EINVAL;
+  int64_t now = cancel_now();
+  return cancel_sleep_until(tok,
+                            ns >= CANCEL_NEVER - now ? CANCEL_NEVER : now + ns);
+}
+
+/* ---- Descriptors ------------------------------------------------------ */
+
+#define POLL_STACK 64
+
+int cancel_poll(const cancel_token *tok, struct pollfd *fds, nfds_t nfds,
+                int64_t deadline) {
+  if (fds == NULL && nfds > 0)
+    return -EINVAL;
+  if (cancel_token_is_cancelled(tok))
+    return -ECANCELED;
+  struct cancel__waiter *w = &self;
+  int efd = -1;
+  if (tok != NULL && (efd = cancel__waiter_efd(w)) < 0)
+    return efd;
+
+  /* The caller's entries plus our wake descriptor, last. */
+  struct pollfd stack[POLL_STACK + 1];
+  struct pollfd *set = stack;
+  if (nfds > POLL_STACK && (set = malloc((nfds + 1) * sizeof *set)) == NULL)
+    return -ENOMEM;
+  if (nfds > 0)
+    memcpy(set, fds, nfds * sizeof *set);
+  nfds_t n = nfds;
+  if (efd >= 0) {
+    set[n].fd = efd;
+    set[n].events = POLLIN;
+    set[n].revents = 0;
+    n++;
+  }
+
+  cancel_reg reg;
+  int rc;
+  if (cancel_register(&reg, tok, wake_efd, w) == 1) {
+    rc = -ECANCELED;
+    goto out;
+  }
+  for (;;) {
+    struct timespec ts;
+    int r = ppoll(set, n, relative(deadline, &ts), NULL);
+    if (r < 0) {
+      if (errno == EINTR)
+        continue;
+      rc = -errno;
+      break;
+    }
+    if (efd >= 0 && set[nfds].revents != 0) {
+      r--; /* woken by the token */
+      if (r == 0) {
+        rc = -ECANCELED;
+        break;
+      }
+    }
+    if (r > 0) {
+      for (nfds_t i = 0; i < nfds; i++)
+        fds[i].revents = set[i].revents;
+      rc = r;
+      break;
+    }
+    if (deadline != CANCEL_NEVER && cancel_now() >= deadline) {
+      rc = -ETIMEDOUT;
+      break;
+    }
+  }
+  if (cancel_unregister(&reg) == 0 && efd >= 0)
+    drain_efd(efd); /* the callback wrote it: leave it quiet */
+  /* Level-triggered: whatever woke us, a fired token wins (nothing was
+   * consumed from the caller's descriptors). */
+  if (cancel_token_is_cancelled(tok))
+    rc = -ECANCELED;
+out:
+  if (set != stack)
+    free(set);
+  return rc;
+}
+
+int cancel_wait_fd(const cancel_token *tok, int fd, short events,
+                   int64_t deadline) {
+  if (fd < 0)
+    return -EBADF;
+  struct pollfd p = {.fd = fd, .events = events, .revents = 0};
+  int rc = cancel_poll(tok, &p, 1, deadline);
+  if (rc < 0)
+    return rc;
+  if (p.revents & POLLNVAL)
+    return -EBADF;
+  return p.revents;
+}
