@@ -5,9 +5,10 @@
 #
 # BUILD_DIR (default: build under the repository root) is a CMake build
 # directory configured with -DCANCEL_BUILD_BENCH=ON and built, so that
-# BUILD_DIR/bench/core_bench exists.  The peers are optional: a peer whose
-# toolchain is missing, or that fails, is skipped with a warning.  The exit
-# status is non-zero only when a required program (core_bench) fails.
+# BUILD_DIR/bench/core_bench and wait_bench exist.  The peers are optional:
+# a peer whose toolchain is missing, or that fails, is skipped with a
+# warning.  The exit status is non-zero only when a required program
+# (core_bench, wait_bench) fails.
 #
 # Every program prints rows `scenario<TAB>impl<TAB>value<TAB>unit` on
 # stdout; value is "n/a" when the impl has no such feature.
@@ -31,6 +32,7 @@ set -u
 #   need:      required (failure fails the run) or optional (skipped on error)
 PROGRAMS='
 core_bench        exe   required  bench/core_bench.c
+wait_bench        exe   required  bench/wait_bench.c
 stop_token_bench  cxx   optional  bench/peers/stop_token_bench.cpp
 ctxbench          go    optional  bench/peers/go
 abort_bench       node  optional  bench/peers/abort_bench.mjs
@@ -38,8 +40,10 @@ abort_bench       node  optional  bench/peers/abort_bench.mjs
 
 # The impl the ratio column is about, and impls shown in the table but not
 # counted as peers for the ratio (floors and baselines), space-separated.
+# Baselines get their own columns, after the peers, and their own ratio
+# column (`base`).
 REF_IMPL=libcancel
-BASELINE_IMPLS=''
+BASELINE_IMPLS='futex_floor plain'
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BUILD_DIR=${1:-$ROOT/build}
@@ -194,24 +198,31 @@ fi
 note "results: $RESULTS"
 
 # The table: one line per scenario (in order of first appearance), one
-# column per impl (in order of first appearance), then
+# column per impl (in order of first appearance, baselines last), then
 # ratio = REF_IMPL / best peer: the lowest numeric value among the other
-# impls with the same unit, baselines excluded.
+# impls with the same unit, baselines excluded; and, when the results hold
+# a baseline, base = REF_IMPL / the lowest baseline with the same unit.
 awk -F'\t' -v ref="$REF_IMPL" -v baselines="$BASELINE_IMPLS" '
   function numeric(v) { return v ~ /^[0-9]+(\.[0-9]*)?([eE][-+]?[0-9]+)?$/ }
   NR == 1 { next }
   {
     s = $1; i = $2
     if (!(s in seen_s)) { seen_s[s] = 1; sc[++ns] = s }
-    if (!(i in seen_i)) { seen_i[i] = 1; im[++ni] = i }
+    if (!(i in seen_i)) { seen_i[i] = 1; ia[++na] = i }
     val[s, i] = $3; unit[s, i] = $4
   }
   END {
     nb = split(baselines, b, " ")
     for (k = 1; k <= nb; k++) base[b[k]] = 1
+    # Columns: the impls in order of first appearance, baselines last.
+    ni = 0; nbase = 0
+    for (k = 1; k <= na; k++) if (!(ia[k] in base)) im[++ni] = ia[k]
+    for (k = 1; k <= na; k++) if (ia[k] in base) { im[++ni] = ia[k]; nbase++ }
+    nc = ni + 1 + (nbase > 0)
     cell[0, 0] = "scenario"
     for (c = 1; c <= ni; c++) cell[0, c] = im[c]
     cell[0, ni + 1] = "ratio"
+    if (nbase > 0) cell[0, ni + 2] = "base"
     for (r = 1; r <= ns; r++) {
       s = sc[r]
       cell[r, 0] = s
@@ -221,34 +232,45 @@ awk -F'\t' -v ref="$REF_IMPL" -v baselines="$BASELINE_IMPLS" '
         else if (numeric(val[s, i])) cell[r, c] = val[s, i] " " unit[s, i]
         else cell[r, c] = val[s, i]
       }
-      ratio = "-"
+      ratio = "-"; bratio = "-"
       if ((s, ref) in val && numeric(val[s, ref])) {
-        best = ""
+        best = ""; bbest = ""
         for (c = 1; c <= ni; c++) {
           i = im[c]
-          if (i == ref || (i in base) || !((s, i) in val)) continue
+          if (i == ref || !((s, i) in val)) continue
           if (!numeric(val[s, i]) || unit[s, i] != unit[s, ref]) continue
-          if (best == "" || val[s, i] + 0 < best + 0) best = val[s, i]
+          if (i in base) {
+            if (bbest == "" || val[s, i] + 0 < bbest + 0) bbest = val[s, i]
+          } else if (best == "" || val[s, i] + 0 < best + 0) {
+            best = val[s, i]
+          }
         }
         if (best != "" && best + 0 > 0)
           ratio = sprintf("%.2fx", val[s, ref] / best)
+        if (bbest != "" && bbest + 0 > 0)
+          bratio = sprintf("%.2fx", val[s, ref] / bbest)
       }
       cell[r, ni + 1] = ratio
+      if (nbase > 0) cell[r, ni + 2] = bratio
     }
-    for (c = 0; c <= ni + 1; c++) {
+    for (c = 0; c <= nc; c++) {
       w[c] = 0
       for (r = 0; r <= ns; r++)
         if (length(cell[r, c]) > w[c]) w[c] = length(cell[r, c])
     }
     for (r = 0; r <= ns; r++) {
       line = sprintf("%-" w[0] "s", cell[r, 0])
-      for (c = 1; c <= ni + 1; c++)
+      for (c = 1; c <= nc; c++)
         line = line sprintf("  %" w[c] "s", cell[r, c])
       print line
     }
     if (ni > 0) print ""
     print "ratio = " ref " / best peer (the lowest value among the other"
     print "impls, same unit); below 1 means " ref " is faster."
+    if (nbase > 0) {
+      print "base = " ref " / its baseline (" baselines "): the floor"
+      print "or the plain call it is built on, in the same run."
+    }
   }
 ' "$RESULTS"
 

@@ -251,7 +251,10 @@ CANCEL_API void cancel_source_destroy(cancel_source *src);
 /* The name given at creation, "" when none.  Valid while src is alive. */
 CANCEL_API const char *cancel_source_name(const cancel_source *src);
 
-/* Cancels src with kind CANCEL_REQUESTED.  The first cancel wins: it records
+/* Cancels src with kind CANCEL_REQUESTED.  The caller MUST hold a reference
+ * to src (or borrow it from someone who does) for the whole call: the last
+ * reference may otherwise go while this call is still running callbacks.
+ * The first cancel wins: it records
  * the reason, publishes the cancelled state (a release), then runs the
  * registered callbacks one at a time, newest first, outside any lock, on
  * this thread, and cancels linked children.  Returns 1 when this call

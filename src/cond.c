@@ -15,11 +15,6 @@
 
 #include <unistd.h>
 
-struct condwait {
-  pthread_cond_t *cond;
-  pthread_mutex_t *mutex;
-};
-
 static bool held_by_me(pthread_mutex_t *m) {
 #ifdef __GLIBC__
   /* glibc records the owner's kernel thread id in the public structure. */
@@ -31,19 +26,21 @@ static bool held_by_me(pthread_mutex_t *m) {
 }
 
 static void cond_wake(void *arg) {
-  struct condwait *c = arg;
-  if (pthread_mutex_trylock(c->mutex) == 0) {
-    pthread_cond_broadcast(c->cond);
-    pthread_mutex_unlock(c->mutex);
-  } else if (held_by_me(c->mutex)) {
-    pthread_cond_broadcast(c->cond);
-  } else {
-    /* Held by another thread, maybe the waiter inside the window: wait
-     * for it to queue itself (holders keep it briefly). */
-    pthread_mutex_lock(c->mutex);
-    pthread_cond_broadcast(c->cond);
-    pthread_mutex_unlock(c->mutex);
+  struct cancel__waiter *w = arg;
+  pthread_cond_t *cond = w->obj;
+  pthread_mutex_t *mutex = w->obj2;
+  /* Passing through the mutex is enough: once we hold it, the waiter is
+   * either queued on the condition or has not looked at the token yet.
+   * Broadcasting after the unlock spares the woken waiter a wait for the
+   * mutex. */
+  if (pthread_mutex_trylock(mutex) == 0) {
+    pthread_mutex_unlock(mutex);
+  } else if (!held_by_me(mutex)) {
+    pthread_mutex_lock(mutex); /* maybe the waiter, inside its window */
+    pthread_mutex_unlock(mutex);
   }
+  pthread_cond_broadcast(cond);
+  cancel__wait_done(w);
 }
 
 int cancel_cond_wait(const cancel_token *tok, pthread_cond_t *cond,
@@ -52,9 +49,10 @@ int cancel_cond_wait(const cancel_token *tok, pthread_cond_t *cond,
     return -EINVAL;
   if (cancel_token_is_cancelled(tok))
     return -ECANCELED;
-  struct condwait c = {cond, mutex};
-  cancel_reg reg;
-  if (cancel_register(&reg, tok, cond_wake, &c) == 1)
+  struct cancel__waiter *w = cancel__waiter_self();
+  w->obj = cond;
+  w->obj2 = mutex;
+  if (cancel__wait_begin(w, tok, cond_wake) == 1)
     return -ECANCELED;
   int rc = 0;
   if (!cancel_token_is_cancelled(tok)) {
@@ -67,12 +65,14 @@ int cancel_cond_wait(const cancel_token *tok, pthread_cond_t *cond,
     else if (r != 0)
       rc = -r;
   }
-  /* The callback may be blocked on the mutex we hold again: release it
-   * while unregistering (which waits for a running callback), then take
-   * it back.  Waiters must not assume the mutex stays held across a wait
-   * anyway: pthread_cond_wait releases it too. */
-  pthread_mutex_unlock(mutex);
-  cancel_unregister(&reg);
-  pthread_mutex_lock(mutex);
+  if (!ld_acquire(&w->woken)) {
+    /* The callback may be running, and blocked on the mutex we hold:
+     * release it while unregistering (which waits for a running
+     * callback).  Waiters must not assume the mutex stays held across a
+     * wait anyway: pthread_cond_wait releases it too. */
+    pthread_mutex_unlock(mutex);
+    cancel__wait_end(w);
+    pthread_mutex_lock(mutex);
+  }
   return cancel_token_is_cancelled(tok) ? -ECANCELED : rc;
 }

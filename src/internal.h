@@ -200,18 +200,72 @@ int64_t cancel__timer_run_locked(void);
 /* After fork(), in the child: nothing is being fired any more. */
 void cancel__timer_atfork_child(void);
 
+/* Descriptor watches on the reactor.  The record is caller storage; its
+ * layout is in include/cancel/watch.h (a public cancel_watch embeds it).
+ * fn(arg, events) runs on the reactor thread, one watch at a time, with the
+ * epoll events that were reported; it follows the callback rules (short,
+ * never blocking).  A watch keeps the reactor thread from exiting on idle.
+ * Watches registered before fork() are gone in the child (its reactor
+ * starts with an empty epoll set): they never fire there, and removing one
+ * returns -ENOENT. */
+struct cancel__fdwatch;
+typedef void cancel__watch_fn(void *arg, uint32_t events);
+
+/* Registers fd with epoll for `events` (EPOLLIN, EPOLLRDHUP, EPOLLONESHOT,
+ * EPOLLET...; EPOLLHUP and EPOLLERR are always reported), starting the
+ * reactor if needed.  fd MUST stay open until cancel__reactor_watch_del()
+ * returns.  Returns 0, -EAGAIN (the reactor could not start, or the process
+ * is exiting), -ENOMEM, or epoll_ctl's error: -EBADF, -EPERM (not
+ * pollable), -EEXIST (fd is registered already), -ENOSPC. */
+int cancel__reactor_watch_add(struct cancel__fdwatch *w, int fd,
+                              uint32_t events, cancel__watch_fn *fn, void *arg);
+
+/* Changes the events of a registered watch (re-arms an EPOLLONESHOT one).
+ * Returns 0, -ENOENT (not registered), or epoll_ctl's error. */
+int cancel__reactor_watch_mod(struct cancel__fdwatch *w, uint32_t events);
+
+/* Unregisters w: once it returns, fn will not be called again, and w may be
+ * freed (then close the fd).  If fn is running on another thread it waits
+ * until fn has returned; from the reactor thread (fn removing itself or
+ * another watch) it does not wait.  Returns 0, or -ENOENT when w was not
+ * registered (never, already removed, or registered before fork()). */
+int cancel__reactor_watch_del(struct cancel__fdwatch *w);
+
 /* ---- Waiting (wait.c) ------------------------------------------------ */
 
-/* The calling thread's wake primitive: a futex word for pure waits, and an
- * eventfd (made on first use, closed at thread exit) for descriptor
- * waits. */
+/* The calling thread's wake primitive.  A wait registers `reg` (in the
+ * thread's own storage, not on its stack) with a callback that wakes it
+ * and, as its very last access to anything but a futex address, sets
+ * `woken`.  So a waiter that sees `woken` may return at once, without
+ * waiting for the cancelling thread to finish its loop: that thread's
+ * remaining write (the registration's DONE state) lands in this thread's
+ * storage, and the next wait (or thread exit) lets it land first.  That
+ * saves a second wake-up per cancellation. */
 struct cancel__waiter {
-  uint32_t woken;
-  int efd;
+  uint32_t woken; /* futex word; 1 once the callback is done */
+  int efd;        /* eventfd for descriptor waits, -1 until needed */
+  bool keyed;     /* the thread-exit destructor is armed */
+  cancel_reg reg; /* the wait's registration */
+  void *obj;      /* what the callback wakes (a cond, a sem...) */
+  void *obj2;     /* and its mutex, for a condition */
 };
 struct cancel__waiter *cancel__waiter_self(void);
 /* The waiter's eventfd, created if needed: a descriptor or -errno. */
 int cancel__waiter_efd(struct cancel__waiter *w);
+/* Registers fn(w) on tok for a wait (after the previous wait's callback,
+ * if any, has finished with the registration).  Returns 0, or 1 when tok
+ * had fired: fn ran inline. */
+int cancel__wait_begin(struct cancel__waiter *w, const cancel_token *tok,
+                       cancel_fn *fn);
+/* Ends a wait: returns at once if the callback has set `woken`, else
+ * unregisters (waiting for a callback that is running).  Returns 1 if the
+ * callback ran (or is done), 0 if it was removed before it ran. */
+int cancel__wait_end(struct cancel__waiter *w);
+/* The callback's last step: publishes `woken` (then only futex wakes by
+ * address may follow). */
+static inline void cancel__wait_done(struct cancel__waiter *w) {
+  st_release(&w->woken, 1);
+}
 /* An absolute CLOCK_MONOTONIC deadline as a timespec. */
 struct timespec cancel__abs_timespec(int64_t deadline);
 

@@ -1,17 +1,30 @@
 /*
  * The reactor: the library's one internal thread.  It sleeps in epoll_wait
- * on a timerfd set to the earliest timer and an eventfd for wake-ups, fires
- * due timers, and will watch descriptors too.  It starts on first use,
- * blocks every signal (signals belong to the application's threads), exits
- * after it has been idle for a while, and is joined at process exit so that
- * a clean exit leaves no thread behind.  After fork() the child starts
- * afresh: its first timer starts a new thread with new descriptors.
+ * on a timerfd set to the earliest timer, an eventfd for wake-ups and the
+ * descriptors being watched; it fires due timers and runs the watches'
+ * callbacks.  It starts on first use, blocks every signal (signals belong
+ * to the application's threads, or to a signalfd it watches), exits after
+ * it has been idle for a while (no timer and no watch), and is joined at
+ * process exit so that a clean exit leaves no thread behind.  After fork()
+ * the child starts afresh: its first timer or watch starts a new thread
+ * with new descriptors, and the parent's watches are not carried over.
+ *
+ * Watches are named in the epoll set by an id, not by a pointer: a slot in
+ * a table and the slot's generation.  epoll_wait hands events out before
+ * the thread takes the lock, and by then the watch may have been removed
+ * and its (caller-owned) memory freed or reused for a new watch; a stale
+ * pointer could not be told from a live one, a stale id can.  The table
+ * grows like the timer heap (doubling, never shrinking): once grown,
+ * watching allocates nothing.
  */
 #include "internal.h"
+
+#include "cancel/watch.h"
 
 #include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
@@ -41,6 +54,29 @@ static struct {
        -1,
        -1,
        CANCEL_NEVER};
+
+/* The watch table.  Under the reactor lock. */
+#define NO_SLOT UINT32_MAX
+
+struct wslot {
+  struct cancel__fdwatch *w; /* NULL when free */
+  uint32_t gen;              /* bumped on every free; never 0 */
+  uint32_t next_free;        /* free list, NO_SLOT at its end */
+};
+
+static struct {
+  struct wslot *v;
+  uint32_t cap, count;
+  uint32_t free_head;
+  struct cancel__fdwatch *firing; /* whose callback is running right now */
+  unsigned waiters;               /* threads waiting for `firing` to change */
+} W = {NULL, 0, 0, NO_SLOT, NULL, 0};
+
+/* What the reactor's own descriptors carry in epoll_event.data: the fd
+ * itself, with a zero generation (a watch's generation is never 0). */
+static inline uint64_t watch_id(uint32_t slot, uint32_t gen) {
+  return ((uint64_t)gen << 32) | slot;
+}
 
 static __thread bool on_reactor;
 static pthread_once_t once = PTHREAD_ONCE_INIT;
@@ -87,6 +123,29 @@ static void drain(int fd) {
     ;
 }
 
+/* Runs the callbacks of the watches in ev[0..n) (reactor lock held,
+ * dropped around each callback).  An event whose watch was removed after
+ * epoll_wait returned it carries a generation that no longer matches. */
+static void dispatch_locked(const struct epoll_event *ev, int n) {
+  for (int i = 0; i < n; i++) {
+    uint64_t id = ev[i].data.u64;
+    uint32_t gen = (uint32_t)(id >> 32), slot = (uint32_t)id;
+    if (gen == 0 || slot >= W.cap || W.v[slot].gen != gen ||
+        W.v[slot].w == NULL)
+      continue;
+    struct cancel__fdwatch *w = W.v[slot].w;
+    cancel__watch_fn *fn = w->fn;
+    void *arg = w->arg;
+    W.firing = w;
+    cancel__reactor_unlock();
+    fn(arg, ev[i].events);
+    cancel__reactor_lock();
+    W.firing = NULL;
+    if (W.waiters > 0)
+      cancel__reactor_broadcast_locked();
+  }
+}
+
 static void *reactor_main(void *arg) {
   (void)arg;
   on_reactor = true;
@@ -99,7 +158,7 @@ static void *reactor_main(void *arg) {
     if (next != R.programmed)
       set_timerfd(next);
     int timeout_ms = -1;
-    if (next == CANCEL_NEVER) {
+    if (next == CANCEL_NEVER && W.count == 0) {
       int64_t now = cancel_now();
       if (idle_since == CANCEL_NEVER)
         idle_since = now;
@@ -109,13 +168,22 @@ static void *reactor_main(void *arg) {
       timeout_ms = (int)(left / 1000000) + 1;
     } else {
       idle_since = CANCEL_NEVER;
+      /* Watches only: look again after a linger period, so that the idle
+       * countdown starts soon after the last watch goes (removing a watch
+       * does not wake the thread). */
+      if (next == CANCEL_NEVER)
+        timeout_ms = (int)(IDLE_LINGER_NS / 1000000);
     }
     cancel__reactor_unlock();
-    struct epoll_event ev[8];
-    int n = epoll_wait(R.epfd, ev, 8, timeout_ms);
+    struct epoll_event ev[32];
+    int n = epoll_wait(R.epfd, ev, 32, timeout_ms);
+    if (n < 0)
+      n = 0; /* EINTR (a debugger): every signal is blocked here */
     for (int i = 0; i < n; i++)
-      drain(ev[i].data.fd);
+      if ((ev[i].data.u64 >> 32) == 0) /* the timerfd or the eventfd */
+        drain((int)(uint32_t)ev[i].data.u64);
     cancel__reactor_lock();
+    dispatch_locked(ev, n);
   }
   R.state = R_EXITED;
   cancel__reactor_unlock();
@@ -126,7 +194,7 @@ static int add_fd(int fd) {
   struct epoll_event ev;
   memset(&ev, 0, sizeof ev);
   ev.events = EPOLLIN;
-  ev.data.fd = fd;
+  ev.data.u64 = (uint32_t)fd; /* generation 0: not a watch */
   return epoll_ctl(R.epfd, EPOLL_CTL_ADD, fd, &ev);
 }
 
@@ -160,6 +228,15 @@ static void atfork_prepare(void) {
 static void atfork_parent(void) {
   pthread_mutex_unlock(&R.mu);
 }
+static void slot_free(uint32_t slot) {
+  struct wslot *s = &W.v[slot];
+  s->w = NULL;
+  if (++s->gen == 0)
+    s->gen = 1;
+  s->next_free = W.free_head;
+  W.free_head = slot;
+}
+
 static void atfork_child(void) {
   /* Only the forking thread exists here.  The descriptors are shared with
    * the parent's epoll instance, so the child must not use them. */
@@ -170,6 +247,15 @@ static void atfork_child(void) {
   R.quit = false;
   on_reactor = false;
   cancel__timer_atfork_child();
+  /* The parent's watches live in the parent's epoll set: in the child they
+   * are not registered.  Freeing their slots (new generations) makes a
+   * later remove of one of them a harmless -ENOENT. */
+  for (uint32_t i = 0; i < W.cap; i++)
+    if (W.v[i].w != NULL)
+      slot_free(i);
+  W.count = 0;
+  W.firing = NULL;
+  W.waiters = 0;
 }
 
 static void setup_once(void) {
@@ -225,5 +311,121 @@ __attribute__((destructor)) static void reactor_shutdown(void) {
   cancel__reactor_lock();
   R.state = R_STOPPED;
   close_fds();
+  if (W.count == 0) { /* else a late remove still needs the table */
+    free(W.v);
+    W.v = NULL;
+    W.cap = 0;
+    W.free_head = NO_SLOT;
+  }
   cancel__reactor_unlock();
+}
+
+/* ---------------------------------------------------------------------
+ * Descriptor watches
+ * --------------------------------------------------------------------- */
+
+/* Doubles the table and puts the new slots on the free list. */
+static int grow_locked(void) {
+  uint32_t cap = W.cap ? 2 * W.cap : 64;
+  if (cap <= W.cap || cap == NO_SLOT)
+    return -ENOMEM;
+  struct wslot *v = realloc(W.v, (size_t)cap * sizeof *v);
+  if (v == NULL)
+    return -ENOMEM;
+  for (uint32_t i = cap; i-- > W.cap;) {
+    v[i].w = NULL;
+    v[i].gen = 1;
+    v[i].next_free = W.free_head;
+    W.free_head = i;
+  }
+  W.v = v;
+  W.cap = cap;
+  return 0;
+}
+
+static bool registered_locked(const struct cancel__fdwatch *w) {
+  return w->gen != 0 && w->slot < W.cap && W.v[w->slot].w == w &&
+         W.v[w->slot].gen == w->gen;
+}
+
+int cancel__reactor_watch_add(struct cancel__fdwatch *w, int fd,
+                              uint32_t events, cancel__watch_fn *fn,
+                              void *arg) {
+  if (fd < 0)
+    return -EBADF;
+  cancel__reactor_lock();
+  int rc = cancel__reactor_ensure_locked();
+  if (rc < 0)
+    goto out;
+  if (W.free_head == NO_SLOT && (rc = grow_locked()) < 0)
+    goto out;
+  uint32_t slot = W.free_head;
+  W.free_head = W.v[slot].next_free;
+  w->fn = fn;
+  w->arg = arg;
+  w->fd = fd;
+  w->events = events;
+  w->slot = slot;
+  w->gen = W.v[slot].gen;
+  W.v[slot].w = w;
+  struct epoll_event ev;
+  memset(&ev, 0, sizeof ev);
+  ev.events = events;
+  ev.data.u64 = watch_id(slot, w->gen);
+  /* Under the lock: the thread cannot be deciding to exit on idle now, and
+   * a descriptor that is ready already wakes it at once. */
+  if (epoll_ctl(R.epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+    rc = -errno;
+    slot_free(slot);
+    w->gen = 0;
+    goto out;
+  }
+  W.count++;
+out:
+  cancel__reactor_unlock();
+  return rc;
+}
+
+int cancel__reactor_watch_mod(struct cancel__fdwatch *w, uint32_t events) {
+  int rc = 0;
+  cancel__reactor_lock();
+  if (!registered_locked(w) || R.epfd < 0) {
+    rc = -ENOENT;
+  } else {
+    struct epoll_event ev;
+    memset(&ev, 0, sizeof ev);
+    ev.events = events;
+    ev.data.u64 = watch_id(w->slot, w->gen);
+    if (epoll_ctl(R.epfd, EPOLL_CTL_MOD, w->fd, &ev) < 0)
+      rc = -errno;
+    else
+      w->events = events;
+  }
+  cancel__reactor_unlock();
+  return rc;
+}
+
+int cancel__reactor_watch_del(struct cancel__fdwatch *w) {
+  int rc = -ENOENT;
+  cancel__reactor_lock();
+  if (registered_locked(w)) {
+    /* An error here means the descriptor was closed first (misuse) or the
+     * epoll set is gone (process exit): either way the slot goes, and a
+     * stale event will not match its generation. */
+    if (R.epfd >= 0)
+      (void)epoll_ctl(R.epfd, EPOLL_CTL_DEL, w->fd, NULL);
+    slot_free(w->slot);
+    w->gen = 0;
+    W.count--;
+    rc = 0;
+  }
+  /* The callback may have been picked before the removal: wait for it, as
+   * cancel__timer_disarm does, unless we are that callback's thread. */
+  while (W.firing == w && !on_reactor) {
+    W.waiters++;
+    cancel__reactor_wait_locked();
+    W.waiters--;
+  }
+  cancel__reactor_unlock();
+  return rc;
 }

@@ -48,9 +48,11 @@ int cancel_sem_post(cancel_sem *sem) {
 }
 
 static void sem_kick(void *arg) {
-  cancel_sem *sem = arg;
+  struct cancel__waiter *w = arg;
+  cancel_sem *sem = w->obj;
   __atomic_add_fetch(&sem->seq, 1, __ATOMIC_SEQ_CST);
-  cancel__futex_wake_all(&sem->seq);
+  cancel__wait_done(w);
+  cancel__futex_wake_all(&sem->seq); /* by address only */
 }
 
 int cancel_sem_wait(const cancel_token *tok, cancel_sem *sem,
@@ -61,8 +63,9 @@ int cancel_sem_wait(const cancel_token *tok, cancel_sem *sem,
     return -ECANCELED;
   if (cancel_sem_trywait(sem) == 0)
     return 0;
-  cancel_reg reg;
-  if (cancel_register(&reg, tok, sem_kick, sem) == 1)
+  struct cancel__waiter *w = cancel__waiter_self();
+  w->obj = sem;
+  if (cancel__wait_begin(w, tok, sem_kick) == 1)
     return -ECANCELED;
   __atomic_add_fetch(&sem->waiters, 1, __ATOMIC_SEQ_CST);
   struct timespec ts = cancel__abs_timespec(deadline);
@@ -88,6 +91,6 @@ int cancel_sem_wait(const cancel_token *tok, cancel_sem *sem,
             FUTEX_BITSET_MATCH_ANY);
   }
   __atomic_sub_fetch(&sem->waiters, 1, __ATOMIC_SEQ_CST);
-  cancel_unregister(&reg);
+  cancel__wait_end(w);
   return rc;
 }

@@ -39,9 +39,11 @@ int cancel_thread_create(cancel_thread *t, const pthread_attr_t *attr,
 }
 
 static void kick(void *arg) {
-  cancel_thread *t = arg;
+  struct cancel__waiter *w = arg;
+  cancel_thread *t = w->obj;
   __atomic_add_fetch(&t->done, 2, __ATOMIC_RELEASE);
-  cancel__futex_wake_all(&t->done);
+  cancel__wait_done(w);
+  cancel__futex_wake_all(&t->done); /* by address only */
 }
 
 int cancel_thread_join(const cancel_token *tok, cancel_thread *t, void **ret,
@@ -50,8 +52,9 @@ int cancel_thread_join(const cancel_token *tok, cancel_thread *t, void **ret,
     return -EINVAL;
   if (cancel_token_is_cancelled(tok))
     return -ECANCELED;
-  cancel_reg reg;
-  if (cancel_register(&reg, tok, kick, t) == 1)
+  struct cancel__waiter *w = cancel__waiter_self();
+  w->obj = t;
+  if (cancel__wait_begin(w, tok, kick) == 1)
     return -ECANCELED;
   struct timespec ts = cancel__abs_timespec(deadline);
   int rc = 0;
@@ -71,7 +74,7 @@ int cancel_thread_join(const cancel_token *tok, cancel_thread *t, void **ret,
             deadline == CANCEL_NEVER ? NULL : &ts, NULL,
             FUTEX_BITSET_MATCH_ANY);
   }
-  cancel_unregister(&reg);
+  cancel__wait_end(w);
   if (rc < 0)
     return rc;
   /* The start routine has ended: the join waits at most for the thread's

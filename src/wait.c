@@ -22,56 +22,85 @@
 #include <time.h>
 #include <unistd.h>
 
-static __thread struct cancel__waiter self = {0, -1};
-static pthread_key_t efd_key;
-static pthread_once_t efd_once = PTHREAD_ONCE_INIT;
+static __thread struct cancel__waiter self = {0, -1, false, {0}, NULL, NULL};
+static pthread_key_t exit_key;
+static pthread_once_t exit_once = PTHREAD_ONCE_INIT;
 
 struct cancel__waiter *cancel__waiter_self(void) {
   return &self;
 }
 
-/* At thread exit: the thread's eventfd goes with it. */
-static void efd_close(void *arg) {
-  (void)arg;
+/* The previous wait may have returned while its canceller was still
+ * finishing with the registration (see cancel__wait_end): let it land.
+ * The canceller is past the callback and needs a few instructions. */
+static void settle(struct cancel__waiter *w) {
+  while ((ld_acquire(&w->reg.state) & REG_STATE_MASK) == REG_RUNNING) {
+    cancel__cpu_relax();
+    sched_yield();
+  }
+}
+
+/* At thread exit: no canceller may still write to this thread's waiter,
+ * and its eventfd goes with it. */
+static void waiter_exit(void *arg) {
+  struct cancel__waiter *w = arg;
+  settle(w);
+  if (w->efd >= 0) {
+    close(w->efd);
+    w->efd = -1;
+  }
+}
+
+/* After fork() the child's eventfd would be the parent's, and no canceller
+ * of the parent exists in the child. */
+static void waiter_atfork_child(void) {
   if (self.efd >= 0) {
     close(self.efd);
     self.efd = -1;
   }
+  st_relaxed(&self.reg.state, REG_IDLE);
+  self.keyed = false;
 }
 
-/* After fork() the child's eventfd would be the parent's: make a new one
- * when the child first needs it. */
-static void efd_atfork_child(void) {
-  if (self.efd >= 0) {
-    close(self.efd);
-    self.efd = -1;
-  }
-}
-
-static void efd_setup(void) {
-  pthread_key_create(&efd_key, efd_close);
-  pthread_atfork(NULL, NULL, efd_atfork_child);
+static void exit_setup(void) {
+  pthread_key_create(&exit_key, waiter_exit);
+  pthread_atfork(NULL, NULL, waiter_atfork_child);
 }
 
 int cancel__waiter_efd(struct cancel__waiter *w) {
   if (w->efd >= 0)
     return w->efd;
-  pthread_once(&efd_once, efd_setup);
   int fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (fd < 0)
     return -errno;
   w->efd = fd;
-  /* Any non-NULL value makes the key's destructor run at thread exit. */
-  pthread_setspecific(efd_key, w);
   return fd;
+}
+
+int cancel__wait_begin(struct cancel__waiter *w, const cancel_token *tok,
+                       cancel_fn *fn) {
+  if (!w->keyed) {
+    pthread_once(&exit_once, exit_setup);
+    pthread_setspecific(exit_key, w);
+    w->keyed = true;
+  }
+  settle(w);
+  st_relaxed(&w->woken, 0);
+  return cancel_register(&w->reg, tok, fn, w);
+}
+
+int cancel__wait_end(struct cancel__waiter *w) {
+  if (ld_acquire(&w->woken))
+    return 1; /* the callback is done with everything we own */
+  return cancel_unregister(&w->reg) == 0;
 }
 
 /* ---- Waking ----------------------------------------------------------- */
 
 static void wake_futex(void *arg) {
   struct cancel__waiter *w = arg;
-  st_release(&w->woken, 1);
-  cancel__futex_wake_all(&w->woken);
+  cancel__wait_done(w);
+  cancel__futex_wake_all(&w->woken); /* by address only */
 }
 
 static void wake_efd(void *arg) {
@@ -80,6 +109,7 @@ static void wake_efd(void *arg) {
   /* Non-blocking: a full counter (never, in practice) is still readable. */
   ssize_t n = write(w->efd, &one, sizeof one);
   (void)n;
+  cancel__wait_done(w);
 }
 
 static void drain_efd(int fd) {
@@ -118,9 +148,7 @@ int cancel_sleep_until(const cancel_token *tok, int64_t deadline) {
   if (cancel_token_is_cancelled(tok))
     return -ECANCELED;
   struct cancel__waiter *w = &self;
-  cancel_reg reg;
-  st_relaxed(&w->woken, 0);
-  if (cancel_register(&reg, tok, wake_futex, w) == 1)
+  if (cancel__wait_begin(w, tok, wake_futex) == 1)
     return -ECANCELED;
   struct timespec ts = cancel__abs_timespec(deadline);
   while (!ld_acquire(&w->woken)) {
@@ -132,7 +160,7 @@ int cancel_sleep_until(const cancel_token *tok, int64_t deadline) {
             deadline == CANCEL_NEVER ? NULL : &ts, NULL,
             FUTEX_BITSET_MATCH_ANY);
   }
-  cancel_unregister(&reg);
+  cancel__wait_end(w);
   return cancel_token_is_cancelled(tok) ? -ECANCELED : 0;
 }
 
@@ -174,9 +202,9 @@ int cancel_poll(const cancel_token *tok, struct pollfd *fds, nfds_t nfds,
     n++;
   }
 
-  cancel_reg reg;
   int rc;
-  if (cancel_register(&reg, tok, wake_efd, w) == 1) {
+  if (cancel__wait_begin(w, tok, wake_efd) == 1) {
+    drain_efd(efd); /* it ran inline: leave the eventfd quiet */
     rc = -ECANCELED;
     goto out;
   }
@@ -192,8 +220,12 @@ int cancel_poll(const cancel_token *tok, struct pollfd *fds, nfds_t nfds,
     if (efd >= 0 && set[nfds].revents != 0) {
       r--; /* woken by the token */
       if (r == 0) {
-        rc = -ECANCELED;
-        break;
+        if (cancel_token_is_cancelled(tok)) {
+          rc = -ECANCELED;
+          break;
+        }
+        drain_efd(efd); /* a stale wake-up is never a reason to return */
+        continue;
       }
     }
     if (r > 0) {
@@ -207,7 +239,7 @@ int cancel_poll(const cancel_token *tok, struct pollfd *fds, nfds_t nfds,
       break;
     }
   }
-  if (cancel_unregister(&reg) == 0 && efd >= 0)
+  if (cancel__wait_end(w) && efd >= 0)
     drain_efd(efd); /* the callback wrote it: leave it quiet */
   /* Level-triggered: whatever woke us, a fired token wins (nothing was
    * consumed from the caller's descriptors). */

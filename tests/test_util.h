@@ -208,4 +208,293 @@ static inline void fire_cb(void *arg) {
   sem_post(&f->sem);
 }
 
+/* "Not cancelled yet": tok must not have fired unless `ns` have passed
+ * since `since` (a slow or loaded machine may let a short grace or timeout
+ * run out between the call and this check; that is not a failure). */
+#define assert_not_fired_before(tok, since, ns)                               \
+  do {                                                                        \
+    bool fired_ = cancel_token_is_cancelled(tok);                             \
+    if (fired_)                                                               \
+      assert_true(cancel_now() >= (since) + (ns));                            \
+  } while (0)
+
 #endif /* CANCEL_TEST_UTIL_H */
+
+/* ======================================================================
+ * Helpers for the tests of the waits (appended for issue 3).
+ * ====================================================================== */
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+/* ---- Thread identity and state ---------------------------------------- */
+
+/* The kernel id of the calling thread (for /proc/self/task/<tid>). */
+static inline pid_t test_gettid(void) {
+  return (pid_t)syscall(SYS_gettid);
+}
+
+/* The scheduler state of thread tid as /proc shows it ('R' running, 'S'
+ * sleeping interruptibly, 'D', 'T', ...), or 0 if it cannot be read. */
+static inline char test_thread_state(pid_t tid) {
+  char path[64], buf[512];
+  snprintf(path, sizeof path, "/proc/self/task/%d/stat", (int)tid);
+  FILE *f = fopen(path, "r");
+  if (f == NULL)
+    return 0;
+  size_t n = fread(buf, 1, sizeof buf - 1, f);
+  fclose(f);
+  buf[n] = '\0';
+  /* "tid (comm) S ...": comm may hold spaces and parentheses, so look
+   * after the last ')'. */
+  char *p = strrchr(buf, ')');
+  if (p == NULL || p[1] != ' ' || p[2] == '\0')
+    return 0;
+  return p[2];
+}
+
+/* Waits (polling) until thread tid has been seen sleeping in the kernel
+ * ('S') on two looks 200 us apart, or timeout_ns passed.  Returns true
+ * when it was.  Used to cancel or complete a wait only once the waiter is
+ * really blocked: a thread that reported "about to wait" and is then seen
+ * asleep is in the wait (or, under valgrind, possibly queued for the big
+ * lock just before it: the test stays correct, only less sharp). */
+static inline bool test_wait_blocked(pid_t tid, int64_t timeout_ns) {
+  int64_t end = cancel_now() + timeout_ns;
+  int seen = 0;
+  for (;;) {
+    if (test_thread_state(tid) == 'S') {
+      if (++seen >= 2)
+        return true;
+    } else {
+      seen = 0;
+    }
+    if (cancel_now() > end)
+      return false;
+    test_sleep_ns(CANCEL_USEC(200));
+  }
+}
+
+/* ---- Descriptors ------------------------------------------------------ */
+
+/* How many descriptors the process has open (entries of /proc/self/fd,
+ * not counting the one used to list them), or -1. */
+static inline int test_fd_count(void) {
+  DIR *d = opendir("/proc/self/fd");
+  if (d == NULL)
+    return -1;
+  int n = 0;
+  struct dirent *e;
+  while ((e = readdir(d)) != NULL)
+    if (e->d_name[0] != '.')
+      n++;
+  closedir(d);
+  return n - 1;
+}
+
+/* True when fd is an open descriptor. */
+static inline bool test_fd_is_open(int fd) {
+  return fcntl(fd, F_GETFD) != -1 || errno != EBADF;
+}
+
+/* ---- Signal storm: EINTR for every wait ------------------------------- *
+ * test_sigstorm_start(&s, pthread_self(), CANCEL_MSEC(1)) starts a thread
+ * that sends SIGUSR1 to the target thread every `period` until
+ * test_sigstorm_stop(&s).  The handler is a no-op installed WITHOUT
+ * SA_RESTART, so every blocking system call the target is in returns EINTR.
+ * A wait that survives the storm returns only for its real reason.
+ *
+ * The handler stays installed after stop (a signal still in flight must not
+ * meet SIG_DFL, which would kill the process).  The target MUST outlive the
+ * storm: stop it before the target thread exits. */
+
+struct test_sigstorm {
+  pthread_t target;
+  pthread_t thread;
+  int64_t period;
+  int stop;  /* atomic */
+  long sent; /* atomic: signals sent */
+  long hits_before;
+};
+
+/* Handler invocations in this process (all targets). */
+static inline long *test_sigstorm_hits(void) {
+  static long hits;
+  return &hits;
+}
+
+static inline void test_sigstorm_handler(int sig) {
+  (void)sig;
+  __atomic_add_fetch(test_sigstorm_hits(), 1, __ATOMIC_RELAXED);
+}
+
+/* Installs the no-op SIGUSR1 handler without SA_RESTART and unblocks
+ * SIGUSR1 in the calling thread.  Idempotent. */
+static inline void test_sigstorm_install(void) {
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = test_sigstorm_handler;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = 0; /* no SA_RESTART: blocking calls fail with EINTR */
+  if (sigaction(SIGUSR1, &sa, NULL) != 0) {
+    print_error("sigaction: %s\n", strerror(errno));
+    fail();
+  }
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGUSR1);
+  pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+}
+
+static inline void *test_sigstorm_main(void *arg) {
+  struct test_sigstorm *s = arg;
+  /* The storm thread itself never takes the signal. */
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGUSR1);
+  pthread_sigmask(SIG_BLOCK, &set, NULL);
+  while (!__atomic_load_n(&s->stop, __ATOMIC_ACQUIRE)) {
+    if (pthread_kill(s->target, SIGUSR1) == 0)
+      __atomic_add_fetch(&s->sent, 1, __ATOMIC_RELAXED);
+    test_sleep_ns(s->period);
+  }
+  return NULL;
+}
+
+/* Starts a storm of SIGUSR1 at `target` every period_ns.  Installs the
+ * handler (and unblocks SIGUSR1 in the calling thread: call it from the
+ * target, or make sure the target has SIGUSR1 unblocked). */
+static inline void test_sigstorm_start(struct test_sigstorm *s,
+                                       pthread_t target, int64_t period_ns) {
+  memset(s, 0, sizeof *s);
+  test_sigstorm_install();
+  s->target = target;
+  s->period = period_ns;
+  s->hits_before = __atomic_load_n(test_sigstorm_hits(), __ATOMIC_RELAXED);
+  s->thread = test_thread_start(test_sigstorm_main, s);
+  /* Return once the storm blows (its first signal sent: a loaded machine
+   * may be slow to run the new thread), so that a wait started now is hit
+   * by the next ones. */
+  while (__atomic_load_n(&s->sent, __ATOMIC_RELAXED) == 0)
+    test_sleep_ns(CANCEL_USEC(100));
+}
+
+/* Stops the storm and returns how many handler runs happened while it
+ * blew (in this process).  The first signal may land before the wait
+ * starts: hits >= 2 shows that the storm really hit the wait. */
+static inline long test_sigstorm_stop(struct test_sigstorm *s) {
+  __atomic_store_n(&s->stop, 1, __ATOMIC_RELEASE);
+  test_thread_join(s->thread);
+  return __atomic_load_n(test_sigstorm_hits(), __ATOMIC_RELAXED) -
+         s->hits_before;
+}
+
+/* ---- Measured waits ---------------------------------------------------- */
+
+/* The elapsed time since t0 (cancel_now() units). */
+static inline int64_t test_since(int64_t t0) {
+  return cancel_now() - t0;
+}
+
+/* Asserts that an event measured at `elapsed` after its trigger happened
+ * no earlier than `lo` (never scaled: a contract) and no later than
+ * lo + test_tol(slack). */
+#define assert_elapsed_within(elapsed, lo, slack)                              \
+  do {                                                                         \
+    int64_t test_e_ = (int64_t)(elapsed);                                      \
+    assert_i64_ge(test_e_, (int64_t)(lo));                                     \
+    assert_i64_lt(test_e_, (int64_t)(lo) + test_tol(slack));                   \
+  } while (0)
+
+/* CANCEL_STRESS_SCALE from the environment (default 1.0), for the number
+ * of rounds of a stress test. */
+static inline double test_stress_scale(void) {
+  const char *env = getenv("CANCEL_STRESS_SCALE");
+  if (env != NULL && *env != '\0') {
+    char *end = NULL;
+    double v = strtod(env, &end);
+    if (end != env && v > 0.0)
+      return v;
+  }
+  return 1.0;
+}
+
+/* ---- A waiter thread ---------------------------------------------------- *
+ * Runs one wait on its own thread and records when it started and ended,
+ * its kernel id (to see it blocked) and its result:
+ *
+ *   struct test_waiter w;
+ *   test_waiter_start(&w, my_wait, &ctx);   // returns once it runs
+ *   assert_true(test_wait_blocked(w.tid, ...));
+ *   ... cancel or complete ...
+ *   test_waiter_end(&w, test_tol(CANCEL_SEC(2)), rescue, &ctx);
+ *   assert_i64_eq(w.result, -ECANCELED);
+ *
+ * test_waiter_end() joins; if the waiter does not return in time (a lost
+ * wake-up) it reports, runs rescue(arg) to unblock it, and fails the test
+ * once it is joined, or aborts the program if even that did not unblock it
+ * (the waiter's memory may not be released while it runs). */
+
+typedef int64_t test_wait_fn(void *arg);
+
+struct test_waiter {
+  test_wait_fn *fn;
+  void *arg;
+  pthread_t thread;
+  pid_t tid;
+  sem_t started, finished;
+  int64_t result;
+  int64_t t_start, t_end; /* cancel_now() just before and after fn */
+};
+
+static inline void *test_waiter_main(void *p) {
+  struct test_waiter *w = p;
+  w->tid = test_gettid();
+  w->t_start = cancel_now();
+  sem_post(&w->started);
+  w->result = w->fn(w->arg);
+  w->t_end = cancel_now();
+  sem_post(&w->finished);
+  return NULL;
+}
+
+static inline void test_waiter_start(struct test_waiter *w, test_wait_fn *fn,
+                                     void *arg) {
+  memset(w, 0, sizeof *w);
+  w->fn = fn;
+  w->arg = arg;
+  sem_init(&w->started, 0, 0);
+  sem_init(&w->finished, 0, 0);
+  w->thread = test_thread_start(test_waiter_main, w);
+  while (sem_wait(&w->started) != 0) {
+  }
+}
+
+static inline void test_waiter_end(struct test_waiter *w, int64_t timeout_ns,
+                                   void (*rescue)(void *), void *rescue_arg) {
+  bool late = test_sem_wait_ns(&w->finished, timeout_ns) != 0;
+  if (late) {
+    print_error("waiter did not return within %" PRId64 " ms\n",
+                timeout_ns / 1000000);
+    if (rescue != NULL)
+      rescue(rescue_arg);
+    if (test_sem_wait_ns(&w->finished, CANCEL_SEC(10)) != 0) {
+      fprintf(stderr, "waiter still blocked after rescue: aborting\n");
+      abort();
+    }
+  }
+  test_thread_join(w->thread);
+  sem_destroy(&w->started);
+  sem_destroy(&w->finished);
+  if (late)
+    fail();
+}
+
+/* A rescue for test_waiter_end(): cancels the source arg points to. */
+static inline void test_rescue_cancel(void *src) {
+  cancel_source_cancel((cancel_source *)src);
+}

@@ -28,10 +28,32 @@
 //   - chain_100: a WithCancel chain 100 deep below a root; the root's
 //     cancel() until the leaf's Err() is non-nil is timed, per hop.
 //   - register_unregister_contended: n/a (no registration, see above).
+//
+// wake_latency_{sleep,cond,poll}_{p50,p99}, in microseconds, as in
+// bench/wait_bench.c: a goroutine blocked on ctx.Done(), the waker calls
+// cancel(); a sample runs from just before cancel() to the woken goroutine
+// running again (monotonic time on both sides).  The waker waits until the
+// waiter says it is about to block, then spins 200 us (a goroutine is not
+// a thread: there is no /proc state to check), so the waiter is parked;
+// 3000 samples after 30 of warm-up (300 with BENCH_QUICK).  After cancel()
+// the waker blocks on a channel for the waiter's result, as Go code does
+// (cancel(); wg.Wait()): the runtime then runs the woken goroutine on the
+// waker's own P, so most samples wake no OS thread at all, unlike the C and
+// C++ rows, where a thread asleep in the kernel is woken.  (If the waker
+// kept running instead, the goroutine would wait for another P to steal it:
+// measured 90-120 us p50 and 1-3 ms p99 on the reference VM.)  The three
+// waits, each written the way Go code makes that wait cancellable:
+//   - sleep: select on ctx.Done() and a time.Timer's channel;
+//   - cond:  a bare <-ctx.Done() (a channel is Go's condition variable);
+//   - poll:  a Read on a pipe (os.Pipe, in the runtime's netpoller) that
+//     never becomes readable, made cancellable the way package net does it
+//     for a dial: a goroutine blocked on <-ctx.Done() sets a read deadline
+//     in the past, which wakes the Read with os.ErrDeadlineExceeded.
 package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"sort"
@@ -109,6 +131,10 @@ func row(scenario string, v float64) {
 	fmt.Printf("%s\t%s\t%s\tns\n", scenario, impl, format(v))
 }
 
+func rowUnit(scenario string, v float64, unit string) {
+	fmt.Printf("%s\t%s\t%s\t%s\n", scenario, impl, format(v), unit)
+}
+
 func rowNA(scenario string) {
 	if wanted(scenario) {
 		fmt.Printf("%s\t%s\tn/a\tns\n", scenario, impl)
@@ -140,6 +166,113 @@ func die(what string) {
 }
 
 var sink int
+
+// ---------------------------------------------------------------------
+// wake_latency
+// ---------------------------------------------------------------------
+
+const (
+	wakeSamples = 3000 // 300 with BENCH_QUICK
+	wakeWarmup  = 30
+	settle      = 200 * time.Microsecond
+)
+
+// epoch makes monotonic readings comparable as int64 nanoseconds.
+var epoch = time.Now()
+
+func nanotime() int64 { return int64(time.Since(epoch)) }
+
+// wakeLatency runs one scenario.  wait(ctx, ready) runs on the waiter
+// goroutine: it MUST send on ready right before it blocks, and return once
+// ctx is cancelled, with nanotime() read right after the blocking call and
+// ok false if something else ended the wait.
+func wakeLatency(scenario string, wait func(ctx context.Context, ready chan<- struct{}) (t1 int64, ok bool)) {
+	if !wanted(scenario) && !wanted(scenario+"_p50") && !wanted(scenario+"_p99") &&
+		!wanted("wake_latency") {
+		return
+	}
+	n := wakeSamples
+	if quick {
+		n /= 10
+	}
+	jobs := make(chan context.Context)
+	ready := make(chan struct{})
+	type result struct {
+		t1 int64
+		ok bool
+	}
+	done := make(chan result)
+	go func() {
+		for ctx := range jobs {
+			t1, ok := wait(ctx, ready)
+			done <- result{t1, ok}
+		}
+	}()
+	samples := make([]int64, 0, n)
+	for i := 0; i < wakeWarmup+n; i++ {
+		ctx, cancel := context.WithCancel(context.Background())
+		jobs <- ctx
+		<-ready
+		for t := time.Now(); time.Since(t) < settle; {
+		}
+		t0 := nanotime()
+		cancel()
+		r := <-done
+		if !r.ok {
+			die(scenario + ": the wait ended without the cancel")
+		}
+		if i >= wakeWarmup {
+			samples = append(samples, r.t1-t0)
+		}
+	}
+	close(jobs)
+	sort.Slice(samples, func(a, b int) bool { return samples[a] < samples[b] })
+	rowUnit(scenario+"_p50", float64(samples[len(samples)/2])/1e3, "us")
+	rowUnit(scenario+"_p99", float64(samples[len(samples)*99/100])/1e3, "us")
+}
+
+func wakeLatencyAll() {
+	wakeLatency("wake_latency_sleep", func(ctx context.Context, ready chan<- struct{}) (int64, bool) {
+		t := time.NewTimer(10 * time.Second)
+		defer t.Stop()
+		ready <- struct{}{}
+		select {
+		case <-ctx.Done():
+			return nanotime(), true
+		case <-t.C:
+			return nanotime(), false
+		}
+	})
+
+	wakeLatency("wake_latency_cond", func(ctx context.Context, ready chan<- struct{}) (int64, bool) {
+		ready <- struct{}{}
+		<-ctx.Done()
+		return nanotime(), true
+	})
+
+	r, w, err := os.Pipe()
+	if err != nil {
+		die("os.Pipe: " + err.Error())
+	}
+	defer r.Close()
+	defer w.Close()
+	var buf [1]byte
+	aLongTimeAgo := time.Unix(1, 0)
+	wakeLatency("wake_latency_poll", func(ctx context.Context, ready chan<- struct{}) (int64, bool) {
+		stopped := make(chan struct{})
+		go func() { // the watcher: what package net starts for a dial's ctx
+			<-ctx.Done()
+			r.SetReadDeadline(aLongTimeAgo)
+			close(stopped)
+		}()
+		ready <- struct{}{}
+		_, err := r.Read(buf[:])
+		t1 := nanotime()
+		<-stopped
+		r.SetReadDeadline(time.Time{})
+		return t1, errors.Is(err, os.ErrDeadlineExceeded)
+	})
+}
 
 func main() {
 	bg := context.Background()
@@ -267,6 +400,8 @@ func main() {
 	}
 
 	rowNA("register_unregister_contended")
+
+	wakeLatencyAll()
 
 	if live.Err() != nil || p1.Err() != nil || p2.Err() != nil {
 		die("a live context was cancelled")

@@ -1,0 +1,398 @@
+/*
+ * wait_bench: what the cancellable waits cost (see bench/run.sh).
+ *
+ * wake_latency_{sleep,cond,poll}_{p50,p99}, in microseconds: one thread is
+ * blocked on a token, another cancels it; a sample is the time from just
+ * before the cancel call (the waker's cancel_now()) to the woken thread
+ * running again (its cancel_now() right after the wait returned).  The
+ * waiter is blocked in cancel_sleep, in cancel_cond_wait, or in cancel_poll
+ * on a pipe that never becomes readable.  Every sample is a real wake-up
+ * from sleep: the waker waits until the waiter says it is about to block,
+ * then 200 us, then until /proc says the thread is asleep (state S), and
+ * only then takes t0 and cancels.  Nothing is pinned.
+ *
+ * In the same run and scenario, interleaved sample by sample with the
+ * libcancel samples (so that noise hits both alike), the floor: a raw
+ * futex, one thread in FUTEX_WAIT, the other storing the word and calling
+ * FUTEX_WAKE (impl futex_floor: no wait that sleeps in the kernel can be
+ * woken faster).  The waker, after cancelling, yields the CPU until the
+ * waiter reports (a waiter woken onto the waker's CPU runs at once).
+ *
+ * On a VM the numbers are bimodal: an idle vCPU that halted is woken
+ * through the hypervisor (tens of microseconds), one that is still
+ * polling or busy with another task in a few.  Both impls see the same
+ * mix, sample by sample; compare them within one run, not across runs.
+ *
+ * poll_overhead, in ns per read: cancel_read of 1 byte from a pipe that
+ * always has data (a blocking pipe, refilled 4096 bytes at a time outside
+ * the timed region) with a live token, next to plain read(2) on the same
+ * pipe (impl plain).  Measured with the loop in bench.h.
+ *
+ * Environment: BENCH_QUICK=1 (10x fewer samples, smaller batches),
+ * BENCH_ONLY=wake_latency_cond,poll_overhead (a scenario's p50 or p99 name
+ * selects it too).
+ */
+#define _GNU_SOURCE
+#include "bench.h"
+
+#include <cancel.h>
+
+#include <fcntl.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define SAMPLES 3000     /* per impl and scenario (300 with BENCH_QUICK) */
+#define WARMUP 30        /* samples of each kind thrown away first */
+#define SETTLE_NS 200000 /* the waker's fixed delay before it checks */
+#define ASLEEP_MAX_NS CANCEL_MSEC(100) /* then it gives up on one sample */
+#define WAIT_LIMIT CANCEL_SEC(10)      /* any wait longer is a hang */
+#define READ_CHUNK 4096
+
+static bool wanted(const char *scenario) {
+  const char *only = getenv("BENCH_ONLY");
+  size_t len = strlen(scenario);
+  if (only == NULL || *only == '\0')
+    return true;
+  for (const char *p = only; *p != '\0';) {
+    size_t w = strcspn(p, ",");
+    if (w == len && strncmp(p, scenario, len) == 0)
+      return true;
+    p += w;
+    if (*p == ',')
+      p++;
+  }
+  return false;
+}
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  __asm__ __volatile__("yield");
+#endif
+}
+
+/* ======================================================================
+ * wake_latency
+ * ====================================================================== */
+
+enum wait_kind { W_FUTEX, W_SLEEP, W_COND, W_POLL, W_QUIT };
+
+/* One waiter thread, driven sample by sample by the main thread (the
+ * waker).  The handshake words are only touched with atomics; the rest is
+ * written by one side before a release store of a handshake word and read
+ * by the other after the acquire load that saw it. */
+struct waiter {
+  pthread_t thread;
+  int tid;        /* atomic: the waiter's kernel thread id */
+  uint32_t go;    /* atomic: sample number the waiter should run */
+  uint32_t ready; /* atomic: sample it is about to block for */
+  uint32_t done;  /* atomic: sample it finished */
+  uint32_t futex; /* the floor's futex word: 0 wait, 1 woken */
+  int kind;       /* enum wait_kind of the sample `go` names */
+  const cancel_token *tok;
+  int64_t t1; /* cancel_now() right after the wait returned */
+  int rc;     /* what the wait returned */
+  pthread_mutex_t mu;
+  pthread_cond_t cond;
+  int pipe_rd; /* never written to: never readable */
+};
+
+/* Waits until *word == want, yielding the CPU while it spins (a thread
+ * woken onto this CPU gets it at once), and dies after WAIT_LIMIT. */
+static void await_word(const uint32_t *word, uint32_t want, const char *what) {
+  int64_t t0 = cancel_now();
+  while (__atomic_load_n(word, __ATOMIC_ACQUIRE) != want) {
+    sched_yield();
+    if (cancel_now() - t0 > WAIT_LIMIT)
+      bench_die(what, (int)want);
+  }
+}
+
+static void *waiter_main(void *arg) {
+  struct waiter *w = arg;
+  uint32_t seq = 0;
+  __atomic_store_n(&w->tid, (int)syscall(SYS_gettid), __ATOMIC_RELEASE);
+  for (;;) {
+    await_word(&w->go, ++seq, "waiter: no next sample");
+    int rc = 0;
+    switch (w->kind) {
+    case W_QUIT:
+      return NULL;
+    case W_FUTEX:
+      __atomic_store_n(&w->ready, seq, __ATOMIC_RELEASE);
+      while (__atomic_load_n(&w->futex, __ATOMIC_ACQUIRE) == 0)
+        syscall(SYS_futex, &w->futex, FUTEX_WAIT_PRIVATE, 0, NULL, NULL, 0);
+      break;
+    case W_SLEEP:
+      __atomic_store_n(&w->ready, seq, __ATOMIC_RELEASE);
+      rc = cancel_sleep(w->tok, WAIT_LIMIT);
+      break;
+    case W_COND:
+      pthread_mutex_lock(&w->mu);
+      __atomic_store_n(&w->ready, seq, __ATOMIC_RELEASE);
+      do /* nobody signals the condition: 0 is a spurious wake-up */
+        rc = cancel_cond_wait(w->tok, &w->cond, &w->mu,
+                              cancel_now() + WAIT_LIMIT);
+      while (rc == 0);
+      break;
+    case W_POLL: {
+      struct pollfd pfd = {.fd = w->pipe_rd, .events = POLLIN};
+      __atomic_store_n(&w->ready, seq, __ATOMIC_RELEASE);
+      rc = cancel_poll(w->tok, &pfd, 1, cancel_now() + WAIT_LIMIT);
+      break;
+    }
+    }
+    w->t1 = cancel_now();
+    if (w->kind == W_COND)
+      pthread_mutex_unlock(&w->mu);
+    w->rc = rc;
+    __atomic_store_n(&w->done, seq, __ATOMIC_RELEASE);
+  }
+}
+
+/* True when thread `tid` of this process is asleep in the kernel (state S,
+ * which futex, poll and timed waits are).  Without /proc, trusts the delay. */
+static bool thread_asleep(int tid) {
+  char path[64], buf[512];
+  snprintf(path, sizeof path, "/proc/self/task/%d/stat", tid);
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0)
+    return true;
+  ssize_t n = read(fd, buf, sizeof buf - 1);
+  close(fd);
+  if (n <= 0)
+    return true;
+  buf[n] = '\0';
+  const char *p = strrchr(buf, ')'); /* the name may hold spaces and ')' */
+  return p != NULL && p[1] == ' ' && p[2] == 'S';
+}
+
+static void spin_until(int64_t t) {
+  while (cancel_now() < t)
+    cpu_relax();
+}
+
+static uint64_t late_samples; /* not asleep yet after SETTLE_NS */
+
+/* Runs one sample of `kind` on w and returns its latency in ns. */
+static int64_t one_sample(struct waiter *w, uint32_t seq, int kind) {
+  cancel_source src;
+  int rc;
+  if (kind == W_FUTEX) {
+    __atomic_store_n(&w->futex, 0, __ATOMIC_RELAXED);
+  } else {
+    if ((rc = cancel_source_init(&src, "wake_latency")) != 0)
+      bench_die("cancel_source_init", rc);
+    w->tok = cancel_source_token(&src);
+  }
+  w->kind = kind;
+  __atomic_store_n(&w->go, seq, __ATOMIC_RELEASE);
+
+  await_word(&w->ready, seq, "waiter never got ready");
+  int64_t settled = cancel_now() + SETTLE_NS;
+  spin_until(settled);
+  if (!thread_asleep(w->tid)) {
+    late_samples++;
+    while (!thread_asleep(w->tid)) {
+      if (cancel_now() - settled > ASLEEP_MAX_NS)
+        bench_die("waiter never fell asleep, kind", kind);
+      spin_until(cancel_now() + CANCEL_USEC(20));
+    }
+  }
+
+  int64_t t0 = cancel_now();
+  if (kind == W_FUTEX) {
+    __atomic_store_n(&w->futex, 1, __ATOMIC_RELEASE);
+    syscall(SYS_futex, &w->futex, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+  } else if ((rc = cancel_source_cancel(&src)) != 1) {
+    bench_die("cancel_source_cancel", rc);
+  }
+  await_word(&w->done, seq, "waiter never woke up, kind");
+
+  if (kind != W_FUTEX) {
+    if (w->rc != -ECANCELED)
+      bench_die("the wait did not return -ECANCELED but", w->rc);
+    cancel_source_destroy(&src);
+  }
+  return w->t1 - t0;
+}
+
+static int cmp_i64(const void *a, const void *b) {
+  int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+  return (x > y) - (x < y);
+}
+
+static void report(const char *scenario, const char *impl, int64_t *s,
+                   size_t n) {
+  char name[64];
+  qsort(s, n, sizeof s[0], cmp_i64);
+  snprintf(name, sizeof name, "%s_p50", scenario);
+  bench_row(name, impl, (double)s[n / 2] / 1e3, "us");
+  snprintf(name, sizeof name, "%s_p99", scenario);
+  bench_row(name, impl, (double)s[(n * 99) / 100] / 1e3, "us");
+}
+
+/* Alternates libcancel samples of `kind` with futex floor samples. */
+static void wake_latency(struct waiter *w, uint32_t *seq, const char *scenario,
+                         int kind) {
+  char p50[64], p99[64];
+  snprintf(p50, sizeof p50, "%s_p50", scenario);
+  snprintf(p99, sizeof p99, "%s_p99", scenario);
+  if (!wanted(scenario) && !wanted(p50) && !wanted(p99) &&
+      !wanted("wake_latency"))
+    return;
+  const size_t n = bench_quick() ? SAMPLES / 10 : SAMPLES;
+  int64_t *lib = calloc(n, sizeof *lib), *base = calloc(n, sizeof *base);
+  if (lib == NULL || base == NULL)
+    bench_die("calloc", -ENOMEM);
+  for (size_t i = 0; i < WARMUP; i++) {
+    one_sample(w, ++*seq, kind);
+    one_sample(w, ++*seq, W_FUTEX);
+  }
+  late_samples = 0;
+  for (size_t i = 0; i < n; i++) {
+    lib[i] = one_sample(w, ++*seq, kind);
+    base[i] = one_sample(w, ++*seq, W_FUTEX);
+  }
+  if (late_samples > 0)
+    fprintf(stderr,
+            "wait_bench: %s: %llu of %zu samples were not asleep after "
+            "%d us (waited longer)\n",
+            scenario, (unsigned long long)late_samples, 2 * n,
+            SETTLE_NS / 1000);
+  report(scenario, "libcancel", lib, n);
+  report(scenario, "futex_floor", base, n);
+  free(base);
+  free(lib);
+}
+
+/* ======================================================================
+ * poll_overhead
+ * ====================================================================== */
+
+struct pipe_ctx {
+  int rd, wr;
+  const cancel_token *tok;
+  char fill[READ_CHUNK];
+};
+
+static void refill(struct pipe_ctx *c, size_t k) {
+  for (size_t off = 0; off < k;) {
+    ssize_t r = write(c->wr, c->fill + off, k - off);
+    if (r <= 0)
+      bench_die("write", r < 0 ? -errno : 0);
+    off += (size_t)r;
+  }
+}
+
+static int64_t b_cancel_read(void *ctx, uint64_t n) {
+  struct pipe_ctx *c = ctx;
+  int64_t timed = 0;
+  char b;
+  while (n > 0) {
+    size_t k = n < READ_CHUNK ? (size_t)n : READ_CHUNK;
+    refill(c, k);
+    int64_t t0 = bench_now();
+    for (size_t i = 0; i < k; i++) {
+      ssize_t r = cancel_read(c->tok, c->rd, &b, 1, CANCEL_NEVER);
+      if (r != 1)
+        bench_die("cancel_read", (int)r);
+    }
+    timed += bench_now() - t0;
+    n -= k;
+  }
+  BENCH_ESCAPE(&b);
+  return timed;
+}
+
+static int64_t b_plain_read(void *ctx, uint64_t n) {
+  struct pipe_ctx *c = ctx;
+  int64_t timed = 0;
+  char b;
+  while (n > 0) {
+    size_t k = n < READ_CHUNK ? (size_t)n : READ_CHUNK;
+    refill(c, k);
+    int64_t t0 = bench_now();
+    for (size_t i = 0; i < k; i++) {
+      ssize_t r = read(c->rd, &b, 1);
+      if (r != 1)
+        bench_die("read", r < 0 ? -errno : 0);
+    }
+    timed += bench_now() - t0;
+    n -= k;
+  }
+  BENCH_ESCAPE(&b);
+  return timed;
+}
+
+static void poll_overhead(const cancel_token *tok) {
+  if (!wanted("poll_overhead"))
+    return;
+  static struct pipe_ctx c;
+  int fds[2];
+  if (pipe2(fds, O_CLOEXEC) != 0) /* blocking, as most users have it */
+    bench_die("pipe2", -errno);
+  c.rd = fds[0];
+  c.wr = fds[1];
+  c.tok = tok;
+  memset(c.fill, 'x', sizeof c.fill);
+  bench_row("poll_overhead", "libcancel", bench_measure(b_cancel_read, &c, 1),
+            "ns");
+  bench_row("poll_overhead", "plain", bench_measure(b_plain_read, &c, 1), "ns");
+  close(c.rd);
+  close(c.wr);
+}
+
+/* ======================================================================
+ * Driver
+ * ====================================================================== */
+
+int main(void) {
+  static struct waiter w;
+  cancel_source *live;
+  uint32_t seq = 0;
+  int fds[2], rc;
+
+  fprintf(stderr, "wait_bench: libcancel %s%s\n", cancel_version(),
+          bench_quick() ? " (BENCH_QUICK)" : "");
+  if ((rc = cancel_source_new(&live, "bench-live")) != 0)
+    bench_die("cancel_source_new", rc);
+  if (pipe2(fds, O_CLOEXEC) != 0)
+    bench_die("pipe2", -errno);
+  w.pipe_rd = fds[0];
+  pthread_mutex_init(&w.mu, NULL);
+  pthread_cond_init(&w.cond, NULL);
+  if (pthread_create(&w.thread, NULL, waiter_main, &w) != 0)
+    bench_die("pthread_create", 0);
+  while (__atomic_load_n(&w.tid, __ATOMIC_ACQUIRE) == 0)
+    sched_yield();
+
+  wake_latency(&w, &seq, "wake_latency_sleep", W_SLEEP);
+  wake_latency(&w, &seq, "wake_latency_cond", W_COND);
+  wake_latency(&w, &seq, "wake_latency_poll", W_POLL);
+
+  w.kind = W_QUIT;
+  __atomic_store_n(&w.go, ++seq, __ATOMIC_RELEASE);
+  pthread_join(w.thread, NULL);
+  pthread_cond_destroy(&w.cond);
+  pthread_mutex_destroy(&w.mu);
+  close(fds[0]);
+  close(fds[1]);
+
+  poll_overhead(cancel_source_token(live));
+
+  if (cancel_token_is_cancelled(cancel_source_token(live)))
+    bench_die("a live token was cancelled", 0);
+  cancel_source_unref(live);
+  return 0;
+}
