@@ -428,8 +428,15 @@ CANCEL_API int cancel_wait_fd(const cancel_token *tok, int fd, short events,
 /* read(2) / write(2) that wait for the descriptor with the token.  They try
  * the operation without blocking first (a ready descriptor costs one system
  * call); blocking or not, the descriptor's own mode is left as it is.
- * Return the bytes transferred (read: 0 at end of file), -ECANCELED,
- * -ETIMEDOUT, -EINVAL (len > SSIZE_MAX), -EBADF, -errno. */
+ * Descriptors without RWF_NOWAIT support (FIFOs opened by name, ttys) are
+ * polled, then read, or written PIPE_BUF bytes at a time: if such a
+ * descriptor is blocking and another thread reads or writes it too, that
+ * thread may take the data (or the room) in between and this call then
+ * blocks without seeing the token: give shared descriptors O_NONBLOCK.
+ * Return the bytes transferred, which may be fewer than len, as with
+ * read(2) and write(2) (read: 0 at end of file; use the _full variants to
+ * move everything), -ECANCELED, -ETIMEDOUT, -EINVAL (len > SSIZE_MAX, or
+ * buf NULL with len > 0), -EBADF, -errno. */
 CANCEL_API ssize_t cancel_read(const cancel_token *tok, int fd, void *buf,
                                size_t len, int64_t deadline);
 CANCEL_API ssize_t cancel_write(const cancel_token *tok, int fd,
@@ -454,7 +461,11 @@ CANCEL_API ssize_t cancel_send(const cancel_token *tok, int fd, const void *buf,
                                size_t len, int flags, int64_t deadline);
 
 /* accept4(2) with a token; flags as accept4 (SOCK_NONBLOCK, SOCK_CLOEXEC).
- * Returns the new descriptor, -ECANCELED, -ETIMEDOUT, -errno. */
+ * It waits for a connection, then accepts it: on a BLOCKING listener that
+ * several threads accept on, the threads that lose the race for a
+ * connection block in accept4, deaf to the token, so give a shared
+ * listener SOCK_NONBLOCK.  Returns the new descriptor, -ECANCELED,
+ * -ETIMEDOUT, -EINVAL (not listening), -ENOTSOCK, -errno. */
 CANCEL_API int cancel_accept(const cancel_token *tok, int fd,
                              struct sockaddr *addr, socklen_t *addrlen,
                              int flags, int64_t deadline);
@@ -462,7 +473,8 @@ CANCEL_API int cancel_accept(const cancel_token *tok, int fd,
 /* connect(2) finished with the token observed: TCP or Unix, IPv4 or IPv6.
  * A blocking socket is switched to non-blocking for the call and switched
  * back.  Returns 0 when connected, -ECANCELED, -ETIMEDOUT (the socket is
- * then unusable: close it), -ECONNREFUSED and the other connect errors. */
+ * then unusable: close it), -ECONNREFUSED and the other connect errors,
+ * -EAGAIN for a Unix socket whose listener's queue is full. */
 CANCEL_API int cancel_connect(const cancel_token *tok, int fd,
                               const struct sockaddr *addr, socklen_t addrlen,
                               int64_t deadline);

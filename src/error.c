@@ -26,7 +26,7 @@ const char *cancel_strerror(int err) {
   case ENOMEM:
     return "out of memory";
   case EAGAIN:
-    return "resource temporarily unavailable (could not start a thread)";
+    return "resource temporarily unavailable";
   default:
     break;
   }

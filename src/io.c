@@ -4,11 +4,15 @@
  *
  * Each call first tries the operation without blocking, so a ready
  * descriptor costs one system call: preadv2/pwritev2 with RWF_NOWAIT for
- * read and write (pipes, sockets and most files support it; where the
- * kernel or the file says EOPNOTSUPP we poll first and then do a plain
- * read), MSG_DONTWAIT for recv and send.  Only when the descriptor is not
- * ready does it wait, in cancel_wait_fd(), with the token.  The
- * descriptor's blocking mode is never changed (connect excepted, and
+ * read and write (pipes, sockets and regular files support it), and
+ * MSG_DONTWAIT for recv and send.  Where the file says EOPNOTSUPP (a FIFO
+ * opened by name, a tty, on this kernel) we poll first and then read, or
+ * write at most PIPE_BUF bytes, which POLLOUT has room for: on a blocking
+ * descriptor that another thread also reads or writes, the other thread
+ * may take the data or the room between the two and this call then blocks
+ * deaf to the token.  Give such shared descriptors O_NONBLOCK.  Only when the
+ * descriptor is not ready does it wait, in cancel_wait_fd(), with the token.
+ * The descriptor's blocking mode is never changed (connect excepted, and
  * restored).
  */
 #define _GNU_SOURCE
@@ -33,8 +37,11 @@ static ssize_t try_read(int fd, void *buf, size_t len, int flags, bool nowait) {
 static ssize_t try_write(int fd, void *buf, size_t len, int flags,
                          bool nowait) {
   (void)flags;
+  /* Without RWF_NOWAIT we write after POLLOUT, which promises room for
+   * PIPE_BUF bytes, not for len: a larger blocking write would wait for
+   * the reader, deaf to the token. */
   if (!nowait)
-    return write(fd, buf, len);
+    return write(fd, buf, len < PIPE_BUF ? len : PIPE_BUF);
   struct iovec iov = {.iov_base = buf, .iov_len = len};
   return pwritev2(fd, &iov, 1, -1, RWF_NOWAIT);
 }
@@ -144,6 +151,14 @@ int cancel_accept(const cancel_token *tok, int fd, struct sockaddr *addr,
     return -EBADF;
   if (cancel_token_is_cancelled(tok))
     return -ECANCELED;
+  /* Readiness comes first below, and a socket that does not listen would
+   * never become ready: ask it once. */
+  int listening = 0;
+  socklen_t optlen = sizeof listening;
+  if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &optlen) < 0)
+    return -errno; /* ENOTSOCK, EBADF */
+  if (!listening)
+    return -EINVAL;
   for (;;) {
     /* Readiness first: accept4 has no per-call "don't block" flag, and on
      * a blocking listener it could block if another thread took the

@@ -134,9 +134,8 @@ struct timespec cancel__abs_timespec(int64_t deadline) {
 static struct timespec *relative(int64_t deadline, struct timespec *ts) {
   if (deadline == CANCEL_NEVER)
     return NULL;
-  int64_t left = deadline - cancel_now();
-  if (left < 0)
-    left = 0;
+  int64_t now = cancel_now();
+  int64_t left = deadline > now ? deadline - now : 0; /* no overflow */
   ts->tv_sec = left / 1000000000;
   ts->tv_nsec = left % 1000000000;
   return ts;
