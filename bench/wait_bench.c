@@ -85,7 +85,16 @@ static inline void cpu_relax(void) {
  * wake_latency
  * ====================================================================== */
 
-enum wait_kind { W_FUTEX, W_SLEEP, W_COND, W_POLL, W_QUIT };
+enum wait_kind { W_FUTEX, W_SLEEP, W_COND, W_POLL, W_CPP, W_QUIT };
+
+#ifdef BENCH_HAVE_CPP
+/* bench/peers/condvar_any.cpp: C++20 condition_variable_any + stop_token. */
+struct cpp_stop;
+struct cpp_stop *cpp_stop_new(void);
+void cpp_stop_free(struct cpp_stop *s);
+int cpp_stop_wait(struct cpp_stop *s, void (*before_block)(void *), void *arg);
+void cpp_stop_request(struct cpp_stop *s);
+#endif
 
 /* One waiter thread, driven sample by sample by the main thread (the
  * waker).  The handshake words are only touched with atomics; the rest is
@@ -100,6 +109,7 @@ struct waiter {
   uint32_t futex; /* the floor's futex word: 0 wait, 1 woken */
   int kind;       /* enum wait_kind of the sample `go` names */
   const cancel_token *tok;
+  struct cpp_stop *cpp; /* W_CPP: the C++ stop source and condition */
   int64_t t1; /* cancel_now() right after the wait returned */
   int rc;     /* what the wait returned */
   pthread_mutex_t mu;
@@ -118,12 +128,20 @@ static void await_word(const uint32_t *word, uint32_t want, const char *what) {
   }
 }
 
+static uint32_t current_seq; /* the sample being run, for mark_ready */
+
+static void mark_ready(void *arg) {
+  struct waiter *w = arg;
+  __atomic_store_n(&w->ready, current_seq, __ATOMIC_RELEASE);
+}
+
 static void *waiter_main(void *arg) {
   struct waiter *w = arg;
   uint32_t seq = 0;
   __atomic_store_n(&w->tid, (int)syscall(SYS_gettid), __ATOMIC_RELEASE);
   for (;;) {
     await_word(&w->go, ++seq, "waiter: no next sample");
+    __atomic_store_n(&current_seq, seq, __ATOMIC_RELAXED);
     int rc = 0;
     switch (w->kind) {
     case W_QUIT:
@@ -145,6 +163,12 @@ static void *waiter_main(void *arg) {
                               cancel_now() + WAIT_LIMIT);
       while (rc == 0);
       break;
+#ifdef BENCH_HAVE_CPP
+    case W_CPP:
+      /* "ready" is published with the lock held, as for W_COND. */
+      rc = cpp_stop_wait(w->cpp, mark_ready, w) ? -ECANCELED : 0;
+      break;
+#endif
     case W_POLL: {
       struct pollfd pfd = {.fd = w->pipe_rd, .events = POLLIN};
       __atomic_store_n(&w->ready, seq, __ATOMIC_RELEASE);
@@ -190,6 +214,10 @@ static int64_t one_sample(struct waiter *w, uint32_t seq, int kind) {
   int rc;
   if (kind == W_FUTEX) {
     __atomic_store_n(&w->futex, 0, __ATOMIC_RELAXED);
+#ifdef BENCH_HAVE_CPP
+  } else if (kind == W_CPP) {
+    w->cpp = cpp_stop_new();
+#endif
   } else {
     if ((rc = cancel_source_init(&src, "wake_latency")) != 0)
       bench_die("cancel_source_init", rc);
@@ -214,11 +242,23 @@ static int64_t one_sample(struct waiter *w, uint32_t seq, int kind) {
   if (kind == W_FUTEX) {
     __atomic_store_n(&w->futex, 1, __ATOMIC_RELEASE);
     syscall(SYS_futex, &w->futex, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+#ifdef BENCH_HAVE_CPP
+  } else if (kind == W_CPP) {
+    cpp_stop_request(w->cpp);
+#endif
   } else if ((rc = cancel_source_cancel(&src)) != 1) {
     bench_die("cancel_source_cancel", rc);
   }
   await_word(&w->done, seq, "waiter never woke up, kind");
 
+#ifdef BENCH_HAVE_CPP
+  if (kind == W_CPP) {
+    if (w->rc != -ECANCELED)
+      bench_die("condition_variable_any::wait did not stop", w->rc);
+    cpp_stop_free(w->cpp);
+    return w->t1 - t0;
+  }
+#endif
   if (kind != W_FUTEX) {
     if (w->rc != -ECANCELED)
       bench_die("the wait did not return -ECANCELED but", w->rc);
@@ -253,16 +293,27 @@ static void wake_latency(struct waiter *w, uint32_t *seq, const char *scenario,
     return;
   const size_t n = bench_quick() ? SAMPLES / 10 : SAMPLES;
   int64_t *lib = calloc(n, sizeof *lib), *base = calloc(n, sizeof *base);
-  if (lib == NULL || base == NULL)
+  int64_t *cpp = calloc(n, sizeof *cpp);
+  if (lib == NULL || base == NULL || cpp == NULL)
     bench_die("calloc", -ENOMEM);
+  /* The C++ peer, where it has the same wait (a condition), takes its
+   * turn in the same rotation. */
+  bool with_cpp = false;
+#ifdef BENCH_HAVE_CPP
+  with_cpp = kind == W_COND;
+#endif
   for (size_t i = 0; i < WARMUP; i++) {
     one_sample(w, ++*seq, kind);
     one_sample(w, ++*seq, W_FUTEX);
+    if (with_cpp)
+      one_sample(w, ++*seq, W_CPP);
   }
   late_samples = 0;
   for (size_t i = 0; i < n; i++) {
     lib[i] = one_sample(w, ++*seq, kind);
     base[i] = one_sample(w, ++*seq, W_FUTEX);
+    if (with_cpp)
+      cpp[i] = one_sample(w, ++*seq, W_CPP);
   }
   if (late_samples > 0)
     fprintf(stderr,
@@ -272,6 +323,9 @@ static void wake_latency(struct waiter *w, uint32_t *seq, const char *scenario,
             SETTLE_NS / 1000);
   report(scenario, "libcancel", lib, n);
   report(scenario, "futex_floor", base, n);
+  if (with_cpp)
+    report(scenario, "cpp_stop_token", cpp, n);
+  free(cpp);
   free(base);
   free(lib);
 }

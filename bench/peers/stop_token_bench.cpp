@@ -14,15 +14,8 @@
 //     one's token that requests stop on it;
 //   timeout_create_dispose: n/a (no timers in the standard library).
 //
-// wake_latency_cond_p50 / _p99 (us): a thread blocked in
-// std::condition_variable_any::wait(lock, stop_token, pred) (pred always
-// false: only the stop ends the wait), another thread calls
-// stop_source::request_stop(); a sample is steady_clock just before
-// request_stop() to steady_clock right after wait() returned in the woken
-// thread.  As in bench/wait_bench.c: the waker waits until the waiter says
-// it is about to block, 200 us more, then until /proc says the thread is
-// asleep; 3000 samples after 30 of warm-up (300 with BENCH_QUICK); nothing
-// is pinned.
+// wake_latency_cond is measured in bench/wait_bench.c (peers/condvar_any.cpp
+// is linked into it), interleaved with libcancel's samples.
 #include <algorithm>
 #include <atomic>
 #include <barrier>
@@ -165,114 +158,6 @@ constexpr int kFanout = 1000;
 constexpr int kChain = 100;
 
 volatile uint64_t sink;
-
-// ---------------------------------------------------------------------
-// wake_latency_cond
-// ---------------------------------------------------------------------
-
-constexpr int kWakeSamples = 3000; // 300 with BENCH_QUICK
-constexpr int kWakeWarmup = 30;
-constexpr int64_t kSettleNs = 200000;
-constexpr int64_t kWaitLimitNs = 10000000000;
-
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#endif
-}
-
-// Waits until `word` holds `want`, yielding the CPU meanwhile.
-void await_word(const std::atomic<uint32_t> &word, uint32_t want,
-                const char *what) {
-  int64_t t0 = now_ns();
-  while (word.load(std::memory_order_acquire) != want) {
-    std::this_thread::yield();
-    if (now_ns() - t0 > kWaitLimitNs)
-      die(what);
-  }
-}
-
-// True when thread `tid` of this process is asleep in the kernel (state S).
-bool thread_asleep(int tid) {
-  char path[64], buf[512];
-  std::snprintf(path, sizeof path, "/proc/self/task/%d/stat", tid);
-  int fd = ::open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0)
-    return true; // no /proc: trust the delay
-  ssize_t n = ::read(fd, buf, sizeof buf - 1);
-  ::close(fd);
-  if (n <= 0)
-    return true;
-  buf[n] = '\0';
-  const char *p = std::strrchr(buf, ')');
-  return p != nullptr && p[1] == ' ' && p[2] == 'S';
-}
-
-struct Waiter {
-  std::atomic<int> tid{0};
-  std::atomic<uint32_t> go{0}, ready{0}, done{0};
-  bool quit = false;
-  std::stop_token tok; // written before `go`, read after
-  int64_t t1 = 0;      // written before `done`, read after
-  bool stopped = false;
-  std::mutex m;
-  std::condition_variable_any cv;
-};
-
-void waiter_main(Waiter &w) {
-  w.tid.store(int(::syscall(SYS_gettid)), std::memory_order_release);
-  for (uint32_t seq = 1;; seq++) {
-    await_word(w.go, seq, "waiter: no next sample");
-    if (w.quit)
-      return;
-    std::unique_lock lk(w.m);
-    w.ready.store(seq, std::memory_order_release);
-    bool pred = w.cv.wait(lk, w.tok, [] { return false; });
-    w.t1 = now_ns();
-    lk.unlock();
-    w.stopped = !pred;
-    w.done.store(seq, std::memory_order_release);
-  }
-}
-
-void wake_latency_cond() {
-  if (!wanted("wake_latency_cond") && !wanted("wake_latency_cond_p50") &&
-      !wanted("wake_latency_cond_p99") && !wanted("wake_latency"))
-    return;
-  const int n = quick() ? kWakeSamples / 10 : kWakeSamples;
-  std::vector<int64_t> samples;
-  Waiter w;
-  std::thread th(waiter_main, std::ref(w));
-  while (w.tid.load(std::memory_order_acquire) == 0)
-    std::this_thread::yield();
-  uint32_t seq = 0;
-  for (int i = 0; i < kWakeWarmup + n; i++) {
-    std::stop_source ss;
-    w.tok = ss.get_token();
-    w.go.store(++seq, std::memory_order_release);
-    await_word(w.ready, seq, "waiter never got ready");
-    int64_t settled = now_ns() + kSettleNs;
-    while (now_ns() < settled)
-      cpu_relax();
-    while (!thread_asleep(w.tid.load()))
-      if (now_ns() - settled > 100000000)
-        die("waiter never fell asleep");
-    int64_t t0 = now_ns();
-    ss.request_stop();
-    await_word(w.done, seq, "waiter never woke up");
-    if (!w.stopped)
-      die("wait returned without a stop");
-    if (i >= kWakeWarmup)
-      samples.push_back(w.t1 - t0);
-  }
-  w.quit = true;
-  w.go.store(++seq, std::memory_order_release);
-  th.join();
-  std::sort(samples.begin(), samples.end());
-  row("wake_latency_cond_p50", double(samples[samples.size() / 2]) / 1e3, "us");
-  row("wake_latency_cond_p99",
-      double(samples[(samples.size() * 99) / 100]) / 1e3, "us");
-}
 
 } // namespace
 
@@ -433,7 +318,8 @@ int main() {
     return last.load() - first.load();
   });
 
-  wake_latency_cond();
+  // wake_latency_cond is measured inside wait_bench (peers/condvar_any.cpp),
+  // interleaved with libcancel's samples in one process.
 
   if (tok.stop_requested() || pt1.stop_requested() || pt2.stop_requested())
     die("a live token was stopped");
