@@ -23,6 +23,7 @@
 #ifndef CANCEL_BENCH_H
 #define CANCEL_BENCH_H
 
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -120,6 +121,24 @@ __attribute__((noreturn)) static inline void bench_die(const char *what,
                                                        int rc) {
   fprintf(stderr, "bench: %s failed: %d\n", what, rc);
   exit(1);
+}
+
+/* Whether BENCH_ONLY (a comma-separated list of scenario names) asks for
+ * `scenario`; everything runs when it is unset or empty. */
+static inline bool bench_wanted(const char *scenario) {
+  const char *only = getenv("BENCH_ONLY");
+  size_t len = strlen(scenario);
+  if (only == NULL || *only == '\0')
+    return true;
+  for (const char *p = only; *p != '\0';) {
+    size_t w = strcspn(p, ",");
+    if (w == len && strncmp(p, scenario, len) == 0)
+      return true;
+    p += w;
+    if (*p == ',')
+      p++;
+  }
+  return false;
 }
 
 #endif /* CANCEL_BENCH_H */

@@ -334,31 +334,15 @@ static int64_t b_contended(void *ctx, uint64_t n) {
  * Driver
  * ====================================================================== */
 
-static bool wanted(const char *scenario) {
-  const char *only = getenv("BENCH_ONLY");
-  size_t len = strlen(scenario);
-  if (only == NULL || *only == '\0')
-    return true;
-  for (const char *p = only; *p != '\0';) {
-    size_t w = strcspn(p, ",");
-    if (w == len && strncmp(p, scenario, len) == 0)
-      return true;
-    p += w;
-    if (*p == ',')
-      p++;
-  }
-  return false;
-}
-
 static void run(const char *scenario, bench_batch_fn *fn, void *ctx,
                 double units) {
-  if (wanted(scenario))
+  if (bench_wanted(scenario))
     bench_row(scenario, IMPL, bench_measure(fn, ctx, units), "ns");
 }
 
 /* Bytes allocated per register/unregister pair, after a warm-up. */
 static void run_allocs(const char *scenario, const cancel_token *tok) {
-  if (!wanted(scenario))
+  if (!bench_wanted(scenario))
     return;
 #ifdef BENCH_COUNT_ALLOCS
   const uint64_t pairs = 10000;

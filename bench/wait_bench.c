@@ -57,22 +57,6 @@
 #define WAIT_LIMIT CANCEL_SEC(10)      /* any wait longer is a hang */
 #define READ_CHUNK 4096
 
-static bool wanted(const char *scenario) {
-  const char *only = getenv("BENCH_ONLY");
-  size_t len = strlen(scenario);
-  if (only == NULL || *only == '\0')
-    return true;
-  for (const char *p = only; *p != '\0';) {
-    size_t w = strcspn(p, ",");
-    if (w == len && strncmp(p, scenario, len) == 0)
-      return true;
-    p += w;
-    if (*p == ',')
-      p++;
-  }
-  return false;
-}
-
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_ia32_pause();
@@ -110,8 +94,8 @@ struct waiter {
   int kind;       /* enum wait_kind of the sample `go` names */
   const cancel_token *tok;
   struct cpp_stop *cpp; /* W_CPP: the C++ stop source and condition */
-  int64_t t1; /* cancel_now() right after the wait returned */
-  int rc;     /* what the wait returned */
+  int64_t t1;           /* cancel_now() right after the wait returned */
+  int rc;               /* what the wait returned */
   pthread_mutex_t mu;
   pthread_cond_t cond;
   int pipe_rd; /* never written to: never readable */
@@ -288,8 +272,8 @@ static void wake_latency(struct waiter *w, uint32_t *seq, const char *scenario,
   char p50[64], p99[64];
   snprintf(p50, sizeof p50, "%s_p50", scenario);
   snprintf(p99, sizeof p99, "%s_p99", scenario);
-  if (!wanted(scenario) && !wanted(p50) && !wanted(p99) &&
-      !wanted("wake_latency"))
+  if (!bench_wanted(scenario) && !bench_wanted(p50) && !bench_wanted(p99) &&
+      !bench_wanted("wake_latency"))
     return;
   const size_t n = bench_quick() ? SAMPLES / 10 : SAMPLES;
   int64_t *lib = calloc(n, sizeof *lib), *base = calloc(n, sizeof *base);
@@ -390,7 +374,7 @@ static int64_t b_plain_read(void *ctx, uint64_t n) {
 }
 
 static void poll_overhead(const cancel_token *tok) {
-  if (!wanted("poll_overhead"))
+  if (!bench_wanted("poll_overhead"))
     return;
   static struct pipe_ctx c;
   int fds[2];

@@ -961,50 +961,6 @@ static void test_reactor_del_from_callback(void **state) {
 
 /* ---- Quiet threads before fork() -------------------------------------- */
 
-/* The scheduler state of thread tid ('R', 'S', ...), 0 if unknown. */
-static char thread_state(pid_t tid) {
-  char path[64], buf[512];
-  snprintf(path, sizeof path, "/proc/self/task/%d/stat", (int)tid);
-  FILE *f = fopen(path, "r");
-  if (f == NULL)
-    return 0;
-  size_t n = fread(buf, 1, sizeof buf - 1, f);
-  fclose(f);
-  buf[n] = '\0';
-  char *p = strrchr(buf, ')'); /* "tid (comm) S ..." */
-  return p != NULL && p[1] == ' ' ? p[2] : 0;
-}
-
-/* Waits until every other thread of the process has been seen asleep in
- * the kernel on two looks 200 us apart.  fork() copies the locks that
- * other threads hold, and gcc 12's ASan allocator takes no lock around
- * fork: a child forked while the reactor thread is inside malloc (it
- * allocates while it starts) deadlocks or gets a corrupt heap. */
-static bool others_asleep(int64_t timeout_ns) {
-  pid_t self = (pid_t)syscall(SYS_gettid);
-  int64_t end = cancel_now() + timeout_ns;
-  int seen = 0;
-  for (;;) {
-    bool all = true;
-    DIR *d = opendir("/proc/self/task");
-    if (d == NULL)
-      return false;
-    struct dirent *e;
-    while ((e = readdir(d)) != NULL) {
-      pid_t tid = (pid_t)atoi(e->d_name);
-      if (tid > 0 && tid != self && thread_state(tid) != 'S')
-        all = false;
-    }
-    closedir(d);
-    seen = all ? seen + 1 : 0;
-    if (seen >= 2)
-      return true;
-    if (cancel_now() > end)
-      return false;
-    test_sleep_ns(CANCEL_USEC(200));
-  }
-}
-
 /* An event that epoll_wait handed out for a watch removed before its
  * dispatch must not reach the watch that took over its slot.  D holds the
  * reactor while C and A become ready, so that the next epoll_wait returns
@@ -1113,7 +1069,7 @@ static void test_fork(void **state) {
   int mine, peer;
   unix_pair(&mine, &peer);
   assert_int_equal(cancel_watch_hangup(&x.w, x.src, mine), 0);
-  assert_true(others_asleep(must_wait()));
+  assert_true(test_others_asleep(must_wait()));
   pid_t pid = fork();
   assert_true(pid >= 0);
   if (pid == 0) {
