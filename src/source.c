@@ -234,8 +234,9 @@ int cancel__fire(cancel_source *src, int kind, const char *detail,
   }
   src->flags |= SF_FIRING | extra_flags;
   src->running_tid = cancel__self();
+  /* Published by the next unlock (a release store), before any callback
+   * runs: a reader that sees the bit sees the reason. */
   v |= ST_CANCELLED;
-  st_release(&src->tok.state, v); /* publish the reason; still locked */
 
   cancel_reg *reg;
   while ((reg = src->head) != NULL) {
