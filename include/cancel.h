@@ -415,8 +415,9 @@ CANCEL_API int cancel_sleep_until(const cancel_token *tok, int64_t deadline);
 
 /* poll(2) with a token.  Returns the number of entries with revents set
  * (> 0; POLLNVAL for an invalid descriptor counts, as in poll), -ETIMEDOUT,
- * -ECANCELED, -EINVAL (fds NULL with nfds > 0), -ENOMEM (nfds > 64 needs
- * a copy with the wake descriptor appended). */
+ * -ECANCELED, -EINVAL (fds NULL with nfds > 0), -ENOMEM (more than 64
+ * entries need a copy with the wake descriptor appended: made once per
+ * thread, grown when needed, kept until the thread exits). */
 CANCEL_API int cancel_poll(const cancel_token *tok, struct pollfd *fds,
                            nfds_t nfds, int64_t deadline);
 

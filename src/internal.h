@@ -8,6 +8,7 @@
 #include "cancel.h"
 
 #include <assert.h>
+#include <poll.h>
 #include <sched.h>
 #include <stdint.h>
 #include <time.h>
@@ -242,12 +243,14 @@ int cancel__reactor_watch_del(struct cancel__fdwatch *w);
  * storage, and the next wait (or thread exit) lets it land first.  That
  * saves a second wake-up per cancellation. */
 struct cancel__waiter {
-  uint32_t woken; /* futex word; 1 once the callback is done */
-  int efd;        /* eventfd for descriptor waits, -1 until needed */
-  bool keyed;     /* the thread-exit destructor is armed */
-  cancel_reg reg; /* the wait's registration */
-  void *obj;      /* what the callback wakes (a cond, a sem...) */
-  void *obj2;     /* and its mutex, for a condition */
+  uint32_t woken;     /* futex word; 1 once the callback is done */
+  int efd;            /* eventfd for descriptor waits, -1 until needed */
+  bool keyed;         /* the thread-exit destructor is armed */
+  cancel_reg reg;     /* the wait's registration */
+  void *obj;          /* what the callback wakes (a cond, a sem...) */
+  void *obj2;         /* and its mutex, for a condition */
+  struct pollfd *big; /* cancel_poll's set beyond 64 descriptors */
+  nfds_t big_cap;
 };
 struct cancel__waiter *cancel__waiter_self(void);
 /* The waiter's eventfd, created if needed: a descriptor or -errno. */

@@ -22,7 +22,7 @@
 #include <time.h>
 #include <unistd.h>
 
-static __thread struct cancel__waiter self = {0, -1, false, {0}, NULL, NULL};
+static __thread struct cancel__waiter self = {.efd = -1};
 static pthread_key_t exit_key;
 static pthread_once_t exit_once = PTHREAD_ONCE_INIT;
 
@@ -49,6 +49,9 @@ static void waiter_exit(void *arg) {
     close(w->efd);
     w->efd = -1;
   }
+  free(w->big);
+  w->big = NULL;
+  w->big_cap = 0;
 }
 
 /* After fork() the child's eventfd would be the parent's, and no canceller
@@ -175,6 +178,20 @@ int cancel_sleep(const cancel_token *tok, int64_t ns) {
 
 #define POLL_STACK 64
 
+/* A set larger than the stack copy lives in the thread's waiter, grown as
+ * needed and kept: a thread that polls many descriptors allocates once,
+ * not per wait (freed at thread exit). */
+static struct pollfd *big_set(struct cancel__waiter *w, nfds_t n) {
+  if (n > w->big_cap) {
+    struct pollfd *p = realloc(w->big, n * sizeof *p);
+    if (p == NULL)
+      return NULL;
+    w->big = p;
+    w->big_cap = n;
+  }
+  return w->big;
+}
+
 int cancel_poll(const cancel_token *tok, struct pollfd *fds, nfds_t nfds,
                 int64_t deadline) {
   if (fds == NULL && nfds > 0)
@@ -189,7 +206,7 @@ int cancel_poll(const cancel_token *tok, struct pollfd *fds, nfds_t nfds,
   /* The caller's entries plus our wake descriptor, last. */
   struct pollfd stack[POLL_STACK + 1];
   struct pollfd *set = stack;
-  if (nfds > POLL_STACK && (set = malloc((nfds + 1) * sizeof *set)) == NULL)
+  if (nfds > POLL_STACK && (set = big_set(w, nfds + 1)) == NULL)
     return -ENOMEM;
   if (nfds > 0)
     memcpy(set, fds, nfds * sizeof *set);
@@ -245,8 +262,6 @@ int cancel_poll(const cancel_token *tok, struct pollfd *fds, nfds_t nfds,
   if (cancel_token_is_cancelled(tok))
     rc = -ECANCELED;
 out:
-  if (set != stack)
-    free(set);
   return rc;
 }
 
