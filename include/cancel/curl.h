@@ -1,0 +1,79 @@
+/*
+ * libcancel-curl: outbound HTTP with libcurl that stops when the token
+ * says so, and tells the server how long it has.
+ *
+ * Link with -lcancel-curl -lcancel -lcurl (pkg-config: cancel-curl).
+ */
+#ifndef CANCEL_CURL_H
+#define CANCEL_CURL_H
+
+#include <cancel.h>
+
+#include <curl/curl.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Options for cancel_curl_perform_ex(); zero-initialise, then set what you
+ * need.  A NULL options pointer means the defaults. */
+typedef struct cancel_curl_options {
+  /* Headers of your own: libcurl cannot hand back a CURLOPT_HTTPHEADER
+   * list, so give it here and the adapter sends it with its own deadline
+   * headers (and puts it back on the handle afterwards).  Not copied, not
+   * freed. */
+  struct curl_slist *headers;
+  /* Do NOT send the remaining budget downstream (by default it goes as
+   * `grpc-timeout: <n>m` (gRPC's format) and `X-Request-Timeout-Ms: <n>`
+   * whenever the token has a deadline). */
+  bool no_grpc_timeout;
+  bool no_request_timeout_ms;
+} cancel_curl_options;
+
+/* Runs the transfer configured on `easy`, observing tok.  The transfer runs
+ * on a multi handle polled with curl_multi_poll; the token's callback
+ * wakes it with curl_multi_wakeup the moment it fires (never the
+ * once-a-second progress callback), and the handle is then removed, which
+ * aborts the transfer and closes its connection.
+ *
+ * When the token has a deadline (cancel_token_deadline), the transfer's
+ * CURLOPT_TIMEOUT_MS is set from the time remaining (at least 1 ms: 0
+ * would mean "none" to curl; the option stays set on the handle: set it
+ * again if you reuse the handle) and the budget is sent downstream in the
+ * headers above; with no time left it fails at once, sending nothing.
+ *
+ * Returns 0 (the transfer completed: check the response code yourself),
+ * -ECANCELED (the token fired, or its deadline left no time; the transfer
+ * was abandoned), -ETIMEDOUT (a timeout you set on the handle yourself),
+ * -EINVAL (NULL easy, a malformed or unsupported URL), -ECONNREFUSED,
+ * -EHOSTUNREACH (the host could not be resolved or reached), -ENOMEM,
+ * -EIO (any other curl failure).  *result (may be NULL) receives curl's own
+ * CURLcode, so "our timeout" (-ECANCELED with a timeout reason on the
+ * token) is never confused with "their failure".
+ *
+ * The threaded resolver (Debian's libcurl): getaddrinfo cannot be
+ * interrupted, and removing a handle that is still resolving makes libcurl
+ * wait for its resolver thread, so a cancel during a slow DNS lookup
+ * returns when the lookup ends.  Give hosts whose resolution must not hold
+ * a cancel up CURLOPT_RESOLVE entries, or resolve them with a cancellable
+ * wait of your own beforehand.
+ *
+ * Thread-safety: one call per easy handle at a time; the handle must not
+ * be in another multi handle.  Allocates a multi handle per call. */
+CANCEL_API int cancel_curl_perform_ex(const cancel_token *tok, CURL *easy,
+                                      const cancel_curl_options *opts,
+                                      CURLcode *result);
+
+/* cancel_curl_perform_ex(tok, easy, NULL, NULL). */
+CANCEL_API int cancel_curl_perform(const cancel_token *tok, CURL *easy);
+
+/* Writes the gRPC form of a timeout ("250m", "30S": at most 8 digits and
+ * the largest exact unit that fits) into buf.  Returns its length, or
+ * -EINVAL (ns < 0, buf too small). */
+CANCEL_API int cancel_curl_grpc_timeout(int64_t ns, char *buf, size_t len);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* CANCEL_CURL_H */
