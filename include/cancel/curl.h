@@ -43,8 +43,9 @@ typedef struct cancel_curl_options {
  * headers above; with no time left it fails at once, sending nothing.
  *
  * Returns 0 (the transfer completed: check the response code yourself),
- * -ECANCELED (the token fired, or its deadline left no time; the transfer
- * was abandoned), -ETIMEDOUT (a timeout you set on the handle yourself),
+ * -ECANCELED (the token fired, or its deadline left no time, or curl's
+ * timeout, taken from that deadline, expired a moment before the token's
+ * own timer; the transfer was abandoned), -ETIMEDOUT (a timeout you set on the handle yourself),
  * -EINVAL (NULL easy, a malformed or unsupported URL), -ECONNREFUSED,
  * -EHOSTUNREACH (the host could not be resolved or reached), -ENOMEM,
  * -EIO (any other curl failure).  *result (may be NULL) receives curl's own
