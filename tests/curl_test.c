@@ -13,8 +13,6 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#define TOK(s) cancel_source_token(s)
-
 enum mode { ANSWER, HANG };
 
 struct server {
@@ -99,12 +97,6 @@ static CURL *easy_for(const struct server *sv) {
   curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, sink);
   curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
   return e;
-}
-
-static cancel_source *new_src(const char *name) {
-  cancel_source *s;
-  assert_int_equal(cancel_source_new(&s, name), 0);
-  return s;
 }
 
 static void test_completes(void **state) {

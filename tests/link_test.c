@@ -6,13 +6,6 @@
  */
 #include "test_util.h"
 
-static cancel_source *new_src(const char *name) {
-  cancel_source *s = NULL;
-  assert_int_equal(cancel_source_new(&s, name), 0);
-  assert_non_null(s);
-  return s;
-}
-
 static cancel_source *new_child(const char *name,
                                 const cancel_token *const *parents, size_t n) {
   cancel_source *s = NULL;
@@ -20,8 +13,6 @@ static cancel_source *new_child(const char *name,
   assert_non_null(s);
   return s;
 }
-
-#define TOK(s) cancel_source_token(s)
 
 /* ---- Propagation ------------------------------------------------------ */
 

@@ -4,14 +4,6 @@
  */
 #include "test_util.h"
 
-#define TOK(s) cancel_source_token(s)
-
-static cancel_source *new_src(const char *name) {
-  cancel_source *s = NULL;
-  assert_int_equal(cancel_source_new(&s, name), 0);
-  return s;
-}
-
 /* Every function that requires a source (or an out pointer) rejects NULL. */
 static void test_null_sources(void **state) {
   (void)state;
@@ -112,8 +104,8 @@ static void test_huge_timeout_does_not_overflow(void **state) {
   cancel_source_unref(s);
 
   cancel_source *t = NULL;
-  assert_int_equal(
-      cancel_source_new_timeout(&t, "huge-t", NULL, INT64_MAX - 1), 0);
+  assert_int_equal(cancel_source_new_timeout(&t, "huge-t", NULL, INT64_MAX - 1),
+                   0);
   assert_false(cancel_token_is_cancelled(TOK(t)));
   cancel_source_unref(t);
 
@@ -242,8 +234,7 @@ static void test_destroy_storage_with_everything_attached(void **state) {
 
   int count = 0;
   cancel_reg mreg, creg, sreg;
-  assert_int_equal(cancel_register(&mreg, TOK(&mid), test_count_cb, &count),
-                   0);
+  assert_int_equal(cancel_register(&mreg, TOK(&mid), test_count_cb, &count), 0);
   assert_int_equal(cancel_register(&creg, TOK(child), test_count_cb, &count),
                    0);
   assert_int_equal(cancel_register(&sreg, TOK(sh), test_count_cb, &count), 0);

@@ -33,8 +33,6 @@
 #define ON_VALGRIND() 0
 #endif
 
-#define TOK(s) cancel_source_token(s)
-
 /* process.c's switch to the no-pidfd fallback (the second run of the
  * suite sets it; valgrind 3.19 has no pidfd_open, so it always runs the
  * fallback). */
@@ -52,12 +50,6 @@ static bool kernel_has_pidfd(void) {
  * notice: generous for a loaded machine, scaled for slow builds. */
 static int64_t prompt(void) {
   return test_tol(CANCEL_MSEC(250));
-}
-
-static cancel_source *new_src(const char *name) {
-  cancel_source *s = NULL;
-  assert_int_equal(cancel_source_new(&s, name), 0);
-  return s;
 }
 
 /* When the token was cancelled (the timer thread's time of firing). */

@@ -204,7 +204,7 @@ static void test_via_three_deep(void **state) {
   assert_string_equal(r.detail, "sig");
   assert_int_equal(r.via_len, 2);
   assert_int_equal(r.via_skipped, 0);
-  assert_string_equal(r.via[0].name, "mid"); /* the origin's child */
+  assert_string_equal(r.via[0].name, "mid");  /* the origin's child */
   assert_string_equal(r.via[1].name, "leaf"); /* the queried one, last */
   assert_null(r.via[0].note);
   assert_null(r.via[1].note);
@@ -350,8 +350,7 @@ static void test_reason_strings_outlive_ancestor_refs(void **state) {
   assert_int_equal(cancel_source_new_linked(&mid, mname, p1, 1), 0);
   const cancel_token *p2[] = {cancel_source_token(mid)};
   assert_int_equal(cancel_source_new_linked(&leaf, "leaf", p2, 1), 0);
-  assert_int_equal(cancel_source_cancel_with(grand, CANCEL_TIMEOUT, detail),
-                   1);
+  assert_int_equal(cancel_source_cancel_with(grand, CANCEL_TIMEOUT, detail), 1);
   cancel_source_unref(grand);
   cancel_source_unref(mid);
 

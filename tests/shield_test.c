@@ -6,16 +6,11 @@
  */
 #include "test_util.h"
 
-#define TOK(s) cancel_source_token(s)
-
-
-static int64_t fire_wait(int64_t ns) { return ns + test_tol(CANCEL_SEC(5)); }
-static int64_t late_tol(void) { return test_tol(CANCEL_MSEC(50)); }
-
-static cancel_source *new_src(const char *name) {
-  cancel_source *s = NULL;
-  assert_int_equal(cancel_source_new(&s, name), 0);
-  return s;
+static int64_t fire_wait(int64_t ns) {
+  return ns + test_tol(CANCEL_SEC(5));
+}
+static int64_t late_tol(void) {
+  return test_tol(CANCEL_MSEC(50));
 }
 
 static cancel_source *new_shield(const char *name, const cancel_token *outer,
@@ -196,8 +191,7 @@ static void test_direct_cancel_during_grace(void **state) {
   assert_int_equal(test_load(&f.count), 1);
   /* Past the grace: the expiry must not fire again or rewrite the reason. */
   assert_int_equal(test_sem_wait_ns(&f.sem, 0), 0); /* our own post */
-  assert_int_equal(
-      test_sem_wait_ns(&f.sem, CANCEL_MSEC(30) + late_tol()), -1);
+  assert_int_equal(test_sem_wait_ns(&f.sem, CANCEL_MSEC(30) + late_tol()), -1);
   assert_int_equal(test_load(&f.count), 1);
   cancel_reason r;
   assert_int_equal(cancel_token_reason(TOK(sh), &r), 1);
@@ -216,9 +210,9 @@ static void test_shield_destroyed_during_grace(void **state) {
   cancel_source *outer = new_src("outer");
   cancel_source *sh = new_shield("heap-sh", TOK(outer), CANCEL_MSEC(30));
   cancel_source local;
-  assert_int_equal(
-      cancel_source_init_shield(&local, "local-sh", TOK(outer), CANCEL_MSEC(30)),
-      0);
+  assert_int_equal(cancel_source_init_shield(&local, "local-sh", TOK(outer),
+                                             CANCEL_MSEC(30)),
+                   0);
   cancel_reg reg, lreg;
   assert_int_equal(cancel_register(&reg, TOK(sh), test_count_cb, &count), 0);
   assert_int_equal(cancel_register(&lreg, TOK(&local), test_count_cb, &lcount),
@@ -321,8 +315,8 @@ static void test_invalid_arguments(void **state) {
   cancel_source *s = NULL;
   cancel_source local;
   assert_int_equal(cancel_source_new_shield(&s, "x", TOK(outer), -1), -EINVAL);
-  assert_int_equal(
-      cancel_source_new_shield(&s, "x", TOK(outer), INT64_MIN), -EINVAL);
+  assert_int_equal(cancel_source_new_shield(&s, "x", TOK(outer), INT64_MIN),
+                   -EINVAL);
   assert_int_equal(cancel_source_init_shield(&local, "x", TOK(outer), -1),
                    -EINVAL);
   assert_int_equal(cancel_source_new_shield(NULL, "x", TOK(outer), 0), -EINVAL);

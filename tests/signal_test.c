@@ -22,8 +22,6 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#define TOK(s) cancel_source_token(s)
-
 #if defined(__SANITIZE_THREAD__)
 #define TEST_UNDER_TSAN 1
 #elif defined(__has_feature)

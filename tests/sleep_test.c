@@ -8,18 +8,10 @@
  */
 #include "test_util.h"
 
-#define TOK(s) cancel_source_token(s)
-
 /* How late a wake-up may be: cancel (or deadline) to return. */
 #define LATE CANCEL_MSEC(50)
 /* How long "at once" may take. */
 #define AT_ONCE CANCEL_MSEC(20)
-
-static cancel_source *new_src(const char *name) {
-  cancel_source *s = NULL;
-  assert_int_equal(cancel_source_new(&s, name), 0);
-  return s;
-}
 
 /* ---- The time is up --------------------------------------------------- */
 

@@ -175,8 +175,7 @@ static void test_cancel_with_first_wins(void **state) {
   assert_int_equal(cancel_token_reason(cancel_source_token(src), &r), 1);
   assert_int_equal(r.kind, CANCEL_TIMEOUT);
   assert_string_equal(r.detail, "first");
-  assert_int_equal(cancel_token_kind(cancel_source_token(src)),
-                   CANCEL_TIMEOUT);
+  assert_int_equal(cancel_token_kind(cancel_source_token(src)), CANCEL_TIMEOUT);
   cancel_source_unref(src);
 }
 
@@ -229,8 +228,8 @@ static void test_cancel_with_kinds(void **state) {
 static void test_cancel_with_rejects_bad_kinds(void **state) {
   (void)state;
   /* Reserved (between SHUTDOWN and USER) and negative kinds. */
-  static const int bad[] = {CANCEL_SHUTDOWN + 1, 50, CANCEL_USER - 1, -1,
-                            -100, INT32_MIN};
+  static const int bad[] = {
+      CANCEL_SHUTDOWN + 1, 50, CANCEL_USER - 1, -1, -100, INT32_MIN};
   cancel_source *src;
   assert_int_equal(cancel_source_new(&src, "bad"), 0);
   for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
@@ -279,9 +278,9 @@ static void test_concurrent_cancel_one_winner(void **state) {
     int count = 0;
     cancel_reg reg;
     assert_int_equal(cancel_source_new(&r.src, "race"), 0);
-    assert_int_equal(
-        cancel_register(&reg, cancel_source_token(r.src), test_count_cb, &count),
-        0);
+    assert_int_equal(cancel_register(&reg, cancel_source_token(r.src),
+                                     test_count_cb, &count),
+                     0);
     pthread_barrier_init(&r.bar, NULL, THREADS);
     pthread_t t[THREADS];
     for (int i = 0; i < THREADS; i++)
@@ -329,9 +328,9 @@ static void test_callbacks_run_lifo(void **state) {
   for (int i = 0; i < N; i++) {
     items[i].log = &log;
     items[i].id = i;
-    assert_int_equal(
-        cancel_register(&regs[i], cancel_source_token(src), order_cb, &items[i]),
-        0);
+    assert_int_equal(cancel_register(&regs[i], cancel_source_token(src),
+                                     order_cb, &items[i]),
+                     0);
   }
   /* Remove one from the middle: the others keep their order. */
   assert_int_equal(cancel_unregister(&regs[2]), 1);
@@ -594,8 +593,8 @@ struct reg_in_cb {
 
 static void reg_in_cb(void *arg) {
   struct reg_in_cb *s = arg;
-  s->reg_ret = cancel_register(&s->inner, s->tok, test_count_cb,
-                               &s->inner_count);
+  s->reg_ret =
+      cancel_register(&s->inner, s->tok, test_count_cb, &s->inner_count);
   s->inner_count_at_return = test_load(&s->inner_count);
 }
 
@@ -634,10 +633,10 @@ static void test_callback_drops_last_reference(void **state) {
   struct drop_ref d = {NULL, 0};
   assert_int_equal(cancel_source_new(&src, "drop"), 0);
   d.src = src;
-  assert_int_equal(cancel_register(&reg, cancel_source_token(src), drop_ref_cb,
-                                   &d),
-                   0);
-  assert_int_equal(cancel_source_cancel(src), 1); /* src freed by its callback */
+  assert_int_equal(
+      cancel_register(&reg, cancel_source_token(src), drop_ref_cb, &d), 0);
+  assert_int_equal(cancel_source_cancel(src),
+                   1); /* src freed by its callback */
   assert_int_equal(d.ran, 1);
   /* The callback ran; reg was not detached before running. */
   assert_int_equal(cancel_unregister(&reg), 0);
@@ -951,8 +950,7 @@ static void test_null_arguments_einval(void **state) {
   const cancel_token *tok = cancel_source_token(src);
   assert_int_equal(cancel_register(NULL, tok, test_count_cb, &count), -EINVAL);
   assert_int_equal(cancel_register(&reg, tok, NULL, &count), -EINVAL);
-  assert_int_equal(cancel_register(NULL, NULL, test_count_cb, &count),
-                   -EINVAL);
+  assert_int_equal(cancel_register(NULL, NULL, test_count_cb, &count), -EINVAL);
   assert_int_equal(cancel_register(&reg, NULL, NULL, &count), -EINVAL);
   assert_int_equal(cancel_token_reason(tok, NULL), -EINVAL);
   assert_int_equal(cancel_token_reason(NULL, NULL), -EINVAL);

@@ -14,8 +14,6 @@
 #include <dirent.h>
 #include <unistd.h>
 
-#define TOK(s) cancel_source_token(s)
-
 /* Cancel to return: the bound. */
 #define CANCEL_LATENCY CANCEL_MSEC(5)
 
@@ -113,12 +111,6 @@ static int64_t committed_rows(const char *name) {
   sqlite3_finalize(st);
   sqlite3_close(db);
   return n;
-}
-
-static cancel_source *new_src(const char *name) {
-  cancel_source *s = NULL;
-  assert_int_equal(cancel_source_new(&s, name), 0);
-  return s;
 }
 
 /* The connection answers a normal query correctly. */

@@ -29,8 +29,6 @@
  */
 #include "test_util.h"
 
-#define TOK(s) cancel_source_token(s)
-
 enum { THREADS = 4, POOL = 8, MAX_LIVE = 32, MAX_DEPTH = 12 };
 
 /* One per pool source ever created; outlives the source (freed at exit) so
@@ -279,7 +277,8 @@ static void op_register(struct worker *w) {
 static void op_cancel(struct worker *w) {
   struct track *t = pool_get(pick(w, POOL));
   int kind = kinds[pick(w, (int)(sizeof kinds / sizeof kinds[0]))];
-  int ret = cancel_source_cancel_with(t->src, kind, pick(w, 2) ? "stress" : NULL);
+  int ret =
+      cancel_source_cancel_with(t->src, kind, pick(w, 2) ? "stress" : NULL);
   if (ret == 1)
     mark_cancelled(t);
   else if (ret != 0)
@@ -366,8 +365,7 @@ static void op_check(struct worker *w) {
         r.via_len > CANCEL_VIA_MAX)
       STRESS_ERROR("bad reason kind=%d via_len=%zu", r.kind, r.via_len);
     if (cancel_token_kind(tok) != r.kind)
-      STRESS_ERROR("kind %d != reason kind %d", cancel_token_kind(tok),
-                   r.kind);
+      STRESS_ERROR("kind %d != reason kind %d", cancel_token_kind(tok), r.kind);
     char buf[64];
     if (cancel_reason_format(&r, buf, sizeof buf) < 0)
       STRESS_ERROR("format failed");
@@ -395,13 +393,27 @@ static void *worker_main(void *arg) {
     while (x >= mix[op])
       x -= mix[op++];
     switch (op) {
-    case 0: op_register(w); break;
-    case 1: op_unregister(w); break;
-    case 2: op_cancel(w); break;
-    case 3: op_link(w); break;
-    case 4: op_refresh(w); break;
-    case 5: op_check(w); break;
-    default: op_timer(w); break;
+    case 0:
+      op_register(w);
+      break;
+    case 1:
+      op_unregister(w);
+      break;
+    case 2:
+      op_cancel(w);
+      break;
+    case 3:
+      op_link(w);
+      break;
+    case 4:
+      op_refresh(w);
+      break;
+    case 5:
+      op_check(w);
+      break;
+    default:
+      op_timer(w);
+      break;
     }
     w->stat[op]++;
     w->done++;
@@ -459,8 +471,8 @@ static void test_stress(void **state) {
   }
   print_message("stress: %ld ops in %.2f s (register %ld, unregister %ld, "
                 "cancel %ld, link %ld, refresh %ld, check %ld, timer %ld)\n",
-                done, (double)elapsed / 1e9, stat[0], stat[1], stat[2],
-                stat[3], stat[4], stat[5], stat[6]);
+                done, (double)elapsed / 1e9, stat[0], stat[1], stat[2], stat[3],
+                stat[4], stat[5], stat[6]);
   print_message("stress: register inline %ld / listed %ld; unregister ran %ld"
                 " / removed %ld / detached %ld\n",
                 n_reg_inline, n_reg_listed, n_unreg_ran, n_unreg_removed,

@@ -10,15 +10,8 @@
 
 #include <limits.h>
 
-#define TOK(s) cancel_source_token(s)
 #define LATE CANCEL_MSEC(50)
 #define AT_ONCE CANCEL_MSEC(20)
-
-static cancel_source *new_src(const char *name) {
-  cancel_source *s = NULL;
-  assert_int_equal(cancel_source_new(&s, name), 0);
-  return s;
-}
 
 /* ======================================================================
  * Condition variables

@@ -42,6 +42,17 @@
 
 #include "cancel.h"
 
+/* A source's token, shorter. */
+#define TOK(s) cancel_source_token(s)
+
+/* A heap source, or the test fails. */
+static inline cancel_source *new_src(const char *name) {
+  cancel_source *s = NULL;
+  assert_int_equal(cancel_source_new(&s, name), 0);
+  assert_non_null(s);
+  return s;
+}
+
 /* ---- Time scale ------------------------------------------------------- */
 
 /* CANCEL_TEST_TIME_SCALE from the environment, default 1.0.  Values that do
@@ -217,7 +228,6 @@ static inline void fire_cb(void *arg) {
     if (fired_)                                                                \
       assert_true(cancel_now() >= (since) + (ns));                             \
   } while (0)
-
 
 /* ======================================================================
  * Helpers for the tests of the waits (appended for issue 3).

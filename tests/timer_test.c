@@ -13,21 +13,14 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#define TOK(s) cancel_source_token(s)
-
 /* Generous upper bound for "it must fire eventually". */
 static int64_t fire_wait(int64_t timeout_ns) {
   return timeout_ns + test_tol(CANCEL_SEC(5));
 }
 
 /* Lateness allowed after a deadline. */
-static int64_t late_tol(void) { return test_tol(CANCEL_MSEC(50)); }
-
-
-static cancel_source *new_src(const char *name) {
-  cancel_source *s = NULL;
-  assert_int_equal(cancel_source_new(&s, name), 0);
-  return s;
+static int64_t late_tol(void) {
+  return test_tol(CANCEL_MSEC(50));
 }
 
 /* ---- Firing ----------------------------------------------------------- */
@@ -372,8 +365,8 @@ static void test_disposed_timers_never_fire(void **state) {
     struct many_rec *m = &recs[i];
     m->src = new_src("disposed");
     assert_int_equal(cancel_register(&m->reg, TOK(m->src), many_cb, m), 0);
-    m->deadline = cancel_now() + base +
-                  (int64_t)(rng() % (uint64_t)CANCEL_MSEC(100));
+    m->deadline =
+        cancel_now() + base + (int64_t)(rng() % (uint64_t)CANCEL_MSEC(100));
     if (m->deadline > last)
       last = m->deadline;
     assert_int_equal(cancel_source_cancel_at(m->src, m->deadline), 0);
@@ -416,8 +409,8 @@ static void test_timeout_source_parent_wins(void **state) {
   cancel_source *p = new_src("parent");
   cancel_source *c = NULL;
   int64_t before = cancel_now();
-  assert_int_equal(
-      cancel_source_new_timeout(&c, "req", TOK(p), CANCEL_SEC(10)), 0);
+  assert_int_equal(cancel_source_new_timeout(&c, "req", TOK(p), CANCEL_SEC(10)),
+                   0);
   int64_t after = cancel_now();
   assert_non_null(c);
   assert_false(cancel_token_is_cancelled(TOK(c)));
@@ -542,9 +535,9 @@ static void test_timers_share_one_thread(void **state) {
 /* Callbacks running on the timer thread may arm timers, disarm and destroy
  * other timed sources, and drop the last reference to their own source. */
 struct reentrant {
-  cancel_source *self;    /* dropped by the callback */
-  cancel_source *victim;  /* armed far away, destroyed by the callback */
-  cancel_source *next;    /* armed by the callback */
+  cancel_source *self;   /* dropped by the callback */
+  cancel_source *victim; /* armed far away, destroyed by the callback */
+  cancel_source *next;   /* armed by the callback */
   int arm_ret;
   struct fire_rec done;
 };

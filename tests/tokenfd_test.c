@@ -11,14 +11,7 @@
 #include <poll.h>
 #include <sys/epoll.h>
 
-#define TOK(s) cancel_source_token(s)
 #define LATE CANCEL_MSEC(50)
-
-static cancel_source *new_src(const char *name) {
-  cancel_source *s = NULL;
-  assert_int_equal(cancel_source_new(&s, name), 0);
-  return s;
-}
 
 /* poll(fd, POLLIN) with a timeout in ms: revents, 0 when not readable. */
 static int readable(int fd, int ms) {

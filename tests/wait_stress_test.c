@@ -19,8 +19,6 @@
 #include <fcntl.h>
 #include <poll.h>
 
-#define TOK(s) cancel_source_token(s)
-
 enum kind {
   K_SLEEP,
   K_POLL,

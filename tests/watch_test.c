@@ -29,8 +29,6 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#define TOK(s) cancel_source_token(s)
-
 /* "It must happen": generous, for a loaded machine. */
 static int64_t must_wait(void) {
   return test_tol(CANCEL_SEC(5));
