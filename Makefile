@@ -162,6 +162,7 @@ check-valgrind:
 	  name=$$(basename "$$src" .c); \
 	  case " $(VALGRIND_SKIP) " in *" $$name "*) continue ;; esac; \
 	  exe=build/$${src%.c}; \
+	  [ -x "$$exe" ] || { echo "valgrind $$name: not built, skipped"; continue; }; \
 	  log=build/valgrind-$$name.log; \
 	  if CANCEL_TEST_TIME_SCALE=$(VALGRIND_SCALE) timeout $(VALGRIND_TIMEOUT) \
 	       $(VALGRIND) --log-file=$$log $$exe > $$log.out 2>&1; then \
@@ -198,8 +199,10 @@ demo: deps-check build
 	if [ ! -e "$$1" ]; then echo "no examples in examples/patterns yet"; exit 0; fi; \
 	for src in "$$@"; do \
 	  name=$$(basename "$$src" .c); \
+	  exe=build/examples/patterns/$$name; \
+	  if [ ! -x "$$exe" ]; then echo "=== $$name: not built (see cmake's STATUS lines)"; echo; continue; fi; \
 	  echo "=== $$name"; \
-	  build/examples/patterns/$$name; \
+	  $$exe; \
 	  echo; \
 	done
 

@@ -1,7 +1,11 @@
 #!/bin/sh
 # install_test: installs a build tree into a scratch prefix and checks that
-# an out-of-tree program (hello.c) builds and runs against it, with
-# pkg-config (shared and static) and with find_package(cancel).
+# out-of-tree programs build and run against it, with pkg-config (shared
+# and static) and with find_package(cancel): hello.c for the core, and
+# hello_<adapter>.c for each adapter the build made (listed one a line in
+# BUILD_DIR/cancel-adapters.txt).  An adapter without a hello_<adapter>.c
+# is checked for its cancel-<adapter>.pc and its CMake targets, and its
+# header is compiled with the flags of each.
 #
 # usage: run.sh BUILD_DIR LIBDIR [CMAKE [CC]]
 #   BUILD_DIR  the configured and built libcancel tree
@@ -20,17 +24,57 @@ prefix=$work/prefix
 
 step() { echo "== $*"; }
 
+fail() {
+  echo "FAIL: $*" >&2
+  exit 1
+}
+
 # Prints OK or fails: the program must print exactly OK.
 check_ok() {
   out=$("$@")
   if [ "$out" != OK ]; then
-    echo "FAIL: $* printed: $out" >&2
-    exit 1
+    fail "$* printed: $out"
   fi
   echo "$1: OK"
 }
 
-step "cmake --install into $prefix"
+# needs PROGRAM LIB: fails unless PROGRAM is dynamically linked to LIB
+# (a regular expression on the NEEDED entries, e.g. 'libcancel\.so\.0').
+needs() {
+  readelf -d "$1" | grep -q "NEEDED.*\[$2\]" ||
+    fail "$1 is not linked to $2"
+}
+
+# needs_not PROGRAM LIB: fails when it is.
+needs_not() {
+  if readelf -d "$1" | grep -q "NEEDED.*$2"; then
+    fail "$1 needs $2"
+  fi
+}
+
+# static_libs ADAPTER FLAGS...: the flags, with -lcancel and
+# -lcancel-ADAPTER naming the archives (-l:libcancel.a), where -lcancel
+# would pick the .so.
+static_libs() {
+  sl_adapter=$1
+  shift
+  sl_out=""
+  for sl_flag in "$@"; do
+    case $sl_flag in
+    -lcancel) sl_flag=-l:libcancel.a ;;
+    -lcancel-"$sl_adapter") sl_flag=-l:libcancel-$sl_adapter.a ;;
+    esac
+    sl_out="$sl_out $sl_flag"
+  done
+  echo "$sl_out"
+}
+
+[ -f "$build/cancel-adapters.txt" ] ||
+  fail "$build/cancel-adapters.txt does not exist: configure the build again"
+adapters=$(grep -v '^$' "$build/cancel-adapters.txt" | tr '\n' ' ')
+adapters=${adapters% }
+
+step "cmake --install into $prefix (adapters: ${adapters:-none})"
 "$cmake" --install "$build" --prefix "$prefix" >"$work/install.log" ||
   { cat "$work/install.log" >&2; exit 1; }
 
@@ -41,30 +85,100 @@ step "pkg-config, shared: $(pkg-config --cflags --libs cancel)"
 # shellcheck disable=SC2046 # word splitting of the flags is intended
 "$cc" -o "$work/hello_pc" "$here/hello.c" $(pkg-config --cflags --libs cancel)
 check_ok "$work/hello_pc"
-if ! readelf -d "$work/hello_pc" | grep -q 'NEEDED.*libcancel\.so\.0'; then
-  echo "FAIL: hello_pc is not linked to libcancel.so.0" >&2
-  exit 1
-fi
+needs "$work/hello_pc" 'libcancel\.so\.0'
 
 step "pkg-config, static: $(pkg-config --static --cflags --libs cancel)"
-# -l:libcancel.a picks the archive where -lcancel would pick the .so.
-libs=$(pkg-config --static --libs cancel | sed 's/-lcancel\b/-l:libcancel.a/')
-# shellcheck disable=SC2046,SC2086
+# shellcheck disable=SC2046
 "$cc" -o "$work/hello_pc_static" "$here/hello.c" \
-  $(pkg-config --cflags cancel) $libs
+  $(pkg-config --cflags cancel) \
+  $(static_libs none $(pkg-config --static --libs cancel))
 check_ok "$work/hello_pc_static"
-if readelf -d "$work/hello_pc_static" | grep -q 'NEEDED.*libcancel'; then
-  echo "FAIL: hello_pc_static needs libcancel.so" >&2
-  exit 1
-fi
+needs_not "$work/hello_pc_static" libcancel
 
-step "find_package(cancel) with CMAKE_PREFIX_PATH=$prefix"
+echo 'int main(void) { return 0; }' >"$work/empty.c"
+includedir=$(pkg-config --variable=includedir cancel)
+cmake_modules=""
+for a in $adapters; do
+  pc=cancel-$a
+  [ -f "$prefix/$libdir/pkgconfig/$pc.pc" ] || fail "$pc.pc was not installed"
+  [ -f "$includedir/cancel/$a.h" ] || fail "cancel/$a.h was not installed"
+  # Requires: this very cancel, and the library the adapter adapts (its
+  # header includes that library's, so it is part of the interface).
+  requires=$(pkg-config --print-requires "$pc")
+  echo "$requires" | grep -qx "cancel = $(pkg-config --modversion cancel)" ||
+    fail "$pc.pc requires '$requires', not this very cancel"
+  # The adapted module, e.g. libcurl (a version constraint, if any, dropped).
+  module=$(echo "$requires" | grep -v '^cancel ' | head -n 1)
+  module=${module%% *}
+  [ -n "$module" ] || fail "$pc.pc names no adapted module in Requires"
+  if [ ! -f "$here/hello_$a.c" ]; then
+    step "$pc: no hello_$a.c, compiling cancel/$a.h only: $(pkg-config --cflags "$pc")"
+    printf '#include <cancel/%s.h>\nint main(void) { return 0; }\n' "$a" \
+      >"$work/include_$a.c"
+    # shellcheck disable=SC2046
+    "$cc" -c -o "$work/include_$a.o" "$work/include_$a.c" \
+      $(pkg-config --cflags "$pc")
+    continue
+  fi
+
+  cmake_modules="$cmake_modules -DCANCEL_TEST_MODULE_$a=$module"
+
+  # The program calls the adapted library itself: the adapter's .pc
+  # brings it (public Requires), nothing else is named.
+  step "pkg-config, shared: $(pkg-config --cflags --libs "$pc")"
+  # shellcheck disable=SC2046
+  "$cc" -o "$work/hello_${a}_pc" "$here/hello_$a.c" \
+    $(pkg-config --cflags --libs "$pc")
+  check_ok "$work/hello_${a}_pc"
+  needs "$work/hello_${a}_pc" "libcancel-$a\.so\.0"
+
+  step "pkg-config, static: $(pkg-config --static --libs "$pc")"
+  # shellcheck disable=SC2046
+  libs=$(static_libs "$a" $(pkg-config --static --libs "$pc"))
+  # shellcheck disable=SC2046,SC2086
+  if ! "$cc" -o "$work/hello_${a}_pc_static" "$here/hello_$a.c" \
+    $(pkg-config --cflags "$pc") $libs 2>"$work/static.err"; then
+    # Distributions ship a module's .pc listing the private libraries of
+    # a static build without those libraries' development files (Debian's
+    # libcurl: -lrtmp, -lssh2...).  When the module alone cannot be
+    # linked statically, that is the system's business: link our archives
+    # with the shared module instead.  Otherwise the fault is ours.
+    # shellcheck disable=SC2046
+    if "$cc" -o "$work/empty" "$work/empty.c" \
+      $(pkg-config --static --libs "$module") 2>"$work/probe.err"; then
+      cat "$work/static.err" >&2
+      fail "hello_$a.c does not link with pkg-config --static $pc"
+    fi
+    echo "note: $module cannot be linked statically on this system" \
+      "($(grep -m1 -o 'cannot find -l[^: ]*' "$work/probe.err" || echo 'see its .pc')):" \
+      "libcancel-$a.a with the shared $module instead"
+    # shellcheck disable=SC2046
+    libs="$(static_libs "$a" -lcancel-"$a" $(pkg-config --static --libs cancel)) \
+$(pkg-config --libs "$module")"
+    # shellcheck disable=SC2046,SC2086
+    "$cc" -o "$work/hello_${a}_pc_static" "$here/hello_$a.c" \
+      $(pkg-config --cflags "$pc") $libs
+  fi
+  check_ok "$work/hello_${a}_pc_static"
+  needs_not "$work/hello_${a}_pc_static" libcancel
+done
+
+step "find_package(cancel COMPONENTS $adapters) with CMAKE_PREFIX_PATH=$prefix"
+# shellcheck disable=SC2086 # cmake_modules is a list of -D arguments
 "$cmake" -S "$here" -B "$work/cmake-build" -DCMAKE_PREFIX_PATH="$prefix" \
-  -DCMAKE_C_COMPILER="$cc" >"$work/cmake.log" ||
+  -DCMAKE_C_COMPILER="$cc" -DCANCEL_TEST_ADAPTERS="$(echo $adapters | tr ' ' ';')" \
+  $cmake_modules >"$work/cmake.log" ||
   { cat "$work/cmake.log" >&2; exit 1; }
 "$cmake" --build "$work/cmake-build" >"$work/build.log" ||
   { cat "$work/build.log" >&2; exit 1; }
 check_ok "$work/cmake-build/hello"
 check_ok "$work/cmake-build/hello_static"
+for a in $adapters; do
+  [ -f "$here/hello_$a.c" ] || continue
+  check_ok "$work/cmake-build/hello_$a"
+  needs "$work/cmake-build/hello_$a" "libcancel-$a\.so\.0"
+  check_ok "$work/cmake-build/hello_${a}_static"
+  needs_not "$work/cmake-build/hello_${a}_static" libcancel
+done
 
 echo "install test passed"
