@@ -1,8 +1,8 @@
 /*
- * bench.h: the measuring loop and the output row shared by the C benchmark
- * programs (core_bench.c today; later floors and baselines).  The peers in
- * bench/peers/ carry the same loop and the same formatting, written once per
- * language, so every number in results.tsv is made the same way:
+ * bench.h: the measuring loop, the latency percentiles and the output row
+ * shared by the C benchmark programs.  The peers in bench/peers/ carry the
+ * same loop and the same formatting, written once per language, so every
+ * number in results.tsv is made the same way:
  *
  *   1. calibrate: run the batch with 1, 2, 4, ... operations until one batch
  *      takes a tenth of the target, then size it for the target (~60 ms, or
@@ -117,6 +117,41 @@ static inline void bench_row_na(const char *scenario, const char *impl,
   fflush(stdout);
 }
 
+/* ---- Latency samples -------------------------------------------------- *
+ * Programs that time single events (a cancel, a request) keep one sample
+ * per event, in nanoseconds, and report percentiles of them. */
+
+static int bench_cmp_i64(const void *a, const void *b) {
+  int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+  return (x > y) - (x < y);
+}
+
+/* The pct-th percentile (0..100) of the n > 0 samples: s[n * pct / 100]
+ * once sorted (so p50 is s[n / 2]).  Sorts s in place. */
+static inline int64_t bench_percentile(int64_t *s, size_t n, unsigned pct) {
+  qsort(s, n, sizeof s[0], bench_cmp_i64);
+  size_t i = n * pct / 100;
+  return s[i < n ? i : n - 1];
+}
+
+/* The rows `<scenario>_p50` and `<scenario>_p99` for impl, in
+ * microseconds, from n > 0 samples in nanoseconds (sorted in place). */
+static inline void bench_latency_rows(const char *scenario, const char *impl,
+                                      int64_t *s, size_t n) {
+  char name[128];
+  snprintf(name, sizeof name, "%s_p50", scenario);
+  bench_row(name, impl, (double)bench_percentile(s, n, 50) / 1e3, "us");
+  snprintf(name, sizeof name, "%s_p99", scenario);
+  bench_row(name, impl, (double)bench_percentile(s, n, 99) / 1e3, "us");
+}
+
+/* The row `scenario` for impl: the median of n > 0 samples in
+ * nanoseconds, in microseconds (sorts s in place). */
+static inline void bench_median_row(const char *scenario, const char *impl,
+                                    int64_t *s, size_t n) {
+  bench_row(scenario, impl, (double)bench_percentile(s, n, 50) / 1e3, "us");
+}
+
 __attribute__((noreturn)) static inline void bench_die(const char *what,
                                                        int rc) {
   fprintf(stderr, "bench: %s failed: %d\n", what, rc);
@@ -139,6 +174,19 @@ static inline bool bench_wanted(const char *scenario) {
       p++;
   }
   return false;
+}
+
+/* Whether BENCH_ONLY asks for the latency rows of `scenario`: by its own
+ * name or by the name of its p50 or p99 row. */
+static inline bool bench_wanted_latency(const char *scenario) {
+  char name[128];
+  if (bench_wanted(scenario))
+    return true;
+  snprintf(name, sizeof name, "%s_p50", scenario);
+  if (bench_wanted(name))
+    return true;
+  snprintf(name, sizeof name, "%s_p99", scenario);
+  return bench_wanted(name);
 }
 
 #endif /* CANCEL_BENCH_H */

@@ -34,6 +34,8 @@ PROGRAMS='
 core_bench        exe   required  bench/core_bench.c
 wait_bench        exe   required  bench/wait_bench.c
 sqlite_bench      exe   optional  bench/sqlite_bench.c
+curl_bench        exe   optional  bench/curl_bench.c
+pq_bench          exe   optional  bench/pq_bench.c
 stop_token_bench  cxx   optional  bench/peers/stop_token_bench.cpp
 ctxbench          go    optional  bench/peers/go
 abort_bench       node  optional  bench/peers/abort_bench.mjs

@@ -19,11 +19,6 @@
 
 static void stamp(void *arg) { *(int64_t *)arg = cancel_now(); }
 
-static int cmp_i64(const void *a, const void *b) {
-  int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
-  return (x > y) - (x < y);
-}
-
 static void cancel_latency(sqlite3 *db) {
   const char *sql = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 "
                     "FROM c WHERE x < 1000000000) SELECT count(*) FROM c";
@@ -53,11 +48,7 @@ static void cancel_latency(sqlite3 *db) {
     cancel_source_unref(src);
   }
   sqlite3_finalize(stmt);
-  qsort(s, n, sizeof s[0], cmp_i64);
-  bench_row("sqlite_cancel_latency_p50", "libcancel", (double)s[n / 2] / 1e3,
-            "us");
-  bench_row("sqlite_cancel_latency_p99", "libcancel",
-            (double)s[(n * 99) / 100] / 1e3, "us");
+  bench_latency_rows("sqlite_cancel_latency", "libcancel", s, n);
   free(s);
 }
 

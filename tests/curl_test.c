@@ -2,14 +2,18 @@
  * libcancel-curl against a real HTTP server on loopback: a small server
  * thread in this file that answers at once, or never (it waits for the
  * client to go away and records when it did), and records the headers it
- * received.
+ * received.  The DNS test adds a name server on loopback that does not
+ * answer, in network and mount namespaces of its own.
  */
 #include "test_util.h"
 
 #include "cancel/curl.h"
 
 #include <arpa/inet.h>
+#include <net/if.h>
 #include <netinet/in.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -132,7 +136,11 @@ static void test_cancel_abandons_slow_server(void **state) {
     fire_rec_init(&f);
     cancel_reg reg;
     assert_int_equal(cancel_register(&reg, TOK(s), fire_cb, &f), 0);
-    assert_int_equal(cancel_source_cancel_after(s, CANCEL_MSEC(50)), 0);
+    /* 50 ms for the request to reach the server, widened by the time
+     * scale: under valgrind the first round may not even have connected
+     * by then, and the server would never see a connection close. */
+    assert_int_equal(cancel_source_cancel_after(s, test_tol(CANCEL_MSEC(50))),
+                     0);
     CURLcode code;
     int rc = cancel_curl_perform_ex(TOK(s), e, NULL, &code);
     int64_t back = cancel_now();
@@ -242,6 +250,325 @@ static void test_errors_are_not_cancellations(void **state) {
   curl_easy_cleanup(e);
 }
 
+/* ---- A name server that does not answer ------------------------------- *
+ * The threaded resolver runs getaddrinfo on a thread of its own, and
+ * nothing interrupts getaddrinfo.  To make a lookup that is really slow,
+ * a thread moves itself into new network and mount namespaces (root
+ * only: skipped otherwise), brings loopback up, bind-mounts a resolv.conf
+ * that names 127.0.0.1 as the only server (3 s timeout, one attempt)
+ * over /etc/resolv.conf, and listens on 127.0.0.1:53.  Namespaces belong
+ * to a thread and are inherited by the threads it creates, so curl's
+ * resolver thread, started by the transfer on that thread, asks our
+ * server; the rest of the process is not affected.  The server holds
+ * the queries until told to answer them (REFUSED), so that the resolver
+ * thread abandoned by a cancel ends, and the test can see it go. */
+
+struct dns_server {
+  int fd;
+  cancel_source *release; /* cancelled: answer from now on */
+  cancel_source *stop;    /* cancelled: the server returns */
+  cancel_source *victim;  /* cancelled on the first query, or NULL */
+  sem_t asked;            /* posted on the first query */
+  int64_t asked_at;       /* when the first query arrived */
+  int64_t fired;          /* when the victim was cancelled */
+  struct dns_query {
+    unsigned char b[512];
+    size_t len;
+    struct sockaddr_in from;
+  } held[8];
+  int nheld;
+};
+
+/* Answers query q with REFUSED: its header and question, QR set. */
+static void dns_refuse(int fd, const struct dns_query *q) {
+  unsigned char r[512];
+  size_t end = 12; /* the header; then the question's name and 4 bytes */
+  while (end < q->len && q->b[end] != 0)
+    end += 1u + q->b[end];
+  end += 5;
+  if (q->len < 12 || end > q->len)
+    return;
+  memcpy(r, q->b, end);
+  r[2] = (unsigned char)(0x80 | (q->b[2] & 0x79)); /* QR, opcode, RD */
+  r[3] = 0x80 | 5;                                 /* RA, REFUSED */
+  memset(r + 6, 0, 6); /* no answer, authority or additional records */
+  sendto(fd, r, end, MSG_NOSIGNAL, (const struct sockaddr *)&q->from,
+         sizeof q->from);
+}
+
+/* Receives one query into q, observing tok.  0, or the error. */
+static int dns_recv(struct dns_server *d, const cancel_token *tok,
+                    struct dns_query *q) {
+  for (;;) {
+    int rc = cancel_wait_fd(tok, d->fd, POLLIN, CANCEL_NEVER);
+    if (rc < 0)
+      return rc;
+    socklen_t alen = sizeof q->from;
+    ssize_t n = recvfrom(d->fd, q->b, sizeof q->b, MSG_DONTWAIT,
+                         (struct sockaddr *)&q->from, &alen);
+    if (n >= 0) {
+      q->len = (size_t)n;
+      return 0;
+    }
+    if (errno != EAGAIN && errno != EINTR)
+      return -errno;
+  }
+}
+
+static void *dns_server_main(void *arg) {
+  struct dns_server *d = arg;
+  struct dns_query q;
+  /* Holding: nothing is answered, the lookup hangs. */
+  while (dns_recv(d, TOK(d->release), &q) == 0) {
+    if (d->nheld == 0) {
+      d->asked_at = cancel_now();
+      if (d->victim != NULL) {
+        d->fired = cancel_now();
+        cancel_source_cancel(d->victim);
+      }
+      sem_post(&d->asked);
+    }
+    if (d->nheld < (int)(sizeof d->held / sizeof d->held[0]))
+      d->held[d->nheld++] = q;
+  }
+  /* Released: refuse what was held and whatever comes next. */
+  for (int i = 0; i < d->nheld; i++)
+    dns_refuse(d->fd, &d->held[i]);
+  while (dns_recv(d, TOK(d->stop), &q) == 0)
+    dns_refuse(d->fd, &q);
+  return NULL;
+}
+
+/* Threads of this process (entries of /proc/self/task), or -1. */
+static int task_count(void) {
+  DIR *dir = opendir("/proc/self/task");
+  if (dir == NULL)
+    return -1;
+  int n = 0;
+  struct dirent *e;
+  while ((e = readdir(dir)) != NULL)
+    if (e->d_name[0] != '.')
+      n++;
+  closedir(dir);
+  return n;
+}
+
+struct task_goal {
+  int n;
+};
+
+static bool tasks_down_to(void *arg) {
+  int n = task_count();
+  return n >= 0 && n <= ((struct task_goal *)arg)->n;
+}
+
+/* One transfer to a name that never resolves, cancelled by the server's
+ * thread the moment the query arrives (by_deadline false) or by the
+ * token's own deadline, 200 ms (times the scale: the query must reach the
+ * server first). */
+struct dns_result {
+  int rc;
+  CURLcode code;
+  int kind;
+  bool token_fired;   /* the token's callback ran */
+  bool asked;         /* the query reached the server */
+  int64_t asked_at;   /* when it did */
+  int64_t fired;      /* when the token fired (or its deadline passed) */
+  int64_t back;       /* when cancel_curl_perform returned */
+  bool resolver_gone; /* the abandoned resolver thread ended, answered */
+  int64_t gone_after; /* how long after release it took */
+};
+
+struct dns_run {
+  int unshare_errno; /* unshare failed: the test is skipped */
+  char failed[96];   /* the setup step that failed, "" if none */
+  struct dns_result r[2];
+};
+
+static bool dns_step(struct dns_run *run, bool ok, const char *what) {
+  if (!ok && run->failed[0] == '\0')
+    snprintf(run->failed, sizeof run->failed, "%s: %s", what, strerror(errno));
+  return ok;
+}
+
+/* Makes this thread's view of the world: loopback up, our resolv.conf.
+ * Returns the server's socket, or -1 (run->failed says why). */
+static int dns_isolate(struct dns_run *run) {
+  int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  if (!dns_step(run, s >= 0, "socket"))
+    return -1;
+  struct ifreq ifr;
+  memset(&ifr, 0, sizeof ifr);
+  snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "lo");
+  bool up = ioctl(s, SIOCGIFFLAGS, &ifr) == 0;
+  ifr.ifr_flags |= IFF_UP;
+  up = up && ioctl(s, SIOCSIFFLAGS, &ifr) == 0;
+  if (!dns_step(run, up, "bringing lo up")) {
+    close(s);
+    return -1;
+  }
+  /* Our bind mount must not propagate back to the parent namespace. */
+  if (!dns_step(run, mount("none", "/", "none", MS_REC | MS_PRIVATE, NULL) == 0,
+                "mount --make-rprivate /")) {
+    close(s);
+    return -1;
+  }
+  char path[] = "/tmp/cancel-curl-resolv-XXXXXX";
+  int fd = mkstemp(path);
+  if (!dns_step(run, fd >= 0, "mkstemp")) {
+    close(s);
+    return -1;
+  }
+  const char conf[] = "nameserver 127.0.0.1\noptions timeout:3 attempts:1\n";
+  bool ok = write(fd, conf, sizeof conf - 1) == (ssize_t)(sizeof conf - 1);
+  close(fd);
+  ok =
+      dns_step(run, ok, "writing resolv.conf") &&
+      dns_step(run, mount(path, "/etc/resolv.conf", "none", MS_BIND, NULL) == 0,
+               "bind-mounting resolv.conf");
+  unlink(path); /* the mount keeps the file while it exists */
+  struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(53)};
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (!ok || !dns_step(run, bind(s, (struct sockaddr *)&a, sizeof a) == 0,
+                       "bind 127.0.0.1:53")) {
+    close(s);
+    return -1;
+  }
+  return s;
+}
+
+static void dns_case(struct dns_run *run, int fd, bool by_deadline,
+                     struct dns_result *r) {
+  struct dns_server d;
+  memset(&d, 0, sizeof d);
+  d.fd = fd;
+  sem_init(&d.asked, 0, 0);
+  if (cancel_source_new(&d.release, "release") != 0 ||
+      cancel_source_new(&d.stop, "stop") != 0) {
+    dns_step(run, false, "cancel_source_new");
+    return;
+  }
+  cancel_source *s;
+  int rc = by_deadline ? cancel_source_new_timeout(&s, "req", NULL,
+                                                   test_tol(CANCEL_MSEC(200)))
+                       : cancel_source_new(&s, "req");
+  if (!dns_step(run, rc == 0, "request source"))
+    return;
+  if (!by_deadline)
+    d.victim = s;
+  pthread_t server;
+  if (pthread_create(&server, NULL, dns_server_main, &d) != 0) {
+    dns_step(run, false, "pthread_create");
+    return;
+  }
+  /* Everything but curl's resolver thread runs now (the timer thread
+   * too: the deadline armed it). */
+  struct task_goal goal = {task_count()};
+
+  CURL *e = curl_easy_init();
+  curl_easy_setopt(e, CURLOPT_URL, "http://slow-dns.example.test/");
+  curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, sink);
+  curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+  struct fire_rec f;
+  fire_rec_init(&f);
+  cancel_reg reg;
+  cancel_register(&reg, TOK(s), fire_cb, &f);
+  r->rc = cancel_curl_perform_ex(TOK(s), e, NULL, &r->code);
+  r->back = cancel_now();
+  /* curl's timeout, taken from the deadline, may beat the token's timer:
+   * wait for the token's own callback before reading its reason. */
+  r->token_fired = test_sem_wait_ns(&f.sem, test_tol(CANCEL_SEC(2))) == 0;
+  cancel_unregister(&reg);
+  sem_destroy(&f.sem);
+  r->kind = cancel_token_kind(TOK(s));
+  /* The server may still be inside the cancel it made: its semaphore
+   * comes after. */
+  r->asked = test_sem_wait_ns(&d.asked, test_tol(CANCEL_SEC(2))) == 0;
+  r->asked_at = d.asked_at;
+  r->fired = by_deadline ? cancel_token_deadline(TOK(s)) : d.fired;
+  curl_easy_cleanup(e);
+
+  /* The server answers now: the detached resolver thread gets its
+   * (refused) answer, frees what it holds and ends. */
+  int64_t released = cancel_now();
+  cancel_source_cancel(d.release);
+  r->resolver_gone =
+      test_wait_until(tasks_down_to, &goal, test_tol(CANCEL_SEC(10)));
+  r->gone_after = cancel_now() - released;
+  cancel_source_cancel(d.stop);
+  pthread_join(server, NULL);
+  cancel_source_unref(s);
+  cancel_source_unref(d.stop);
+  cancel_source_unref(d.release);
+  sem_destroy(&d.asked);
+}
+
+static int64_t dns_main(void *arg) {
+  struct dns_run *run = arg;
+  if (unshare(CLONE_NEWNS | CLONE_NEWNET) != 0) {
+    run->unshare_errno = errno;
+    return 0;
+  }
+  int fd = dns_isolate(run);
+  if (fd < 0)
+    return 0;
+  dns_case(run, fd, false, &run->r[0]);
+  if (run->failed[0] == '\0')
+    dns_case(run, fd, true, &run->r[1]);
+  close(fd);
+  return 0;
+}
+
+/* A cancel while the host name is still being resolved returns at once:
+ * the adapter sets CURLOPT_QUICK_EXIT, so libcurl detaches the resolver
+ * thread instead of joining it (which would take the 3 s of the lookup's
+ * timeout).  The detached thread ends by itself once the server answers.
+ * Both ways a token fires: cancelled by another thread, and its deadline
+ * (which curl's own timeout, taken from it, races). */
+static void test_cancel_during_slow_dns(void **state) {
+  (void)state;
+  struct dns_run run;
+  memset(&run, 0, sizeof run);
+  struct test_waiter w;
+  /* The namespaces are entered by a thread of its own, which ends with
+   * them: the test's own thread stays where it is. */
+  test_waiter_start(&w, dns_main, &run);
+  test_waiter_end(&w, test_tol(CANCEL_SEC(30)), NULL, NULL);
+  if (run.unshare_errno != 0) {
+    print_message("slow DNS test skipped: unshare(CLONE_NEWNS|CLONE_NEWNET) "
+                  "failed (%s): it needs root (CAP_SYS_ADMIN)\n",
+                  strerror(run.unshare_errno));
+    skip();
+  }
+  if (run.failed[0] != '\0') {
+    print_error("slow DNS test setup: %s\n", run.failed);
+    fail();
+  }
+  for (int i = 0; i < 2; i++) {
+    const struct dns_result *r = &run.r[i];
+    print_message("slow DNS, %s: returned %.2f ms after the token fired; "
+                  "the abandoned resolver thread ended %.2f ms after the "
+                  "server answered\n",
+                  i == 0 ? "cancelled" : "deadline",
+                  (double)(r->back - r->fired) / 1e6,
+                  (double)r->gone_after / 1e6);
+    assert_true(r->asked); /* the lookup was in flight */
+    assert_int_equal(r->rc, -ECANCELED);
+    assert_true(r->token_fired);
+    assert_int_equal(r->kind, i == 0 ? CANCEL_REQUESTED : CANCEL_TIMEOUT);
+    if (i == 0)
+      assert_int_equal(r->code, CURLE_ABORTED_BY_CALLBACK);
+    else
+      assert_i64_lt(r->asked_at, r->fired); /* asked before the deadline */
+    /* Joining the resolver would take the lookup's 3 s.  curl's own
+     * timeout, taken from the deadline, counts whole milliseconds and may
+     * end the call a little before the deadline itself. */
+    assert_i64_ge(r->back - r->fired, i == 0 ? 0 : -CANCEL_MSEC(2));
+    assert_i64_lt(r->back - r->fired, test_tol(CANCEL_MSEC(20)));
+    assert_true(r->resolver_gone);
+  }
+}
+
 static void test_grpc_format(void **state) {
   (void)state;
   char b[16];
@@ -264,6 +591,7 @@ int main(void) {
       cmocka_unit_test(test_nothing_sent_when_no_time_left),
       cmocka_unit_test(test_errors_are_not_cancellations),
       cmocka_unit_test(test_grpc_format),
+      cmocka_unit_test(test_cancel_during_slow_dns),
   };
   int rc = cmocka_run_group_tests(tests, NULL, NULL);
   curl_global_cleanup();

@@ -52,12 +52,23 @@ typedef struct cancel_curl_options {
  * CURLcode, so "our timeout" (-ECANCELED with a timeout reason on the
  * token) is never confused with "their failure".
  *
- * The threaded resolver (Debian's libcurl): getaddrinfo cannot be
- * interrupted, and removing a handle that is still resolving makes libcurl
- * wait for its resolver thread, so a cancel during a slow DNS lookup
- * returns when the lookup ends.  Give hosts whose resolution must not hold
- * a cancel up CURLOPT_RESOLVE entries, or resolve them with a cancellable
- * wait of your own beforehand.
+ * Name resolution with the threaded resolver (Debian's libcurl): the
+ * lookup runs getaddrinfo on a thread of libcurl's, and nothing interrupts
+ * getaddrinfo.  By default, removing a handle that is still resolving
+ * joins that thread, so a cancel would return only when the lookup ends
+ * (measured: 3.0 s against a name server that never answers, with
+ * `options timeout:3 attempts:1`).  So, with a token (non-NULL), the
+ * adapter sets CURLOPT_QUICK_EXIT to 1 on the handle before the transfer
+ * (it stays set, and only changes what an abandoned lookup does): the
+ * thread is detached instead, and the call returns at once, whether the
+ * token is cancelled or its deadline (or curl's timeout taken from it)
+ * expires mid-lookup (measured: under 1 ms after the cancel, valgrind
+ * aside).  The detached thread frees everything it holds and ends when
+ * getaddrinfo returns, as bounded by resolv.conf's timeout and attempts;
+ * until then each abandoned lookup costs a thread and a socket pair.
+ * libcurl before 7.87.0 has no such option and joins.  From libcurl 8.20,
+ * whose resolver threads belong to the multi handle, CURLMOPT_QUICK_EXIT
+ * is set on the adapter's multi handle too.
  *
  * Thread-safety: one call per easy handle at a time; the handle must not
  * be in another multi handle.  Allocates a multi handle per call. */

@@ -66,6 +66,14 @@ static void wake(void *arg) {
   curl_multi_wakeup((CURLM *)arg);
 }
 
+static void set_quick_exit(CURL *easy) {
+#if LIBCURL_VERSION_NUM >= 0x075700 /* 7.87.0 */
+  curl_easy_setopt(easy, CURLOPT_QUICK_EXIT, 1L);
+#else
+  (void)easy;
+#endif
+}
+
 /* Appends h to *list; returns false on ENOMEM (the list is kept). */
 static bool append(struct curl_slist **list, const char *h) {
   struct curl_slist *l = curl_slist_append(*list, h);
@@ -118,10 +126,28 @@ int cancel_curl_perform_ex(const cancel_token *tok, CURL *easy,
     }
   }
 
+  /* Cancelled while the host name is still being resolved: with the
+   * threaded resolver, removing the handle would join the thread blocked
+   * in getaddrinfo (which nothing can interrupt), so the cancel would wait
+   * for the lookup to end: seconds when a name server does not answer.
+   * Quick exit makes libcurl detach that thread instead; it frees what it
+   * holds when getaddrinfo returns.  Set before the transfer starts, not
+   * only when the token fires: curl's own timeout, taken from the token's
+   * deadline, may abandon the lookup inside curl_multi_perform too.  An
+   * older libcurl ignores the option (CURLE_UNKNOWN_OPTION) and joins. */
+  if (tok != NULL)
+    set_quick_exit(easy);
+
   int rc;
   CURLM *multi = curl_multi_init();
   if (multi == NULL)
     goto nomem;
+#if LIBCURL_VERSION_NUM >= 0x081400
+  /* From 8.20 the resolver threads belong to the multi handle, and
+   * curl_multi_cleanup joins them unless told not to. */
+  if (tok != NULL)
+    curl_multi_setopt(multi, CURLMOPT_QUICK_EXIT, 1L);
+#endif
   if (curl_multi_add_handle(multi, easy) != CURLM_OK) {
     curl_multi_cleanup(multi);
     rc = -EINVAL;
@@ -166,9 +192,13 @@ int cancel_curl_perform_ex(const cancel_token *tok, CURL *easy,
     if (result != NULL)
       *result = code;
     rc = map_curl(code);
+    /* The token's deadline, its timer a hair behind.  curl counts its
+     * timeout in whole milliseconds (truncating), so it may give up to a
+     * millisecond before the deadline itself: a timeout that close to it
+     * is the one we derived from it, not one of the caller's. */
     if (rc == -ETIMEDOUT && left != CANCEL_NEVER &&
-        cancel_token_remaining(tok) == 0)
-      rc = -ECANCELED; /* the token's deadline, its timer a hair behind */
+        cancel_token_remaining(tok) < CANCEL_MSEC(2))
+      rc = -ECANCELED;
   }
 out:
   if (own_headers) {
