@@ -1,0 +1,203 @@
+/*
+ * libcancel-http: the server side.  An HTTP server on libmicrohttpd whose
+ * every request carries a token that fires when the client goes away, when
+ * the route's timeout or the caller's deadline passes, or when the process
+ * stops; and an edge that answers a cancelled request by its reason.
+ *
+ * Each request gets a chain of sources, innermost last, and the handler
+ * gets the innermost token:
+ *
+ *   drain      a shield on the server's `stopping` token (the host's):
+ *              it fires drain_timeout_ns after stopping fired, so
+ *              requests in flight may finish first (kind shutdown)
+ *   client     "client <addr>:<port>", linked to drain; cancelled with
+ *              kind client gone when the connection hangs up (the
+ *              connection is suspended while the handler runs and its
+ *              descriptor watched for EPOLLRDHUP, cancel_watch_hangup)
+ *   route      "route timeout", the route's timeout (kind timeout)
+ *   deadline   "deadline header grpc-timeout" or "... X-Request-Timeout-Ms":
+ *              the caller's budget, when a request carries one (capped by
+ *              max_deadline_ns; a malformed header is ignored with a
+ *              warning); the smaller of the two headers wins
+ *
+ * so the reason says who asked: "client gone (client 10.0.0.7:5123)",
+ * "timeout (route timeout 2s) via client ...", "shutdown (host SIGTERM)
+ * via drain [grace 20s expired] ...".
+ *
+ * Handlers run on a pool of threads (the connection is suspended while
+ * they do).  The edge, after the handler returns:
+ *   >= 0          the response the handler set is sent (none set: 500);
+ *   -ECANCELED    answered by the token's reason:
+ *                   client gone: nothing is sent (the connection is
+ *                     closed), logged at info, status 499 in the log;
+ *                   timeout: 504, logged at warn naming the source that
+ *                     timed out;
+ *                   shutdown: 503 with Connection: close, info;
+ *                   requested or a user kind: 503, info;
+ *                 a handler that returns -ECANCELED although its token did
+ *                 not fire (an inner source of its own): 500, error;
+ *   other < 0     500, logged at error with cancel_strerror.
+ * Nothing cancellation-related is logged as an error.  Every request ends
+ * with one access line (component "http", msg "request"): id, method,
+ * path, route, status, dur_ms, and for cancellations the reason's fields
+ * (cancel_logfmt_reason) and after_cancel_ms: how long the handler ran
+ * after its token fired.
+ *
+ * Requests the server answers itself: 404 (no route), 405 (route exists,
+ * other method; with Allow), 413 (body over max_body), 400 (malformed
+ * request: libmicrohttpd's own answer), 503 with Connection: close (a
+ * request that arrives on an open connection after stopping fired).
+ *
+ * Graceful stop (cancel_http_server_stop, or stopping firing under
+ * cancel_http_server_run): stop accepting connections, let the requests in
+ * flight finish until the drain shield fires them (they answer 503),
+ * resume every suspended connection, stop the daemon.
+ *
+ * Link with -lcancel-http -lcancel -lmicrohttpd (pkg-config: cancel-http).
+ */
+#ifndef CANCEL_HTTP_H
+#define CANCEL_HTTP_H
+
+#include <cancel.h>
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct cancel_http_server cancel_http_server;
+typedef struct cancel_http_request cancel_http_request;
+
+/* A request handler: runs on a pool thread with the request's token (never
+ * NULL, unless the server was built with no_cancellation).  It sets the
+ * response with cancel_http_respond() and returns 0, or returns -ECANCELED
+ * / another negative errno value for the edge to answer (see above).  It
+ * MUST NOT keep req or tok after returning. */
+typedef int cancel_http_handler(cancel_http_request *req,
+                                const cancel_token *tok, void *arg);
+
+typedef struct cancel_http_route {
+  const char *method;  /* "GET", "POST"...; NULL matches every method */
+  const char *pattern; /* "/reports/{id}": literal segments and {name}
+                          captures, one segment each */
+  cancel_http_handler *handler;
+  void *arg;
+  int64_t timeout_ns; /* the route's timeout; 0: the server's default */
+} cancel_http_route;
+
+/* Options; zero-initialise, then set what you need.  NULL: defaults. */
+typedef struct cancel_http_options {
+  const char *name;           /* the server's name in logs; "http" */
+  const char *bind_address;   /* an IPv4 or IPv6 literal; "127.0.0.1" */
+  uint16_t port;              /* 0: any free port (cancel_http_server_port) */
+  unsigned threads;           /* handler threads; 0: 8 */
+  int64_t default_timeout_ns; /* routes without their own; 0: 30 s */
+  int64_t max_deadline_ns;    /* cap on an incoming deadline header; 0: 5 min */
+  bool ignore_deadline_headers;
+  int64_t drain_timeout_ns; /* after stopping, how long requests in flight
+                               may run before their tokens fire; 0: 20 s.
+                               Keep it below the host's shutdown timeout. */
+  size_t max_body;          /* request bodies; 0: 1 MiB */
+  /* The plumbing off, for comparison (the benchmark's "plain"): no
+   * sources, no hang-up watch, no deadline headers; handlers get a NULL
+   * token.  Everything else (pool, routing, logging) is the same. */
+  bool no_cancellation;
+} cancel_http_options;
+
+/* Creates a server for n routes (copied: the strings must outlive the
+ * server; the first matching route wins).  Nothing listens yet.
+ * Returns 0, -EINVAL (NULL srvp, routes NULL with n > 0, a route without
+ * handler or pattern, a pattern not starting with '/', negative times, a
+ * bind_address that is not an IP literal), -ENOMEM. */
+CANCEL_API int cancel_http_server_new(cancel_http_server **srvp,
+                                      const cancel_http_options *opts,
+                                      const cancel_http_route *routes,
+                                      size_t n);
+
+/* Starts listening and serving.  stopping (may be NULL; borrowed: it MUST
+ * stay valid until cancel_http_server_stop returns) is the process's
+ * stopping token: requests are linked to it through the drain shield.
+ * Returns 0, -EINVAL (NULL srv), -EALREADY (started), -EADDRINUSE,
+ * -EACCES, -ENOMEM, -EIO (libmicrohttpd could not start; it logs why). */
+CANCEL_API int cancel_http_server_start(cancel_http_server *srv,
+                                        const cancel_token *stopping);
+
+/* The port the server listens on (useful with port 0), 0 before start. */
+CANCEL_API uint16_t cancel_http_server_port(const cancel_http_server *srv);
+
+/* Graceful stop: stops accepting, waits for the requests in flight until
+ * `deadline` (absolute; their tokens fire when the drain shield does, or
+ * now if stopping has not fired: the server is then stopped with kind
+ * shutdown, detail "server stop"), resumes every connection and stops the
+ * daemon.  Returns 0 (every request answered), -ETIMEDOUT (handlers still
+ * running at the deadline: they ignore their tokens; the daemon is left
+ * running for them and the server cannot be freed until a later call
+ * returns 0), -EINVAL (NULL, or not started).  Call it from one thread. */
+CANCEL_API int cancel_http_server_stop(cancel_http_server *srv,
+                                       int64_t deadline);
+
+/* A host worker (cancel_worker_fn of cancel/host.h): starts the server
+ * (arg) with `stopping`, waits until stopping fires, then stops
+ * gracefully with the deadline drain_timeout_ns + 1 s.  Returns
+ * -ECANCELED after a clean stop, or the error of start / stop. */
+CANCEL_API int cancel_http_server_run(const cancel_token *stopping, void *srv);
+
+/* Frees a stopped (or never started) server.  Returns 0, or -EBUSY (still
+ * running, or handlers still running after a timed-out stop: nothing is
+ * freed). */
+CANCEL_API int cancel_http_server_free(cancel_http_server *srv);
+
+/* How many requests are between arrival and their answer right now
+ * (handlers running or queued).  Thread-safe. */
+CANCEL_API size_t cancel_http_server_in_flight(const cancel_http_server *srv);
+
+/* ---- The request, inside a handler ----------------------------------- *
+ * Strings are valid until the handler returns. */
+
+CANCEL_API uint64_t cancel_http_request_id(const cancel_http_request *req);
+CANCEL_API const char *
+cancel_http_request_method(const cancel_http_request *req);
+CANCEL_API const char *cancel_http_request_path(const cancel_http_request *req);
+/* The route's pattern that matched ("/reports/{id}"). */
+CANCEL_API const char *
+cancel_http_request_route(const cancel_http_request *req);
+/* A {name} capture of the route, NULL if the route has none such. */
+CANCEL_API const char *cancel_http_request_param(const cancel_http_request *req,
+                                                 const char *name);
+/* A query-string argument (?name=value), NULL when absent. */
+CANCEL_API const char *cancel_http_request_query(const cancel_http_request *req,
+                                                 const char *name);
+/* A request header (case-insensitive name), NULL when absent. */
+CANCEL_API const char *
+cancel_http_request_header(const cancel_http_request *req, const char *name);
+/* The body (NULL with *len 0 when there is none). */
+CANCEL_API const void *cancel_http_request_body(const cancel_http_request *req,
+                                                size_t *len);
+
+/* Sets the response: status, content type (NULL: none), body (copied).
+ * A second call replaces the first.  Returns 0, -EINVAL (status outside
+ * 100-599, body NULL with len > 0), -ENOMEM. */
+CANCEL_API int cancel_http_respond(cancel_http_request *req, unsigned status,
+                                   const char *content_type, const void *body,
+                                   size_t len);
+
+/* Adds a header to the response (after cancel_http_respond).  Returns 0,
+ * -EINVAL (no response yet, a name or value with CR/LF), -ENOMEM. */
+CANCEL_API int cancel_http_respond_header(cancel_http_request *req,
+                                          const char *name, const char *value);
+
+/* Parses a deadline header value: grpc-timeout ("250m": 1-8 digits and a
+ * unit H M S m u n) when grpc is true, else X-Request-Timeout-Ms (1-12
+ * decimal digits of milliseconds).  Returns 0 with *ns set (INT64_MAX for
+ * a valid value too large to count in nanoseconds), or -EINVAL. */
+CANCEL_API int cancel_http_parse_timeout(const char *value, bool grpc,
+                                         int64_t *ns);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* CANCEL_HTTP_H */

@@ -1,0 +1,994 @@
+/*
+ * libcancel-http: libmicrohttpd with a token per request.
+ *
+ * The daemon runs its own polling thread (epoll).  When a request is
+ * complete (headers and body), the access handler builds the request's
+ * sources, suspends the connection, arms a hang-up watch on its descriptor
+ * and queues the request for the pool.  A pool thread runs the handler,
+ * classifies its result (the edge), tears the sources down (unwatch first,
+ * so that a descriptor libmicrohttpd closes later is never watched), and
+ * resumes the connection; libmicrohttpd then calls the access handler
+ * again, which queues the response (or refuses, closing the connection,
+ * when the client is gone).  The completion callback writes the access
+ * line and frees the request.
+ *
+ * Why suspend: while a handler runs, libmicrohttpd must not read the
+ * connection (it would see the hang-up and close the descriptor under our
+ * watch) and must not time it out.  Suspended, the connection is ours;
+ * its descriptor is watched by the reactor (EPOLLRDHUP) instead.
+ */
+#define _GNU_SOURCE
+#include "internal.h"
+
+#include "cancel/http.h"
+#include "cancel/log.h"
+#include "cancel/watch.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <microhttpd.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define DEFAULT_THREADS 8
+#define DEFAULT_TIMEOUT CANCEL_SEC(30)
+#define DEFAULT_MAX_DEADLINE CANCEL_SEC(300)
+#define DEFAULT_DRAIN CANCEL_SEC(20)
+#define DEFAULT_MAX_BODY ((size_t)1 << 20)
+#define MAX_PARAMS 8
+
+struct kv {
+  const char *k, *v;
+};
+
+struct kvs {
+  struct kv *a;
+  size_t n, cap;
+};
+
+enum req_state { REQ_NEW, REQ_QUEUED, REQ_DONE };
+
+struct cancel_http_request {
+  cancel_http_server *srv;
+  struct MHD_Connection *conn;
+  struct cancel_http_request *next; /* the pool's queue */
+  uint64_t id;
+  int64_t t0, t_handler_end;
+  enum req_state state;
+  bool dispatched;          /* counted in in_flight */
+  const char *method, *url; /* libmicrohttpd's, valid until completion */
+  const cancel_http_route *route;
+  char *pathbuf; /* url split into segments: the captures point here */
+  struct kv params[MAX_PARAMS];
+  size_t nparams;
+  struct kvs headers, args; /* libmicrohttpd's strings */
+  char *body;
+  size_t body_len;
+  bool too_large;
+  /* Cancellation. */
+  cancel_source *client, *route_src, *deadline_src;
+  const cancel_token *tok;
+  cancel_watch watch;
+  bool watching;
+  /* The answer. */
+  unsigned status, log_status;
+  char *resp_body, *ctype;
+  size_t resp_len;
+  struct kvs resp_headers; /* our copies */
+  bool close_conn, no_response, client_gone;
+  int level; /* of the access line */
+  char cancel_fields[640];
+  char error[128];
+  double after_cancel_ms; /* < 0: not cancelled */
+};
+
+struct cancel_http_server {
+  cancel_http_options o;
+  cancel_http_route *routes;
+  size_t nroutes;
+  struct MHD_Daemon *d;
+  uint16_t port;
+  const cancel_token *stopping;
+  cancel_source *drain;
+  cancel_reg stop_reg;
+  bool reg_armed;
+  MHD_socket lfd;    /* the listening socket, ours once quiesced */
+  int stopping_flag; /* atomic: answer new requests 503 */
+  uint64_t next_id;  /* atomic */
+  pthread_mutex_t mu;
+  pthread_cond_t cv; /* queue non-empty, in_flight changed */
+  cancel_http_request *head, *tail;
+  size_t in_flight; /* atomic reads outside mu */
+  size_t running;   /* handlers running now */
+  bool closing;     /* pool threads exit */
+  pthread_t *threads;
+  unsigned nthreads;
+  enum { SRV_NEW, SRV_RUNNING, SRV_STOPPED, SRV_STUCK } state;
+};
+
+/* ---- Small helpers ------------------------------------------------------ */
+
+static int64_t add_sat(int64_t a, int64_t b) {
+  return a > CANCEL_NEVER - b ? CANCEL_NEVER : a + b;
+}
+
+static bool kvs_add(struct kvs *s, const char *k, const char *v) {
+  if (s->n == s->cap) {
+    size_t cap = s->cap ? s->cap * 2 : 16;
+    struct kv *a = realloc(s->a, cap * sizeof *a);
+    if (a == NULL)
+      return false;
+    s->a = a;
+    s->cap = cap;
+  }
+  s->a[s->n].k = k;
+  s->a[s->n].v = v;
+  s->n++;
+  return true;
+}
+
+static const char *kvs_get(const struct kvs *s, const char *k, bool nocase) {
+  for (size_t i = 0; i < s->n; i++)
+    if ((nocase ? strcasecmp : strcmp)(s->a[i].k, k) == 0)
+      return s->a[i].v;
+  return NULL;
+}
+
+int cancel_http_parse_timeout(const char *v, bool grpc, int64_t *ns) {
+  if (v == NULL || ns == NULL)
+    return -EINVAL;
+  size_t digits = strspn(v, "0123456789");
+  if (digits == 0 || digits > (grpc ? 8u : 12u))
+    return -EINVAL;
+  int64_t n = 0;
+  for (size_t i = 0; i < digits; i++)
+    n = n * 10 + (v[i] - '0');
+  const char *rest = v + digits;
+  if (!grpc) {
+    if (*rest != '\0')
+      return -EINVAL;
+    *ns = n * 1000000;
+    return 0;
+  }
+  if (rest[0] == '\0' || rest[1] != '\0')
+    return -EINVAL;
+  int64_t unit;
+  switch (rest[0]) {
+  case 'H':
+    unit = CANCEL_SEC(3600);
+    break;
+  case 'M':
+    unit = CANCEL_SEC(60);
+    break;
+  case 'S':
+    unit = CANCEL_SEC(1);
+    break;
+  case 'm':
+    unit = CANCEL_MSEC(1);
+    break;
+  case 'u':
+    unit = CANCEL_USEC(1);
+    break;
+  case 'n':
+    unit = 1;
+    break;
+  default:
+    return -EINVAL;
+  }
+  /* 8 digits of hours (3.6e20 ns) do not fit: saturate, the cap applies. */
+  *ns = n > INT64_MAX / unit ? INT64_MAX : n * unit;
+  return 0;
+}
+
+/* ---- Routing ------------------------------------------------------------- */
+
+/* Matches path against pattern; on success fills the request's params
+ * (pointing into its pathbuf, which holds path split at '/'). */
+static bool route_match(cancel_http_request *r, const char *pattern) {
+  const char *p = pattern, *u = r->url;
+  size_t np = 0;
+  char *out = r->pathbuf;
+  while (*p == '/' && *u == '/') {
+    p++;
+    u++;
+    size_t pl = strcspn(p, "/"), ul = strcspn(u, "/");
+    if (pl >= 2 && p[0] == '{' && p[pl - 1] == '}') {
+      if (ul == 0 || np == MAX_PARAMS)
+        return false;
+      memcpy(out, u, ul);
+      out[ul] = '\0';
+      r->params[np].k = NULL; /* the name is matched by param() */
+      r->params[np].v = out;
+      out += ul + 1;
+      np++;
+    } else if (pl != ul || memcmp(p, u, pl) != 0) {
+      return false;
+    }
+    p += pl;
+    u += ul;
+  }
+  if (*p != '\0' || *u != '\0')
+    return false;
+  r->nparams = np;
+  return true;
+}
+
+const char *cancel_http_request_param(const cancel_http_request *r,
+                                      const char *name) {
+  if (r == NULL || name == NULL || r->route == NULL)
+    return NULL;
+  /* The i-th {capture} of the pattern is params[i]. */
+  size_t i = 0, len = strlen(name);
+  for (const char *p = r->route->pattern; (p = strchr(p, '{')) != NULL; p++) {
+    const char *end = strchr(p, '}');
+    if (end == NULL || i >= r->nparams)
+      break;
+    if ((size_t)(end - p - 1) == len && memcmp(p + 1, name, len) == 0)
+      return r->params[i].v;
+    i++;
+  }
+  return NULL;
+}
+
+/* ---- Responses ------------------------------------------------------------
+ */
+
+int cancel_http_respond(cancel_http_request *r, unsigned status,
+                        const char *ctype, const void *body, size_t len) {
+  if (r == NULL || status < 100 || status > 599 || (body == NULL && len > 0))
+    return -EINVAL;
+  char *b = malloc(len ? len : 1);
+  char *t = ctype != NULL ? strdup(ctype) : NULL;
+  if (b == NULL || (ctype != NULL && t == NULL)) {
+    free(b);
+    free(t);
+    return -ENOMEM;
+  }
+  if (len)
+    memcpy(b, body, len);
+  free(r->resp_body);
+  free(r->ctype);
+  r->resp_body = b;
+  r->resp_len = len;
+  r->ctype = t;
+  r->status = status;
+  return 0;
+}
+
+int cancel_http_respond_header(cancel_http_request *r, const char *name,
+                               const char *value) {
+  if (r == NULL || name == NULL || value == NULL || r->status == 0 ||
+      strpbrk(name, "\r\n:") != NULL || strpbrk(value, "\r\n") != NULL)
+    return -EINVAL;
+  char *k = strdup(name), *v = strdup(value);
+  if (k == NULL || v == NULL || !kvs_add(&r->resp_headers, k, v)) {
+    free(k);
+    free(v);
+    return -ENOMEM;
+  }
+  return 0;
+}
+
+static void respond_text(cancel_http_request *r, unsigned status,
+                         const char *text) {
+  if (cancel_http_respond(r, status, "text/plain; charset=utf-8", text,
+                          strlen(text)) < 0)
+    r->status = status; /* no memory: an empty body still answers */
+}
+
+/* ---- The request's sources ---------------------------------------------- */
+
+static void client_name(struct MHD_Connection *c, char *buf, size_t len) {
+  const union MHD_ConnectionInfo *ci =
+      MHD_get_connection_info(c, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+  char host[INET6_ADDRSTRLEN] = "?";
+  unsigned port = 0;
+  if (ci != NULL && ci->client_addr != NULL) {
+    const struct sockaddr *sa = ci->client_addr;
+    if (sa->sa_family == AF_INET) {
+      const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
+      inet_ntop(AF_INET, &in->sin_addr, host, sizeof host);
+      port = ntohs(in->sin_port);
+    } else if (sa->sa_family == AF_INET6) {
+      const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
+      inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host);
+      port = ntohs(in6->sin6_port);
+    }
+  }
+  snprintf(buf, len, "client %s:%u", host, port);
+}
+
+/* The caller's budget from the deadline headers (the smaller one), or
+ * CANCEL_NEVER; *which names the header it came from. */
+static int64_t header_budget(cancel_http_request *r, const char **which) {
+  cancel_http_server *s = r->srv;
+  int64_t best = CANCEL_NEVER;
+  static const struct {
+    const char *name;
+    bool grpc;
+  } hs[] = {{"grpc-timeout", true}, {"X-Request-Timeout-Ms", false}};
+  for (size_t i = 0; i < 2; i++) {
+    const char *v = kvs_get(&r->headers, hs[i].name, true);
+    if (v == NULL)
+      continue;
+    int64_t ns;
+    if (cancel_http_parse_timeout(v, hs[i].grpc, &ns) < 0) {
+      char q[160];
+      cancel_logfmt_quote(q, sizeof q, v);
+      cancel_log(CANCEL_LOG_WARN, "http", "malformed deadline header ignored",
+                 "id=%" PRIu64 " header=%s value=%s", r->id, hs[i].name, q);
+      continue;
+    }
+    if (ns > s->o.max_deadline_ns)
+      ns = s->o.max_deadline_ns;
+    if (ns < best) {
+      best = ns;
+      *which = hs[i].grpc ? "deadline header grpc-timeout"
+                          : "deadline header X-Request-Timeout-Ms";
+    }
+  }
+  return best;
+}
+
+static int build_sources(cancel_http_request *r) {
+  cancel_http_server *s = r->srv;
+  char name[96];
+  client_name(r->conn, name, sizeof name);
+  const cancel_token *drain = cancel_source_token(s->drain);
+  int rc = cancel_source_new_linked(&r->client, name, &drain, 1);
+  if (rc < 0)
+    return rc;
+  int64_t t =
+      r->route->timeout_ns ? r->route->timeout_ns : s->o.default_timeout_ns;
+  rc = cancel_source_new_timeout(&r->route_src, "route timeout",
+                                 cancel_source_token(r->client), t);
+  if (rc < 0)
+    return rc;
+  r->tok = cancel_source_token(r->route_src);
+  if (!s->o.ignore_deadline_headers) {
+    const char *which = NULL;
+    int64_t budget = header_budget(r, &which);
+    if (budget != CANCEL_NEVER) {
+      rc = cancel_source_new_timeout(&r->deadline_src, which, r->tok, budget);
+      if (rc < 0)
+        return rc;
+      r->tok = cancel_source_token(r->deadline_src);
+    }
+  }
+  return 0;
+}
+
+/* Unwatches and drops the sources.  Returns whether the client hung up. */
+static bool teardown_sources(cancel_http_request *r) {
+  bool gone = false;
+  if (r->watching) {
+    gone = cancel_unwatch(&r->watch) == 0;
+    r->watching = false;
+  }
+  cancel_source_unref(r->deadline_src);
+  cancel_source_unref(r->route_src);
+  cancel_source_unref(r->client);
+  r->deadline_src = r->route_src = r->client = NULL;
+  r->tok = NULL;
+  return gone;
+}
+
+/* ---- The edge ----------------------------------------------------------- */
+
+static void classify(cancel_http_request *r, int rc) {
+  r->level = CANCEL_LOG_INFO;
+  r->after_cancel_ms = -1;
+  cancel_reason why;
+  bool fired = r->tok != NULL && cancel_token_reason(r->tok, &why) == 1;
+  if (fired) {
+    cancel_logfmt_reason(r->cancel_fields, sizeof r->cancel_fields, &why);
+    r->after_cancel_ms = (double)(r->t_handler_end - why.time) / 1e6;
+  }
+  if (rc >= 0) {
+    if (r->status == 0) {
+      respond_text(r, 500, "internal error\n");
+      snprintf(r->error, sizeof r->error, "handler set no response");
+      r->level = CANCEL_LOG_ERROR;
+    }
+  } else if (rc == -ECANCELED && fired) {
+    char line[256];
+    switch (why.kind) {
+    case CANCEL_CLIENT_GONE:
+      r->no_response = true;
+      r->log_status = 499;
+      break;
+    case CANCEL_TIMEOUT:
+      snprintf(line, sizeof line, "timeout: %s\n",
+               why.origin[0] ? why.origin : "deadline");
+      respond_text(r, 504, line);
+      r->level = CANCEL_LOG_WARN;
+      break;
+    case CANCEL_SHUTDOWN:
+      respond_text(r, 503, "shutting down\n");
+      r->close_conn = true;
+      break;
+    default:
+      respond_text(r, 503, "cancelled\n");
+      break;
+    }
+  } else if (rc == -ECANCELED) {
+    respond_text(r, 500, "internal error\n");
+    snprintf(r->error, sizeof r->error,
+             "handler returned -ECANCELED but its token did not fire");
+    r->level = CANCEL_LOG_ERROR;
+  } else {
+    respond_text(r, 500, "internal error\n");
+    snprintf(r->error, sizeof r->error, "%s", cancel_strerror(rc));
+    r->level = CANCEL_LOG_ERROR;
+  }
+}
+
+static void run_request(cancel_http_request *r) {
+  cancel_http_server *s = r->srv;
+  int rc = r->route->handler(r, r->tok, r->route->arg);
+  r->t_handler_end = cancel_now();
+  classify(r, rc);
+  if (teardown_sources(r) || r->no_response) {
+    /* The client is gone: whatever the handler answered, nobody reads
+     * it.  Logged as nginx does (499), not as an error. */
+    r->client_gone = true;
+    r->no_response = true;
+    r->log_status = 499;
+    if (r->level == CANCEL_LOG_ERROR && rc == -ECANCELED)
+      r->level = CANCEL_LOG_INFO;
+  }
+  if (ld_acquire(&s->stopping_flag))
+    r->close_conn = true;
+  r->state = REQ_DONE;
+  pthread_mutex_lock(&s->mu);
+  s->running--;
+  pthread_mutex_unlock(&s->mu);
+  /* From here on r belongs to libmicrohttpd's thread again. */
+  MHD_resume_connection(r->conn);
+}
+
+static void *pool_main(void *arg) {
+  cancel_http_server *s = arg;
+  pthread_mutex_lock(&s->mu);
+  for (;;) {
+    while (s->head == NULL && !s->closing)
+      pthread_cond_wait(&s->cv, &s->mu);
+    if (s->head == NULL)
+      break;
+    cancel_http_request *r = s->head;
+    s->head = r->next;
+    if (s->head == NULL)
+      s->tail = NULL;
+    s->running++;
+    pthread_mutex_unlock(&s->mu);
+    run_request(r);
+    pthread_mutex_lock(&s->mu);
+  }
+  pthread_mutex_unlock(&s->mu);
+  return NULL;
+}
+
+/* ---- libmicrohttpd's callbacks ---------------------------------------------
+ */
+
+static enum MHD_Result collect(void *cls, enum MHD_ValueKind kind,
+                               const char *k, const char *v) {
+  (void)kind;
+  struct kvs *s = cls;
+  return kvs_add(s, k, v != NULL ? v : "") ? MHD_YES : MHD_NO;
+}
+
+static enum MHD_Result send_response(cancel_http_request *r) {
+  struct MHD_Response *resp = MHD_create_response_from_buffer(
+      r->resp_len, r->resp_body != NULL ? r->resp_body : (void *)"",
+      MHD_RESPMEM_MUST_COPY);
+  if (resp == NULL)
+    return MHD_NO;
+  if (r->ctype != NULL)
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, r->ctype);
+  for (size_t i = 0; i < r->resp_headers.n; i++)
+    MHD_add_response_header(resp, r->resp_headers.a[i].k,
+                            r->resp_headers.a[i].v);
+  if (r->close_conn)
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
+  enum MHD_Result ret = MHD_queue_response(r->conn, r->status, resp);
+  MHD_destroy_response(resp);
+  if (r->log_status == 0)
+    r->log_status = r->status;
+  return ret;
+}
+
+/* Answers at once, on libmicrohttpd's thread (no handler). */
+static enum MHD_Result answer_now(cancel_http_request *r, unsigned status,
+                                  const char *text) {
+  respond_text(r, status, text);
+  r->state = REQ_DONE;
+  r->level = CANCEL_LOG_INFO;
+  return send_response(r);
+}
+
+static const cancel_http_route *find_route(cancel_http_request *r,
+                                           bool *other_method, char *allow,
+                                           size_t alen) {
+  cancel_http_server *s = r->srv;
+  *other_method = false;
+  size_t al = 0;
+  allow[0] = '\0';
+  for (size_t i = 0; i < s->nroutes; i++) {
+    const cancel_http_route *rt = &s->routes[i];
+    if (!route_match(r, rt->pattern))
+      continue;
+    if (rt->method == NULL || strcmp(rt->method, r->method) == 0)
+      return rt;
+    *other_method = true;
+    int n = snprintf(allow + al, alen - al, "%s%s", al ? ", " : "", rt->method);
+    if (n > 0 && (size_t)n < alen - al)
+      al += (size_t)n;
+  }
+  return NULL;
+}
+
+static enum MHD_Result dispatch(cancel_http_request *r) {
+  cancel_http_server *s = r->srv;
+  if (ld_acquire(&s->stopping_flag)) {
+    r->close_conn = true;
+    return answer_now(r, 503, "shutting down\n");
+  }
+  if (r->too_large)
+    return answer_now(r, 413, "request body too large\n");
+  r->pathbuf = malloc(strlen(r->url) + 1);
+  if (r->pathbuf == NULL)
+    return MHD_NO;
+  bool other;
+  char allow[128];
+  r->route = find_route(r, &other, allow, sizeof allow);
+  if (r->route == NULL) {
+    if (!other)
+      return answer_now(r, 404, "not found\n");
+    respond_text(r, 405, "method not allowed\n");
+    cancel_http_respond_header(r, "Allow", allow);
+    r->state = REQ_DONE;
+    return send_response(r);
+  }
+  MHD_get_connection_values(r->conn, MHD_HEADER_KIND, collect, &r->headers);
+  MHD_get_connection_values(r->conn, MHD_GET_ARGUMENT_KIND, collect, &r->args);
+  if (!s->o.no_cancellation && build_sources(r) < 0) {
+    teardown_sources(r);
+    return answer_now(r, 503, "out of memory\n");
+  }
+  MHD_suspend_connection(r->conn);
+  if (!s->o.no_cancellation) {
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+    /* Without a watch the request still has its timeouts and shutdown;
+     * only the client's hang-up goes unseen: say so. */
+    if (ci == NULL ||
+        cancel_watch_hangup(&r->watch, r->client, ci->connect_fd) < 0)
+      cancel_log(CANCEL_LOG_WARN, "http", "client hang-up not watched",
+                 "id=%" PRIu64, r->id);
+    else
+      r->watching = true;
+  }
+  r->state = REQ_QUEUED;
+  r->dispatched = true;
+  pthread_mutex_lock(&s->mu);
+  __atomic_add_fetch(&s->in_flight, 1, __ATOMIC_RELAXED);
+  if (s->tail != NULL)
+    s->tail->next = r;
+  else
+    s->head = r;
+  s->tail = r;
+  pthread_cond_signal(&s->cv);
+  pthread_mutex_unlock(&s->mu);
+  return MHD_YES;
+}
+
+static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn,
+                                 const char *url, const char *method,
+                                 const char *version, const char *upload,
+                                 size_t *upload_size, void **con_cls) {
+  (void)version;
+  cancel_http_server *s = cls;
+  cancel_http_request *r = *con_cls;
+  if (r == NULL) {
+    r = calloc(1, sizeof *r);
+    if (r == NULL)
+      return MHD_NO;
+    r->srv = s;
+    r->conn = conn;
+    r->id = __atomic_add_fetch(&s->next_id, 1, __ATOMIC_RELAXED);
+    r->t0 = cancel_now();
+    r->method = method;
+    r->url = url;
+    r->after_cancel_ms = -1;
+    *con_cls = r;
+    return MHD_YES;
+  }
+  if (r->state == REQ_DONE) {
+    /* Resumed after the handler. */
+    if (r->no_response)
+      return MHD_NO; /* closes the connection: the client left */
+    return send_response(r);
+  }
+  if (*upload_size > 0) {
+    size_t n = *upload_size;
+    *upload_size = 0;
+    if (r->too_large || r->body_len + n > r->srv->o.max_body) {
+      r->too_large = true;
+      return MHD_YES; /* read and drop the rest, answer 413 at the end */
+    }
+    char *b = realloc(r->body, r->body_len + n + 1);
+    if (b == NULL)
+      return MHD_NO;
+    memcpy(b + r->body_len, upload, n);
+    r->body = b;
+    r->body_len += n;
+    r->body[r->body_len] = '\0';
+    return MHD_YES;
+  }
+  return dispatch(r);
+}
+
+static void free_request(cancel_http_request *r) {
+  for (size_t i = 0; i < r->resp_headers.n; i++) {
+    free((char *)r->resp_headers.a[i].k);
+    free((char *)r->resp_headers.a[i].v);
+  }
+  free(r->resp_headers.a);
+  free(r->headers.a);
+  free(r->args.a);
+  free(r->pathbuf);
+  free(r->body);
+  free(r->resp_body);
+  free(r->ctype);
+  free(r);
+}
+
+static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
+                         enum MHD_RequestTerminationCode tc) {
+  (void)conn;
+  cancel_http_server *s = cls;
+  cancel_http_request *r = *con_cls;
+  if (r == NULL)
+    return;
+  *con_cls = NULL;
+  if (r->state != REQ_DONE) {
+    /* Ended before we answered (a malformed request, a client that left
+     * while sending its body): libmicrohttpd answered or closed. */
+    r->log_status = tc == MHD_REQUEST_TERMINATED_COMPLETED_OK ? 400 : 499;
+  } else if (r->log_status == 0) {
+    r->log_status = r->status;
+  }
+  if (tc != MHD_REQUEST_TERMINATED_COMPLETED_OK && !r->no_response &&
+      r->state == REQ_DONE)
+    r->log_status = 499; /* the answer could not be delivered */
+  if (cancel_log_enabled(r->level)) {
+    char path[256], err[160] = "", after[48] = "";
+    cancel_logfmt_quote(path, sizeof path, r->url);
+    if (r->error[0] != '\0') {
+      char q[140];
+      cancel_logfmt_quote(q, sizeof q, r->error);
+      snprintf(err, sizeof err, " error=%s", q);
+    }
+    if (r->after_cancel_ms >= 0)
+      snprintf(after, sizeof after, " after_cancel_ms=%.3f",
+               r->after_cancel_ms);
+    cancel_log(r->level, "http", "request",
+               "server=%s id=%" PRIu64
+               " method=%s path=%s route=%s status=%u dur_ms=%.3f%s%s%s%s",
+               s->o.name, r->id, r->method, path,
+               r->route != NULL ? r->route->pattern : "-", r->log_status,
+               (double)(cancel_now() - r->t0) / 1e6,
+               r->cancel_fields[0] ? " " : "", r->cancel_fields, after, err);
+  }
+  bool counted = r->dispatched;
+  free_request(r);
+  if (counted) {
+    pthread_mutex_lock(&s->mu);
+    __atomic_sub_fetch(&s->in_flight, 1, __ATOMIC_RELAXED);
+    pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+  }
+}
+
+static void on_mhd_log(void *cls, const char *fmt, va_list ap) {
+  (void)cls;
+  char msg[256];
+  vsnprintf(msg, sizeof msg, fmt, ap);
+  size_t n = strlen(msg);
+  while (n > 0 && (msg[n - 1] == '\n' || msg[n - 1] == '\r'))
+    msg[--n] = '\0';
+  char q[300];
+  cancel_logfmt_quote(q, sizeof q, msg);
+  cancel_log(CANCEL_LOG_WARN, "http", "libmicrohttpd", "detail=%s", q);
+}
+
+/* ---- The server -------------------------------------------------------------
+ */
+
+int cancel_http_server_new(cancel_http_server **srvp,
+                           const cancel_http_options *opts,
+                           const cancel_http_route *routes, size_t n) {
+  static const cancel_http_options defaults;
+  if (srvp != NULL)
+    *srvp = NULL;
+  if (opts == NULL)
+    opts = &defaults;
+  if (srvp == NULL || (routes == NULL && n > 0) ||
+      opts->default_timeout_ns < 0 || opts->max_deadline_ns < 0 ||
+      opts->drain_timeout_ns < 0)
+    return -EINVAL;
+  for (size_t i = 0; i < n; i++)
+    if (routes[i].handler == NULL || routes[i].pattern == NULL ||
+        routes[i].pattern[0] != '/' || routes[i].timeout_ns < 0)
+      return -EINVAL;
+  cancel_http_options o = *opts;
+  if (o.name == NULL)
+    o.name = "http";
+  if (o.bind_address == NULL)
+    o.bind_address = "127.0.0.1";
+  struct in6_addr probe;
+  if (inet_pton(AF_INET, o.bind_address, &probe) != 1 &&
+      inet_pton(AF_INET6, o.bind_address, &probe) != 1)
+    return -EINVAL;
+  if (o.threads == 0)
+    o.threads = DEFAULT_THREADS;
+  if (o.default_timeout_ns == 0)
+    o.default_timeout_ns = DEFAULT_TIMEOUT;
+  if (o.max_deadline_ns == 0)
+    o.max_deadline_ns = DEFAULT_MAX_DEADLINE;
+  if (o.drain_timeout_ns == 0)
+    o.drain_timeout_ns = DEFAULT_DRAIN;
+  if (o.max_body == 0)
+    o.max_body = DEFAULT_MAX_BODY;
+
+  cancel_http_server *s = calloc(1, sizeof *s);
+  if (s == NULL)
+    return -ENOMEM;
+  s->routes = calloc(n ? n : 1, sizeof *s->routes);
+  if (s->routes == NULL) {
+    free(s);
+    return -ENOMEM;
+  }
+  if (n)
+    memcpy(s->routes, routes, n * sizeof *routes);
+  s->nroutes = n;
+  s->o = o;
+  s->lfd = MHD_INVALID_SOCKET;
+  pthread_mutex_init(&s->mu, NULL);
+  pthread_condattr_t ca;
+  pthread_condattr_init(&ca);
+  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+  pthread_cond_init(&s->cv, &ca);
+  pthread_condattr_destroy(&ca);
+  *srvp = s;
+  return 0;
+}
+
+static void on_stopping(void *arg) {
+  cancel_http_server *s = arg;
+  st_release(&s->stopping_flag, 1);
+}
+
+static void pool_stop(cancel_http_server *s) {
+  pthread_mutex_lock(&s->mu);
+  s->closing = true;
+  pthread_cond_broadcast(&s->cv);
+  pthread_mutex_unlock(&s->mu);
+  for (unsigned i = 0; i < s->nthreads; i++)
+    pthread_join(s->threads[i], NULL);
+  free(s->threads);
+  s->threads = NULL;
+  s->nthreads = 0;
+}
+
+static void release_start(cancel_http_server *s) {
+  if (s->reg_armed) {
+    cancel_unregister(&s->stop_reg);
+    s->reg_armed = false;
+  }
+  cancel_source_unref(s->drain);
+  s->drain = NULL;
+}
+
+int cancel_http_server_start(cancel_http_server *s,
+                             const cancel_token *stopping) {
+  if (s == NULL)
+    return -EINVAL;
+  if (s->state != SRV_NEW)
+    return -EALREADY;
+  int rc = cancel_source_new_shield(&s->drain, "drain", stopping,
+                                    s->o.drain_timeout_ns);
+  if (rc < 0)
+    return rc;
+  s->stopping = stopping;
+  cancel_register(&s->stop_reg, stopping, on_stopping, s);
+  s->reg_armed = true;
+
+  s->threads = calloc(s->o.threads, sizeof *s->threads);
+  if (s->threads == NULL) {
+    release_start(s);
+    return -ENOMEM;
+  }
+  for (; s->nthreads < s->o.threads; s->nthreads++)
+    if (pthread_create(&s->threads[s->nthreads], NULL, pool_main, s) != 0)
+      break;
+  if (s->nthreads == 0) {
+    free(s->threads);
+    s->threads = NULL;
+    release_start(s);
+    return -EAGAIN;
+  }
+
+  struct sockaddr_storage ss;
+  memset(&ss, 0, sizeof ss);
+  unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL |
+                   MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG;
+  struct sockaddr_in *in = (struct sockaddr_in *)&ss;
+  struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&ss;
+  if (inet_pton(AF_INET, s->o.bind_address, &in->sin_addr) == 1) {
+    in->sin_family = AF_INET;
+    in->sin_port = htons(s->o.port);
+  } else {
+    memset(&ss, 0, sizeof ss);
+    inet_pton(AF_INET6, s->o.bind_address, &in6->sin6_addr);
+    in6->sin6_family = AF_INET6;
+    in6->sin6_port = htons(s->o.port);
+    flags |= MHD_USE_IPv6;
+  }
+  errno = 0;
+  s->d = MHD_start_daemon(
+      flags, s->o.port, NULL, NULL, on_access, s, MHD_OPTION_SOCK_ADDR,
+      (struct sockaddr *)&ss, MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
+      MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, s, MHD_OPTION_CONNECTION_TIMEOUT,
+      (unsigned)60, MHD_OPTION_END);
+  if (s->d == NULL) {
+    int e = errno;
+    pool_stop(s);
+    release_start(s);
+    return e == EADDRINUSE ? -EADDRINUSE : e == EACCES ? -EACCES : -EIO;
+  }
+  const union MHD_DaemonInfo *di =
+      MHD_get_daemon_info(s->d, MHD_DAEMON_INFO_BIND_PORT);
+  s->port = di != NULL ? di->port : s->o.port;
+  s->state = SRV_RUNNING;
+  cancel_log(CANCEL_LOG_INFO, "http", "listening",
+             "server=%s address=%s port=%u threads=%u", s->o.name,
+             s->o.bind_address, (unsigned)s->port, s->nthreads);
+  return 0;
+}
+
+uint16_t cancel_http_server_port(const cancel_http_server *s) {
+  return s != NULL ? s->port : 0;
+}
+
+size_t cancel_http_server_in_flight(const cancel_http_server *s) {
+  return s != NULL ? __atomic_load_n(&s->in_flight, __ATOMIC_RELAXED) : 0;
+}
+
+int cancel_http_server_stop(cancel_http_server *s, int64_t deadline) {
+  if (s == NULL || (s->state != SRV_RUNNING && s->state != SRV_STUCK))
+    return -EINVAL;
+  st_release(&s->stopping_flag, 1);
+  /* No new connections; the listening socket is ours to close. */
+  if (s->state == SRV_RUNNING)
+    s->lfd = MHD_quiesce_daemon(s->d);
+  MHD_socket lfd = s->lfd;
+  int64_t t0 = cancel_now();
+  size_t at_stop = cancel_http_server_in_flight(s);
+  if (!cancel_token_is_cancelled(s->stopping))
+    cancel_source_cancel_with(s->drain, CANCEL_SHUTDOWN, "server stop");
+  cancel_log(CANCEL_LOG_INFO, "http", "stopping",
+             "server=%s in_flight=%zu drain_ms=%.0f", s->o.name, at_stop,
+             cancel_token_is_cancelled(cancel_source_token(s->drain))
+                 ? 0.0
+                 : (double)s->o.drain_timeout_ns / 1e6);
+
+  /* Wait for every request in flight to be answered. */
+  bool timed_out = false;
+  pthread_mutex_lock(&s->mu);
+  while (s->in_flight > 0) {
+    if (deadline == CANCEL_NEVER) {
+      pthread_cond_wait(&s->cv, &s->mu);
+      continue;
+    }
+    struct timespec ts = {.tv_sec = (time_t)(deadline / 1000000000),
+                          .tv_nsec = (long)(deadline % 1000000000)};
+    if (pthread_cond_timedwait(&s->cv, &s->mu, &ts) == ETIMEDOUT &&
+        s->in_flight > 0) {
+      timed_out = true;
+      break;
+    }
+  }
+  size_t left = s->in_flight, running = s->running;
+  pthread_mutex_unlock(&s->mu);
+  if (timed_out && running > 0) {
+    /* Handlers that ignore their tokens still hold connections: the
+     * daemon must stay up for them (see the header). */
+    s->state = SRV_STUCK;
+    cancel_log(CANCEL_LOG_ERROR, "http", "stop timed out",
+               "server=%s handlers_running=%zu in_flight=%zu waited_ms=%.0f",
+               s->o.name, running, left, (double)(cancel_now() - t0) / 1e6);
+    return -ETIMEDOUT;
+  }
+  pool_stop(s);
+  MHD_stop_daemon(s->d);
+  s->d = NULL;
+  if (lfd != MHD_INVALID_SOCKET)
+    close(lfd);
+  s->lfd = MHD_INVALID_SOCKET;
+  release_start(s);
+  s->state = SRV_STOPPED;
+  cancel_log(CANCEL_LOG_INFO, "http", "stopped", "server=%s waited_ms=%.1f",
+             s->o.name, (double)(cancel_now() - t0) / 1e6);
+  return 0;
+}
+
+int cancel_http_server_run(const cancel_token *stopping, void *arg) {
+  cancel_http_server *s = arg;
+  if (s == NULL)
+    return -EINVAL;
+  int rc = cancel_http_server_start(s, stopping);
+  if (rc < 0)
+    return rc;
+  (void)cancel_sleep_until(stopping, CANCEL_NEVER);
+  rc = cancel_http_server_stop(
+      s, add_sat(cancel_now(), add_sat(s->o.drain_timeout_ns, CANCEL_SEC(1))));
+  return rc < 0 ? rc : -ECANCELED;
+}
+
+int cancel_http_server_free(cancel_http_server *s) {
+  if (s == NULL)
+    return 0;
+  if (s->state == SRV_RUNNING || s->state == SRV_STUCK)
+    return -EBUSY;
+  pthread_mutex_destroy(&s->mu);
+  pthread_cond_destroy(&s->cv);
+  free(s->routes);
+  free(s);
+  return 0;
+}
+
+/* ---- Request accessors
+ * ------------------------------------------------------- */
+
+uint64_t cancel_http_request_id(const cancel_http_request *r) {
+  return r != NULL ? r->id : 0;
+}
+
+const char *cancel_http_request_method(const cancel_http_request *r) {
+  return r != NULL ? r->method : NULL;
+}
+
+const char *cancel_http_request_path(const cancel_http_request *r) {
+  return r != NULL ? r->url : NULL;
+}
+
+const char *cancel_http_request_route(const cancel_http_request *r) {
+  return r != NULL && r->route != NULL ? r->route->pattern : NULL;
+}
+
+const char *cancel_http_request_query(const cancel_http_request *r,
+                                      const char *name) {
+  return r != NULL && name != NULL ? kvs_get(&r->args, name, false) : NULL;
+}
+
+const char *cancel_http_request_header(const cancel_http_request *r,
+                                       const char *name) {
+  return r != NULL && name != NULL ? kvs_get(&r->headers, name, true) : NULL;
+}
+
+const void *cancel_http_request_body(const cancel_http_request *r,
+                                     size_t *len) {
+  if (len != NULL)
+    *len = r != NULL ? r->body_len : 0;
+  return r != NULL ? r->body : NULL;
+}
