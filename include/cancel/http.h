@@ -40,8 +40,10 @@
  * Nothing cancellation-related is logged as an error.  Every request ends
  * with one access line (component "http", msg "request"): id, method,
  * path, route, status, dur_ms, and for cancellations the reason's fields
- * (cancel_logfmt_reason) and after_cancel_ms: how long the handler ran
- * after its token fired.
+ * (cancel_logfmt_reason), after_cancel_ms: how long the handler ran
+ * after its token fired, and handler_end_mono_us: when it returned, on
+ * CLOCK_MONOTONIC (cancel_now() / 1000), which other processes of the
+ * machine share (a load generator measures from its own close to it).
  *
  * Requests the server answers itself: 404 (no route), 405 (route exists,
  * other method; with Allow), 413 (body over max_body), 400 (malformed
@@ -140,9 +142,11 @@ CANCEL_API int cancel_http_server_stop(cancel_http_server *srv,
                                        int64_t deadline);
 
 /* A host worker (cancel_worker_fn of cancel/host.h): starts the server
- * (arg) with `stopping`, waits until stopping fires, then stops
- * gracefully with the deadline drain_timeout_ns + 1 s.  Returns
- * -ECANCELED after a clean stop, or the error of start / stop. */
+ * (arg) with `stopping` (unless it was started already, e.g. by main() to
+ * learn its port: it MUST then have been started with the same token),
+ * waits until stopping fires, then stops gracefully with the deadline
+ * drain_timeout_ns + 1 s.  Returns -ECANCELED after a clean stop, or the
+ * error of start / stop. */
 CANCEL_API int cancel_http_server_run(const cancel_token *stopping, void *srv);
 
 /* Frees a stopped (or never started) server.  Returns 0, or -EBUSY (still

@@ -387,6 +387,15 @@ static void classify(cancel_http_request *r, int rc) {
   r->level = CANCEL_LOG_INFO;
   r->after_cancel_ms = -1;
   cancel_reason why;
+  /* A call that saw the token's deadline pass may return a hair before
+   * the token's own timer fires it (libcurl counts whole milliseconds):
+   * the reason is then moments away, wait for it. */
+  if (rc == -ECANCELED && r->tok != NULL &&
+      !cancel_token_is_cancelled(r->tok)) {
+    int64_t left = cancel_token_remaining(r->tok);
+    if (left < CANCEL_MSEC(50))
+      (void)cancel_sleep(r->tok, left + CANCEL_MSEC(100));
+  }
   bool fired = r->tok != NULL && cancel_token_reason(r->tok, &why) == 1;
   if (fired) {
     cancel_logfmt_reason(r->cancel_fields, sizeof r->cancel_fields, &why);
@@ -671,7 +680,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
       r->state == REQ_DONE)
     r->log_status = 499; /* the answer could not be delivered */
   if (cancel_log_enabled(r->level)) {
-    char path[256], err[160] = "", after[48] = "";
+    char path[256], err[160] = "", after[96] = "";
     cancel_logfmt_quote(path, sizeof path, r->url);
     if (r->error[0] != '\0') {
       char q[140];
@@ -679,8 +688,9 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
       snprintf(err, sizeof err, " error=%s", q);
     }
     if (r->after_cancel_ms >= 0)
-      snprintf(after, sizeof after, " after_cancel_ms=%.3f",
-               r->after_cancel_ms);
+      snprintf(after, sizeof after,
+               " after_cancel_ms=%.3f handler_end_mono_us=%" PRId64,
+               r->after_cancel_ms, r->t_handler_end / 1000);
     cancel_log(r->level, "http", "request",
                "server=%s id=%" PRIu64
                " method=%s path=%s route=%s status=%u dur_ms=%.3f%s%s%s%s",
@@ -708,7 +718,12 @@ static void on_mhd_log(void *cls, const char *fmt, va_list ap) {
     msg[--n] = '\0';
   char q[300];
   cancel_logfmt_quote(q, sizeof q, msg);
-  cancel_log(CANCEL_LOG_WARN, "http", "libmicrohttpd", "detail=%s", q);
+  /* Refusing a resumed connection is how we close it for a client that
+   * left: libmicrohttpd calls that an internal error; it is not one. */
+  int level = strstr(msg, "Application reported internal error") != NULL
+                  ? CANCEL_LOG_DEBUG
+                  : CANCEL_LOG_WARN;
+  cancel_log(level, "http", "libmicrohttpd", "detail=%s", q);
 }
 
 /* ---- The server -------------------------------------------------------------
@@ -845,11 +860,13 @@ int cancel_http_server_start(cancel_http_server *s,
     flags |= MHD_USE_IPv6;
   }
   errno = 0;
+  /* The logger first: libmicrohttpd reports options before it on its own
+   * standard-error logger. */
   s->d = MHD_start_daemon(
-      flags, s->o.port, NULL, NULL, on_access, s, MHD_OPTION_SOCK_ADDR,
-      (struct sockaddr *)&ss, MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
-      MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, s, MHD_OPTION_CONNECTION_TIMEOUT,
-      (unsigned)60, MHD_OPTION_END);
+      flags, s->o.port, NULL, NULL, on_access, s, MHD_OPTION_EXTERNAL_LOGGER,
+      on_mhd_log, s, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
+      MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
+      MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)60, MHD_OPTION_END);
   if (s->d == NULL) {
     int e = errno;
     pool_stop(s);
@@ -936,7 +953,7 @@ int cancel_http_server_run(const cancel_token *stopping, void *arg) {
   cancel_http_server *s = arg;
   if (s == NULL)
     return -EINVAL;
-  int rc = cancel_http_server_start(s, stopping);
+  int rc = s->state == SRV_NEW ? cancel_http_server_start(s, stopping) : 0;
   if (rc < 0)
     return rc;
   (void)cancel_sleep_until(stopping, CANCEL_NEVER);
