@@ -2,8 +2,9 @@
 # install_test: installs a build tree into a scratch prefix and checks that
 # out-of-tree programs build and run against it, with pkg-config (shared
 # and static) and with find_package(cancel): hello.c for the core, and
-# hello_<adapter>.c for each adapter the build made (listed one a line in
-# BUILD_DIR/cancel-adapters.txt).  An adapter without a hello_<adapter>.c
+# hello_<adapter>.c for each optional library the build made (listed one a
+# line in BUILD_DIR/cancel-adapters.txt: the adapters, and the host, which
+# adapts no library).  An adapter without a hello_<adapter>.c
 # is checked for its cancel-<adapter>.pc and its CMake targets, and its
 # header is compiled with the flags of each.
 #
@@ -107,10 +108,15 @@ for a in $adapters; do
   requires=$(pkg-config --print-requires "$pc")
   echo "$requires" | grep -qx "cancel = $(pkg-config --modversion cancel)" ||
     fail "$pc.pc requires '$requires', not this very cancel"
-  # The adapted module, e.g. libcurl (a version constraint, if any, dropped).
+  # The adapted module, e.g. libcurl (a version constraint, if any,
+  # dropped), named in Requires and by the .pc's `adapts` variable.  A
+  # library built on libcancel alone (cancel-host) has neither: it
+  # requires cancel only.
   module=$(echo "$requires" | grep -v '^cancel ' | head -n 1)
   module=${module%% *}
-  [ -n "$module" ] || fail "$pc.pc names no adapted module in Requires"
+  adapts=$(pkg-config --variable=adapts "$pc")
+  [ "$module" = "$adapts" ] ||
+    fail "$pc.pc requires module '$module' but says it adapts '$adapts'"
   if [ ! -f "$here/hello_$a.c" ]; then
     step "$pc: no hello_$a.c, compiling cancel/$a.h only: $(pkg-config --cflags "$pc")"
     printf '#include <cancel/%s.h>\nint main(void) { return 0; }\n' "$a" \
