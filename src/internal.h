@@ -296,4 +296,18 @@ cancel_source *cancel__shield_teardown(cancel_source *src);
 /* The earliest deadline of src itself (own timer, shield grace). */
 int64_t cancel__own_deadline(const cancel_source *src);
 
+/* ---- Diagnostics (scope.c, watchdog.c, metrics.c) ---------------------- */
+
+struct cancel_scope;
+void cancel__overdue_lock(void);
+void cancel__overdue_unlock(void);
+struct cancel_scope *cancel__overdue_first(void); /* under the lock */
+uint64_t cancel__overdue_count(int64_t older_than_ns);
+/* The watchdog's threshold while it runs, else 0 (for the gauge). */
+int64_t cancel__watchdog_threshold(void);
+void cancel__metrics_cancelled(int kind, const char *origin);
+void cancel__metrics_overrun(int64_t ns);
+void cancel__metrics_wake(int64_t ns);
+void cancel__metrics_reported(void);
+
 #endif /* CANCEL_INTERNAL_H */

@@ -263,6 +263,10 @@ int cancel__fire(cancel_source *src, int kind, const char *detail,
   src->flags &= ~SF_FIRING;
   bool pending = (src->flags & SF_PENDING) != 0;
   cancel__unlock(src, v);
+  /* Counted once, at the origin: the sources it reaches through links
+   * (via != NULL) are the same cancellation. */
+  if (via == NULL)
+    cancel__metrics_cancelled(kind, src->name);
   if (pending) /* its last reference went while we ran its callbacks */
     teardown_list(src);
   return 1;

@@ -93,8 +93,12 @@ int cancel__wait_begin(struct cancel__waiter *w, const cancel_token *tok,
 }
 
 int cancel__wait_end(struct cancel__waiter *w) {
-  if (ld_acquire(&w->woken))
+  if (ld_acquire(&w->woken)) {
+    /* Woken by the cancel: the wake-up latency, from the origin's cancel
+     * (the source is the one waited on: borrowed for the wait). */
+    cancel__metrics_wake(cancel_now() - ld_relaxed(&w->reg.src->time));
     return 1; /* the callback is done with everything we own */
+  }
   return cancel_unregister(&w->reg) == 0;
 }
 

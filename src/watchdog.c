@@ -1,0 +1,267 @@
+/*
+ * The watchdog: a thread that reports scopes still open a threshold after
+ * their token fired, with the thread's stack.  See cancel/diag.h for why
+ * a signal and backtrace(3), and why a thread of its own.
+ */
+#define _GNU_SOURCE
+#include "internal.h"
+
+#include "cancel/diag.h"
+#include "cancel/log.h"
+
+#include <errno.h>
+#include <execinfo.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define MAX_FRAMES 64
+#define MAX_REPORTS 16 /* per look; the rest wait for the next */
+
+static pthread_mutex_t wd_mu = PTHREAD_MUTEX_INITIALIZER;
+static bool running;
+static pthread_t thread;
+static cancel_source stop;
+static cancel_watchdog_options opt;
+static struct sigaction old_action; /* restored only if start fails */
+static int64_t threshold;           /* atomic: read by the metrics */
+
+/* The stack being captured: one at a time, by the watchdog's thread. */
+static struct {
+  int tid;  /* atomic: the thread asked; the handler claims it (-> 0) */
+  int done; /* atomic */
+  int n;
+  void *frames[MAX_FRAMES];
+} cap;
+
+static void on_stack_signal(int sig, siginfo_t *si, void *uc) {
+  (void)sig;
+  (void)si;
+  (void)uc;
+  int saved = errno;
+  int me = (int)syscall(SYS_gettid);
+  int want = me;
+  /* Claim the capture only if it is for this thread and still wanted. */
+  if (__atomic_compare_exchange_n(&cap.tid, &want, 0, false, __ATOMIC_ACQ_REL,
+                                  __ATOMIC_ACQUIRE)) {
+    int max = opt.max_frames < MAX_FRAMES ? opt.max_frames : MAX_FRAMES;
+    cap.n = backtrace(cap.frames, max);
+    __atomic_store_n(&cap.done, 1, __ATOMIC_RELEASE);
+  }
+  errno = saved;
+}
+
+/* Asks thread tid for its stack; returns the number of frames, or -1 when
+ * it did not answer within 100 ms (it blocks the signal, or it ended). */
+static int capture(int tid) {
+  __atomic_store_n(&cap.done, 0, __ATOMIC_RELAXED);
+  cap.n = 0;
+  __atomic_store_n(&cap.tid, tid, __ATOMIC_RELEASE);
+  if (syscall(SYS_tgkill, getpid(), tid, opt.stack_signal) != 0) {
+    __atomic_store_n(&cap.tid, 0, __ATOMIC_RELAXED);
+    return -1;
+  }
+  int64_t end = cancel_now() + CANCEL_MSEC(100);
+  for (;;) {
+    if (__atomic_load_n(&cap.done, __ATOMIC_ACQUIRE))
+      return cap.n;
+    if (cancel_now() > end) {
+      int want = tid;
+      if (__atomic_compare_exchange_n(&cap.tid, &want, 0, false,
+                                      __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        return -1;             /* withdrawn before the handler took it */
+      end += CANCEL_MSEC(100); /* taken: it is writing, wait for it */
+    }
+    (void)cancel_sleep(NULL, CANCEL_USEC(200));
+  }
+}
+
+static void thread_name(int tid, char *buf, size_t len) {
+  char path[64];
+  snprintf(path, sizeof path, "/proc/self/task/%d/comm", tid);
+  FILE *f = fopen(path, "r");
+  buf[0] = '\0';
+  if (f == NULL)
+    return;
+  if (fgets(buf, (int)len, f) != NULL)
+    buf[strcspn(buf, "\n")] = '\0';
+  fclose(f);
+}
+
+/* What is logged about one scope, copied while the scope is pinned. */
+struct report {
+  int tid;
+  char scope[160];
+  char outer[320];
+  char reason[640];
+  double since_ms;
+};
+
+static void log_report(const struct report *r) {
+  char tname[32], tq[48];
+  thread_name(r->tid, tname, sizeof tname);
+  cancel_logfmt_quote(tq, sizeof tq, tname);
+  cancel_log(CANCEL_LOG_WARN, "watchdog", "scope still running after cancel",
+             "scope=%s outer=%s thread=%d thread_name=%s since_cancel_ms=%.1f "
+             "%s",
+             r->scope, r->outer, r->tid, tq, r->since_ms, r->reason);
+  cancel__metrics_reported();
+  if (opt.stack_signal < 0)
+    return;
+  int n = capture(r->tid);
+  if (n <= 0) {
+    cancel_log(CANCEL_LOG_WARN, "watchdog", "stack unavailable",
+               "scope=%s thread=%d", r->scope, r->tid);
+    return;
+  }
+  /* Frames 0 and 1 are the handler and the signal trampoline. */
+  int skip = n > 2 ? 2 : 0;
+  char **sym = backtrace_symbols(cap.frames + skip, n - skip);
+  for (int i = 0; i < n - skip; i++) {
+    char at[320];
+    char raw[32];
+    snprintf(raw, sizeof raw, "%p", cap.frames[skip + i]);
+    cancel_logfmt_quote(at, sizeof at, sym != NULL ? sym[i] : raw);
+    cancel_log(CANCEL_LOG_WARN, "watchdog", "stack",
+               "scope=%s thread=%d frame=%d at=%s", r->scope, r->tid, i, at);
+  }
+  free(sym);
+}
+
+/* One look at the overdue list. */
+static void look(void) {
+  struct report reps[MAX_REPORTS];
+  int n = 0;
+  int64_t now = cancel_now();
+  cancel__overdue_lock();
+  for (cancel_scope *s = cancel__overdue_first(); s != NULL && n < MAX_REPORTS;
+       s = s->next) {
+    if (s->reported || now - s->cancelled_at < opt.threshold_ns)
+      continue;
+    s->reported = 1;
+    struct report *r = &reps[n++];
+    r->tid = s->tid;
+    r->since_ms = (double)(now - s->cancelled_at) / 1e6;
+    cancel_logfmt_quote(r->scope, sizeof r->scope, s->name);
+    /* The enclosing scopes are open (scopes nest) and so pinned too. */
+    char chain[300] = "";
+    size_t cl = 0;
+    for (const cancel_scope *u = s->up; u != NULL && cl < sizeof chain;
+         u = u->up) {
+      int k = snprintf(chain + cl, sizeof chain - cl, "%s%s", cl ? "<" : "",
+                       u->name);
+      if (k < 0)
+        break;
+      cl += (size_t)k;
+    }
+    cancel_logfmt_quote(r->outer, sizeof r->outer, chain);
+    cancel_reason why;
+    r->reason[0] = '\0';
+    if (cancel_token_reason(s->tok, &why) == 1)
+      cancel_logfmt_reason(r->reason, sizeof r->reason, &why);
+  }
+  cancel__overdue_unlock();
+  for (int i = 0; i < n; i++)
+    log_report(&reps[i]);
+}
+
+static void *watchdog_main(void *arg) {
+  (void)arg;
+  /* Other signals are not ours to take (SIGINT/SIGTERM go to the host). */
+  sigset_t all;
+  sigfillset(&all);
+  pthread_sigmask(SIG_BLOCK, &all, NULL);
+  pthread_setname_np(pthread_self(), "cancel-watchdog");
+  while (cancel_sleep(cancel_source_token(&stop), opt.interval_ns) == 0)
+    look();
+  return NULL;
+}
+
+int64_t cancel__watchdog_threshold(void) {
+  return __atomic_load_n(&threshold, __ATOMIC_RELAXED);
+}
+
+int cancel_watchdog_start(const cancel_watchdog_options *o) {
+  static const cancel_watchdog_options defaults;
+  if (o == NULL)
+    o = &defaults;
+  if (o->threshold_ns < 0 || o->interval_ns < 0 || o->max_frames < 0)
+    return -EINVAL;
+  pthread_mutex_lock(&wd_mu);
+  if (running) {
+    pthread_mutex_unlock(&wd_mu);
+    return -EBUSY;
+  }
+  opt = *o;
+  if (opt.threshold_ns == 0)
+    opt.threshold_ns = CANCEL_MSEC(100);
+  if (opt.interval_ns == 0)
+    opt.interval_ns = opt.threshold_ns / 4;
+  if (opt.interval_ns < CANCEL_MSEC(1))
+    opt.interval_ns = CANCEL_MSEC(1);
+  if (opt.max_frames == 0 || opt.max_frames > MAX_FRAMES)
+    opt.max_frames = MAX_FRAMES;
+  if (opt.stack_signal == 0)
+    opt.stack_signal = SIGRTMIN + 4;
+  if (opt.stack_signal > 0) {
+    if (opt.stack_signal >= NSIG) {
+      pthread_mutex_unlock(&wd_mu);
+      return -EINVAL;
+    }
+    struct sigaction cur;
+    sigaction(opt.stack_signal, NULL, &cur);
+    bool ours =
+        (cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == on_stack_signal;
+    if (!ours && ((cur.sa_flags & SA_SIGINFO) || cur.sa_handler != SIG_DFL)) {
+      pthread_mutex_unlock(&wd_mu);
+      return -EINVAL; /* the program uses this signal */
+    }
+    /* The first backtrace() loads libgcc's unwinder (it allocates): do it
+     * here, not in a signal handler. */
+    void *warm[2];
+    (void)backtrace(warm, 2);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_stack_signal;
+    sa.sa_flags = SA_SIGINFO | SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    sigaction(opt.stack_signal, &sa, &old_action);
+  }
+  int rc = cancel_source_init(&stop, "watchdog stop");
+  if (rc == 0 && pthread_create(&thread, NULL, watchdog_main, NULL) != 0) {
+    cancel_source_destroy(&stop);
+    rc = -EAGAIN;
+  }
+  if (rc < 0) {
+    if (opt.stack_signal > 0)
+      sigaction(opt.stack_signal, &old_action, NULL);
+    pthread_mutex_unlock(&wd_mu);
+    return rc;
+  }
+  __atomic_store_n(&threshold, opt.threshold_ns, __ATOMIC_RELAXED);
+  running = true;
+  pthread_mutex_unlock(&wd_mu);
+  return 0;
+}
+
+int cancel_watchdog_stop(void) {
+  pthread_mutex_lock(&wd_mu);
+  if (!running) {
+    pthread_mutex_unlock(&wd_mu);
+    return -EINVAL;
+  }
+  cancel_source_cancel(&stop);
+  pthread_join(thread, NULL);
+  cancel_source_destroy(&stop);
+  /* The handler stays: a signal sent for a capture that timed out may
+   * still be pending on a thread that blocks it, and the signal's default
+   * action would end the process when that thread unblocks it. */
+  __atomic_store_n(&threshold, 0, __ATOMIC_RELAXED);
+  running = false;
+  pthread_mutex_unlock(&wd_mu);
+  return 0;
+}

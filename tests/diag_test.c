@@ -1,0 +1,420 @@
+/*
+ * Diagnostics: work scopes, their overruns, the watchdog catching work
+ * that ignores its token (by name, with the reason and a stack naming the
+ * offending function), and the metrics in Prometheus' text format.
+ *
+ * Built with ENABLE_EXPORTS (-rdynamic): the bad workers below are
+ * non-static so that backtrace_symbols names them.
+ */
+#include "test_util.h"
+
+#include "cancel/diag.h"
+#include "cancel/log.h"
+
+#include <regex.h>
+
+/* ---- Captured log lines ---------------------------------------------------
+ */
+
+#define MAX_LINES 1024
+static pthread_mutex_t log_mu = PTHREAD_MUTEX_INITIALIZER;
+static char *lines[MAX_LINES];
+static int nlines;
+
+static void sink(int level, const char *line, size_t len, void *arg) {
+  (void)level;
+  (void)len;
+  (void)arg;
+  pthread_mutex_lock(&log_mu);
+  if (nlines < MAX_LINES)
+    lines[nlines++] = strdup(line);
+  pthread_mutex_unlock(&log_mu);
+}
+
+static void log_reset(void) {
+  pthread_mutex_lock(&log_mu);
+  for (int i = 0; i < nlines; i++)
+    free(lines[i]);
+  nlines = 0;
+  pthread_mutex_unlock(&log_mu);
+}
+
+/* Waits (up to timeout) for a line holding both needles; copies it. */
+static bool log_wait(const char *a, const char *b, char *out, size_t len,
+                     int64_t timeout) {
+  int64_t end = cancel_now() + timeout;
+  for (;;) {
+    pthread_mutex_lock(&log_mu);
+    for (int i = 0; i < nlines; i++)
+      if (strstr(lines[i], a) != NULL && (b == NULL || strstr(lines[i], b))) {
+        if (out != NULL)
+          snprintf(out, len, "%s", lines[i]);
+        pthread_mutex_unlock(&log_mu);
+        return true;
+      }
+    pthread_mutex_unlock(&log_mu);
+    if (cancel_now() > end)
+      return false;
+    test_sleep_ns(CANCEL_MSEC(1));
+  }
+}
+
+static int setup(void **state) {
+  (void)state;
+  log_reset();
+  cancel_log_set_sink(sink, NULL, CANCEL_LOG_DEBUG);
+  return 0;
+}
+
+static int teardown(void **state) {
+  (void)state;
+  cancel_log_set_sink(NULL, NULL, CANCEL_LOG_INFO);
+  log_reset();
+  return 0;
+}
+
+/* ---- Scopes ----------------------------------------------------------------
+ */
+
+static void test_scope_not_cancelled(void **state) {
+  (void)state;
+  cancel_source *s = new_src("req");
+  cancel_scope a, b;
+  assert_null(cancel_scope_current());
+  cancel_scope_begin(&a, TOK(s), "outer");
+  cancel_scope_begin(&b, TOK(s), "inner");
+  assert_ptr_equal(cancel_scope_current(), &b);
+  assert_i64_eq(cancel_scope_end(&b), 0);
+  assert_ptr_equal(cancel_scope_current(), &a);
+  assert_i64_eq(cancel_scope_end(&a), 0);
+  assert_null(cancel_scope_current());
+  /* A NULL token: never cancelled. */
+  cancel_scope_begin(&a, NULL, "none");
+  assert_i64_eq(cancel_scope_end(&a), 0);
+  cancel_scope_begin(NULL, TOK(s), "ignored");
+  assert_i64_eq(cancel_scope_end(NULL), 0);
+  cancel_source_unref(s);
+}
+
+static void test_scope_overrun(void **state) {
+  (void)state;
+  cancel_metrics before, after;
+  cancel_metrics_get(&before);
+  cancel_source *s = new_src("req");
+  cancel_scope sc;
+  cancel_scope_begin(&sc, TOK(s), "work");
+  cancel_source_cancel(s);
+  test_sleep_ns(CANCEL_MSEC(20)); /* the work ignores the cancel */
+  int64_t over = cancel_scope_end(&sc);
+  assert_i64_ge(over, CANCEL_MSEC(20));
+  assert_i64_lt(over, CANCEL_MSEC(20) + test_tol(CANCEL_MSEC(200)));
+  cancel_metrics_get(&after);
+  assert_true(after.overruns == before.overruns + 1);
+
+  /* Begun on a token that fired already: overdue from the cancel. */
+  cancel_scope_begin(&sc, TOK(s), "late");
+  assert_i64_ge(cancel_scope_end(&sc), CANCEL_MSEC(20));
+  cancel_source_unref(s);
+}
+
+static int64_t scoped_block(cancel_source *s) {
+  CANCEL_SCOPE(TOK(s), "block");
+  assert_string_equal(cancel_scope_current()->name, "block");
+  cancel_source_cancel(s);
+  return 0;
+}
+
+static void test_scope_macro(void **state) {
+  (void)state;
+  cancel_metrics before, after;
+  cancel_metrics_get(&before);
+  cancel_source *s = new_src("req");
+  scoped_block(s);
+  assert_null(cancel_scope_current());
+  cancel_metrics_get(&after);
+  assert_true(after.overruns == before.overruns + 1);
+  cancel_source_unref(s);
+}
+
+/* ---- The watchdog
+ * ------------------------------------------------------------- */
+
+struct bad {
+  const cancel_token *tok;
+  volatile int stop; /* the test ends the spinning one */
+  sem_t in;
+};
+
+/* Ignores its token: sleeps in plain nanosleep. */
+__attribute__((noinline)) void bad_worker_sleeps(struct bad *b) {
+  struct timespec ts = {0, 400 * 1000000};
+  while (nanosleep(&ts, &ts) != 0) {
+  }
+  (void)b;
+}
+
+/* Ignores its token: spins. */
+__attribute__((noinline)) void bad_worker_spins(struct bad *b) {
+  while (!__atomic_load_n(&b->stop, __ATOMIC_ACQUIRE))
+    __asm__ __volatile__("" ::: "memory");
+}
+
+static void *sleeper_main(void *p) {
+  struct bad *b = p;
+  CANCEL_SCOPE(b->tok, "bad sleeper");
+  sem_post(&b->in);
+  bad_worker_sleeps(b);
+  return NULL;
+}
+
+static void *spinner_main(void *p) {
+  struct bad *b = p;
+  cancel_scope outer;
+  cancel_scope_begin(&outer, b->tok, "job 7");
+  {
+    CANCEL_SCOPE(b->tok, "bad spinner");
+    sem_post(&b->in);
+    bad_worker_spins(b);
+  }
+  cancel_scope_end(&outer);
+  return NULL;
+}
+
+static void test_watchdog_reports_sleeper(void **state) {
+  (void)state;
+  cancel_watchdog_options o = {.threshold_ns = CANCEL_MSEC(50)};
+  assert_int_equal(cancel_watchdog_start(&o), 0);
+  assert_int_equal(cancel_watchdog_start(&o), -EBUSY);
+  cancel_metrics before;
+  cancel_metrics_get(&before);
+  cancel_source *s = new_src("host");
+  struct bad b = {.tok = TOK(s)};
+  sem_init(&b.in, 0, 0);
+  pthread_t t = test_thread_start(sleeper_main, &b);
+  assert_int_equal(test_sem_wait_ns(&b.in, test_tol(CANCEL_SEC(5))), 0);
+  int64_t t0 = cancel_now();
+  cancel_source_cancel_with(s, CANCEL_SHUTDOWN, "SIGTERM");
+  char line[2048];
+  assert_true(log_wait("scope still running after cancel",
+                       "scope=\"bad sleeper\"", line, sizeof line,
+                       test_tol(CANCEL_SEC(2))));
+  int64_t took = test_since(t0);
+  print_message("reported after %.1f ms: %s\n", (double)took / 1e6, line);
+  assert_i64_ge(took, CANCEL_MSEC(50));
+  assert_i64_lt(took, CANCEL_MSEC(50) + test_tol(CANCEL_MSEC(200)));
+  assert_non_null(strstr(line, "cancel_kind=shutdown"));
+  assert_non_null(strstr(line, "cancel_origin=host"));
+  assert_non_null(strstr(line, "cancel_detail=SIGTERM"));
+  assert_non_null(strstr(line, "since_cancel_ms="));
+  /* The stack names the function that ignores the token. */
+  assert_true(log_wait("msg=stack", "bad_worker_sleeps", line, sizeof line,
+                       test_tol(CANCEL_SEC(2))));
+  test_thread_join(t);
+  assert_true(log_wait("scope ended after cancel", "scope=\"bad sleeper\"",
+                       line, sizeof line, test_tol(CANCEL_SEC(2))));
+  assert_non_null(strstr(line, "overrun_ms="));
+  cancel_metrics after;
+  cancel_metrics_get(&after);
+  assert_true(after.watchdog_reports == before.watchdog_reports + 1);
+  assert_int_equal(after.scopes_overdue, 0);
+  assert_int_equal(cancel_watchdog_stop(), 0);
+  assert_int_equal(cancel_watchdog_stop(), -EINVAL);
+  sem_destroy(&b.in);
+  cancel_source_unref(s);
+}
+
+static void test_watchdog_reports_spinner_once(void **state) {
+  (void)state;
+  cancel_watchdog_options o = {.threshold_ns = CANCEL_MSEC(30)};
+  assert_int_equal(cancel_watchdog_start(&o), 0);
+  cancel_source *parent = new_src("route timeout");
+  const cancel_token *p = TOK(parent);
+  cancel_source *req = NULL;
+  assert_int_equal(cancel_source_new_linked(&req, "request 9", &p, 1), 0);
+  struct bad b = {.tok = TOK(req)};
+  sem_init(&b.in, 0, 0);
+  pthread_t t = test_thread_start(spinner_main, &b);
+  assert_int_equal(test_sem_wait_ns(&b.in, test_tol(CANCEL_SEC(5))), 0);
+  cancel_source_cancel_with(parent, CANCEL_TIMEOUT, "2s");
+  char line[2048];
+  assert_true(log_wait("scope still running after cancel",
+                       "scope=\"bad spinner\"", line, sizeof line,
+                       test_tol(CANCEL_SEC(2))));
+  assert_non_null(strstr(line, "outer=\"job 7\""));
+  assert_non_null(strstr(line, "cancel_origin=\"route timeout\""));
+  assert_non_null(strstr(line, "cancel_via=\"request 9\""));
+  assert_true(log_wait("msg=stack", "bad_worker_spins", NULL, 0,
+                       test_tol(CANCEL_SEC(2))));
+  /* Let several more looks pass: reported once per scope. */
+  test_sleep_ns(CANCEL_MSEC(100));
+  int reports = 0;
+  pthread_mutex_lock(&log_mu);
+  for (int i = 0; i < nlines; i++)
+    if (strstr(lines[i], "scope still running") &&
+        strstr(lines[i], "bad spinner"))
+      reports++;
+  pthread_mutex_unlock(&log_mu);
+  assert_int_equal(reports, 1);
+  /* The outer scope is overdue too and reported on its own. */
+  assert_true(log_wait("scope still running after cancel", "scope=\"job 7\"",
+                       NULL, 0, test_tol(CANCEL_SEC(2))));
+  __atomic_store_n(&b.stop, 1, __ATOMIC_RELEASE);
+  test_thread_join(t);
+  assert_int_equal(cancel_watchdog_stop(), 0);
+  sem_destroy(&b.in);
+  cancel_source_unref(req);
+  cancel_source_unref(parent);
+}
+
+/* A scope that ends within the threshold is never reported. */
+static void test_watchdog_quiet_when_work_stops(void **state) {
+  (void)state;
+  cancel_watchdog_options o = {.threshold_ns = CANCEL_MSEC(50)};
+  assert_int_equal(cancel_watchdog_start(&o), 0);
+  cancel_source *s = new_src("req");
+  cancel_scope sc;
+  cancel_scope_begin(&sc, TOK(s), "good work");
+  cancel_source_cancel(s);
+  cancel_scope_end(&sc); /* it stopped at once */
+  test_sleep_ns(CANCEL_MSEC(150));
+  assert_false(log_wait("scope still running", "good work", NULL, 0, 0));
+  assert_int_equal(cancel_watchdog_stop(), 0);
+  cancel_watchdog_options bad = {.threshold_ns = -1};
+  assert_int_equal(cancel_watchdog_start(&bad), -EINVAL);
+  cancel_source_unref(s);
+}
+
+/* ---- Metrics ---------------------------------------------------------------
+ */
+
+static int64_t waiter_sleep(void *arg) {
+  return cancel_sleep((const cancel_token *)arg, CANCEL_SEC(30));
+}
+
+/* Every line of the text format 0.0.4, checked against its grammar:
+ * comments (# HELP name text, # TYPE name type) and samples
+ * name{label="value",...} value.  Returns the number of samples. */
+static int check_exposition(const char *text) {
+  regex_t help, type, sample;
+  assert_int_equal(
+      regcomp(&help, "^# HELP [a-zA-Z_:][a-zA-Z0-9_:]* .*$", REG_EXTENDED), 0);
+  assert_int_equal(regcomp(&type,
+                           "^# TYPE [a-zA-Z_:][a-zA-Z0-9_:]* "
+                           "(counter|gauge|histogram|summary|untyped)$",
+                           REG_EXTENDED),
+                   0);
+  assert_int_equal(
+      regcomp(&sample,
+              "^[a-zA-Z_:][a-zA-Z0-9_:]*"
+              "(\\{([a-zA-Z_][a-zA-Z0-9_]*=\"([^\"\\\\]|\\\\.)*\""
+              "(,[a-zA-Z_][a-zA-Z0-9_]*=\"([^\"\\\\]|\\\\.)*\")*)?\\})?"
+              " [-+]?([0-9.eE+-]+|Inf|NaN)$",
+              REG_EXTENDED),
+      0);
+  int samples = 0;
+  char *copy = strdup(text), *save = NULL;
+  for (char *l = strtok_r(copy, "\n", &save); l != NULL;
+       l = strtok_r(NULL, "\n", &save)) {
+    bool ok = regexec(&help, l, 0, NULL, 0) == 0 ||
+              regexec(&type, l, 0, NULL, 0) == 0;
+    if (!ok && regexec(&sample, l, 0, NULL, 0) == 0) {
+      ok = true;
+      samples++;
+    }
+    if (!ok)
+      print_error("not in the text format: '%s'\n", l);
+    assert_true(ok);
+  }
+  free(copy);
+  regfree(&help);
+  regfree(&type);
+  regfree(&sample);
+  return samples;
+}
+
+static uint64_t sample_value(const char *text, const char *series) {
+  const char *p = strstr(text, series);
+  if (p == NULL)
+    return 0;
+  return strtoull(p + strlen(series), NULL, 10);
+}
+
+static void test_metrics_prometheus(void **state) {
+  (void)state;
+  char *before = NULL, *after = NULL;
+  size_t blen = 0, alen = 0;
+  FILE *f = open_memstream(&before, &blen);
+  assert_int_equal(cancel_metrics_write_prometheus(f), 0);
+  fclose(f);
+
+  /* Two timeouts from per-request names, a client gone, a woken wait. */
+  cancel_source *a = new_src("client 10.0.0.7:5123");
+  cancel_source *b = new_src("request 17");
+  cancel_source *c = new_src("request 18");
+  cancel_source_cancel_with(a, CANCEL_CLIENT_GONE, "peer closed");
+  cancel_source_cancel_with(b, CANCEL_TIMEOUT, NULL);
+  cancel_source_cancel_with(c, CANCEL_TIMEOUT, NULL);
+  cancel_source *w = new_src("with \"quotes\" \\ and\nnewline");
+  struct test_waiter tw;
+  test_waiter_start(&tw, waiter_sleep, (void *)TOK(w));
+  assert_true(test_wait_blocked(tw.tid, test_tol(CANCEL_SEC(5))));
+  cancel_source_cancel(w);
+  test_waiter_end(&tw, test_tol(CANCEL_SEC(5)), NULL, NULL);
+  assert_i64_eq(tw.result, -ECANCELED);
+
+  f = open_memstream(&after, &alen);
+  assert_int_equal(cancel_metrics_write_prometheus(f), 0);
+  fclose(f);
+  assert_int_equal(cancel_metrics_write_prometheus(NULL), -EINVAL);
+  assert_true(check_exposition(before) > 10);
+  assert_true(check_exposition(after) > 10);
+
+  assert_true(
+      sample_value(after, "cancel_cancellations_total{kind=\"timeout\"} ") ==
+      sample_value(before, "cancel_cancellations_total{kind=\"timeout\"} ") +
+          2);
+  assert_true(sample_value(
+                  after, "cancel_cancellations_total{kind=\"client gone\"} ") ==
+              sample_value(
+                  before, "cancel_cancellations_total{kind=\"client gone\"} ") +
+                  1);
+  /* Per-request names share one series. */
+  assert_true(
+      sample_value(
+          after, "cancel_cancellations_by_origin_total{origin=\"request\"} ") >=
+      2);
+  assert_true(
+      sample_value(
+          after, "cancel_cancellations_by_origin_total{origin=\"client\"} ") >=
+      1);
+  assert_non_null(
+      strstr(after, "origin=\"with \\\"quotes\\\" \\\\ and\\nnewline\""));
+  assert_true(sample_value(after, "cancel_wake_latency_seconds_count ") >=
+              sample_value(before, "cancel_wake_latency_seconds_count ") + 1);
+  assert_non_null(
+      strstr(after, "cancel_wake_latency_seconds_bucket{le=\"+Inf\"}"));
+  assert_non_null(strstr(after, "cancel_scopes_overdue 0"));
+  free(before);
+  free(after);
+  cancel_source_unref(a);
+  cancel_source_unref(b);
+  cancel_source_unref(c);
+  cancel_source_unref(w);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test_setup_teardown(test_scope_not_cancelled, setup,
+                                      teardown),
+      cmocka_unit_test_setup_teardown(test_scope_overrun, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_scope_macro, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_watchdog_reports_sleeper, setup,
+                                      teardown),
+      cmocka_unit_test_setup_teardown(test_watchdog_reports_spinner_once, setup,
+                                      teardown),
+      cmocka_unit_test_setup_teardown(test_watchdog_quiet_when_work_stops,
+                                      setup, teardown),
+      cmocka_unit_test_setup_teardown(test_metrics_prometheus, setup, teardown),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}
