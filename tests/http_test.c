@@ -5,6 +5,7 @@
  */
 #include "test_util.h"
 
+#include "cancel/diag.h"
 #include "cancel/http.h"
 #include "cancel/log.h"
 
@@ -625,6 +626,30 @@ static void test_many_clients_gone(void **state) {
   stop(s);
 }
 
+/* A handler that ignores its token after the client left: the watchdog
+ * names it by its route, as the server opens a scope around handlers. */
+static void test_watchdog_names_handler(void **state) {
+  (void)state;
+  cancel_watchdog_options wo = {.threshold_ns = CANCEL_MSEC(50),
+                                .stack_signal = -1};
+  assert_int_equal(cancel_watchdog_start(&wo), 0);
+  cancel_http_server *s = start(NULL, NULL);
+  int fd = client_connect(cancel_http_server_port(s));
+  send_all(fd, "GET /block HTTP/1.1\r\nHost: t\r\n\r\n");
+  assert_int_equal(test_sem_wait_ns(&entered, test_tol(CANCEL_SEC(5))), 0);
+  close(fd);
+  char line[2048];
+  assert_true(log_find(line, sizeof line, "scope still running after cancel",
+                       "scope=\"GET /block\"", "cancel_kind=\"client gone\"",
+                       NULL));
+  sem_post(&release);
+  assert_true(log_find(line, sizeof line, "scope ended after cancel",
+                       "scope=\"GET /block\"", NULL));
+  assert_true(log_find(line, sizeof line, "route=/block", "status=499", NULL));
+  assert_int_equal(cancel_watchdog_stop(), 0);
+  stop(s);
+}
+
 /* The plumbing off: handlers get NULL, everything else works. */
 static void test_no_cancellation(void **state) {
   (void)state;
@@ -682,6 +707,8 @@ int main(void) {
       cmocka_unit_test_setup_teardown(test_stop_times_out_on_stuck_handler,
                                       setup, teardown),
       cmocka_unit_test_setup_teardown(test_many_clients_gone, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_watchdog_names_handler, setup,
+                                      teardown),
       cmocka_unit_test_setup_teardown(test_no_cancellation, setup, teardown),
       cmocka_unit_test_setup_teardown(test_bad_arguments, setup, teardown),
   };

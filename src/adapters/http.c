@@ -20,6 +20,7 @@
 #define _GNU_SOURCE
 #include "internal.h"
 
+#include "cancel/diag.h"
 #include "cancel/http.h"
 #include "cancel/log.h"
 #include "cancel/watch.h"
@@ -442,7 +443,15 @@ static void classify(cancel_http_request *r, int rc) {
 
 static void run_request(cancel_http_request *r) {
   cancel_http_server *s = r->srv;
+  /* The handler's work is done on the request's behalf: a scope, so the
+   * watchdog names a handler that goes on after its request was
+   * cancelled ("GET /reports/{id}"). */
+  char name[160];
+  snprintf(name, sizeof name, "%s %s", r->method, r->route->pattern);
+  cancel_scope scope;
+  cancel_scope_begin(&scope, r->tok, name);
   int rc = r->route->handler(r, r->tok, r->route->arg);
+  cancel_scope_end(&scope);
   r->t_handler_end = cancel_now();
   classify(r, rc);
   if (teardown_sources(r) || r->no_response) {

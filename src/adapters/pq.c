@@ -21,6 +21,8 @@
 #define _GNU_SOURCE
 #include "cancel/pq.h"
 
+#include "cancel/diag.h"
+
 #include <errno.h>
 #include <inttypes.h>
 #include <poll.h>
@@ -320,6 +322,10 @@ int cancel_pq_exec_ex(const cancel_token *tok, PGconn *conn, const char *sql,
   if (!was_nonblocking && PQsetnonblocking(conn, 1) != 0)
     return -ECONNRESET;
 
+  /* The call, the cancel request and the drain: the watchdog names a
+   * server that does not let go ("pq exec"). */
+  cancel_scope scope;
+  cancel_scope_begin(&scope, tok, "pq exec");
   struct call c = {
       .conn = conn, .tok = tok, .deadline = CANCEL_NEVER, .drain_ns = drain};
   bool simple = nparams == 0 && paramValues == NULL; /* see the header */
@@ -355,6 +361,7 @@ out:
     rollback_open(conn, drain);
   if (!was_nonblocking && PQstatus(conn) == CONNECTION_OK)
     (void)PQsetnonblocking(conn, 0);
+  cancel_scope_end(&scope);
   return ret;
 }
 

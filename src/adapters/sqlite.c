@@ -30,6 +30,8 @@
  */
 #include "cancel/sqlite.h"
 
+#include "cancel/diag.h"
+
 #include <errno.h>
 #include <stddef.h>
 
@@ -90,9 +92,12 @@ int cancel_sqlite_step(const cancel_token *tok, sqlite3_stmt *stmt) {
   if (cancel_token_is_cancelled(tok)) {
     ret = -ECANCELED;
   } else {
+    cancel_scope scope;
+    cancel_scope_begin(&scope, tok, "sqlite step");
     observe(db, tok);
     ret = map_rc(sqlite3_step(stmt), tok);
     unobserve(db, tok);
+    cancel_scope_end(&scope);
   }
   if (ret == -ECANCELED) {
     /* The statement's error is our own: reset it (its result code is the
@@ -122,6 +127,8 @@ int cancel_sqlite_exec(const cancel_token *tok, sqlite3 *db, const char *sql) {
   if (cancel_token_is_cancelled(tok)) {
     ret = -ECANCELED;
   } else {
+    cancel_scope scope;
+    cancel_scope_begin(&scope, tok, "sqlite exec");
     observe(db, tok);
     const char *p = sql;
     while (ret == 0 && *p != '\0') {
@@ -146,6 +153,7 @@ int cancel_sqlite_exec(const cancel_token *tok, sqlite3 *db, const char *sql) {
       (void)sqlite3_finalize(stmt);
     }
     unobserve(db, tok);
+    cancel_scope_end(&scope);
   }
   if (ret == -ECANCELED)
     rollback_open(db);
