@@ -13,6 +13,7 @@
 
 #include <cancel.h>
 #include <cancel/curl.h>
+#include <cancel/diag.h>
 #include <cancel/host.h>
 #include <cancel/http.h>
 #include <cancel/log.h>
@@ -37,8 +38,8 @@ struct config {
   const char *pg;
   const char *downstream;
   long route_timeout_ms, shutdown_timeout_ms, drain_ms, threads, poll_ms;
-  long rows, work, commit_delay_ms;
-  bool ignore_tokens, no_cancellation;
+  long rows, work, commit_delay_ms, watchdog_ms;
+  bool ignore_tokens, no_cancellation, seeded_bug;
 };
 
 static const char usage[] =
@@ -57,6 +58,10 @@ static const char usage[] =
     "(2000)\n"
     "  --work N              REPORTD_WORK, CPU work per row (20000)\n"
     "  --commit-delay MS     REPORTD_COMMIT_DELAY_MS, slow job COMMIT (0)\n"
+    "  --watchdog MS         REPORTD_WATCHDOG_MS, report work still running\n"
+    "                        this long after its cancel (100; 0: off)\n"
+    "  --seeded-bug          serve GET /buggy/reports/{id}, whose aggregation\n"
+    "                        ignores its token (for the watchdog demo)\n"
     "  --ignore-tokens       pass no token anywhere (benchmarks)\n"
     "  --no-cancellation     HTTP server without its plumbing (benchmarks)\n"
     "  --help\n";
@@ -91,7 +96,8 @@ static bool configure(int argc, char **argv, struct config *c) {
                        .threads = 16,
                        .poll_ms = 500,
                        .rows = 2000,
-                       .work = 20000};
+                       .work = 20000,
+                       .watchdog_ms = 100};
   /* The environment first, the flags over it. */
   static const struct {
     const char *env, *flag;
@@ -111,6 +117,8 @@ static bool configure(int argc, char **argv, struct config *c) {
       {"REPORTD_WORK", "work", 0, 100000000, offsetof(struct config, work)},
       {"REPORTD_COMMIT_DELAY_MS", "commit-delay", 0, 600000,
        offsetof(struct config, commit_delay_ms)},
+      {"REPORTD_WATCHDOG_MS", "watchdog", 0, 3600000,
+       offsetof(struct config, watchdog_ms)},
   };
   for (size_t i = 0; i < sizeof nums / sizeof nums[0]; i++)
     if (!number(nums[i].env, getenv(nums[i].env), nums[i].lo, nums[i].hi,
@@ -125,7 +133,17 @@ static bool configure(int argc, char **argv, struct config *c) {
   if (getenv("REPORTD_DOWNSTREAM"))
     c->downstream = getenv("REPORTD_DOWNSTREAM");
 
-  enum { O_BIND = 1000, O_DB, O_PG, O_DOWN, O_IGNORE, O_PLAIN, O_HELP, O_NUM };
+  enum {
+    O_BIND = 1000,
+    O_DB,
+    O_PG,
+    O_DOWN,
+    O_IGNORE,
+    O_PLAIN,
+    O_BUG,
+    O_HELP,
+    O_NUM
+  };
   struct option longs[32];
   size_t n = 0;
   for (size_t i = 0; i < sizeof nums / sizeof nums[0]; i++)
@@ -137,6 +155,7 @@ static bool configure(int argc, char **argv, struct config *c) {
   longs[n++] = (struct option){"downstream", required_argument, NULL, O_DOWN};
   longs[n++] = (struct option){"ignore-tokens", no_argument, NULL, O_IGNORE};
   longs[n++] = (struct option){"no-cancellation", no_argument, NULL, O_PLAIN};
+  longs[n++] = (struct option){"seeded-bug", no_argument, NULL, O_BUG};
   longs[n++] = (struct option){"help", no_argument, NULL, O_HELP};
   longs[n] = (struct option){NULL, 0, NULL, 0};
   int opt;
@@ -159,6 +178,9 @@ static bool configure(int argc, char **argv, struct config *c) {
       break;
     case O_PLAIN:
       c->no_cancellation = true;
+      break;
+    case O_BUG:
+      c->seeded_bug = true;
       break;
     case O_HELP:
       fputs(usage, stdout);
@@ -271,33 +293,57 @@ static int fetch_metadata(const struct service *s, const cancel_token *tok,
 struct report {
   long id, rows;
   double sum, max;
+  uint64_t digest;
   char title[128];
 };
 
 /* The CPU part: a mixing loop per row standing in for real aggregation
- * work, with a look at the token every 64 rows. */
+ * work, with a look at the token before each row (one load: nothing next
+ * to a row's work). */
 static int aggregate(const cancel_token *tok, const double *v, size_t n,
                      long work, struct report *out) {
   double sum = 0, max = 0;
+  uint64_t digest = 0;
   for (size_t i = 0; i < n; i++) {
-    if ((i & 63) == 0 && cancel_token_is_cancelled(tok))
+    if (cancel_token_is_cancelled(tok))
       return -ECANCELED;
     uint64_t x = (uint64_t)(v[i] * 100.0) + 0x9e3779b97f4a7c15u;
     for (long k = 0; k < work; k++)
       x = (x ^ (x >> 31)) * 0xbf58476d1ce4e5b9u;
-    sum += v[i] + (double)(x & 1) * 0.0; /* keeps the loop */
+    digest ^= x; /* in the answer: the loop cannot be optimised away */
+    sum += v[i];
     if (v[i] > max)
       max = v[i];
   }
   out->rows = (long)n;
   out->sum = sum;
   out->max = max;
+  out->digest = digest;
   return 0;
 }
 
+/* THE SEEDED BUG (served only with --seeded-bug): the same aggregation
+ * with the token dropped on the way down, the mistake the watchdog is
+ * there to find.  Not static, so that the watchdog's stack names it. */
+__attribute__((noinline)) int aggregate_ignoring_token(const double *v,
+                                                       size_t n, long work,
+                                                       struct report *out) {
+  return aggregate(NULL, v, n, work, out);
+}
+
 /* The service method: one token, passed to every step. */
+static int build_report_ex(const struct service *s, const cancel_token *tok,
+                           long id, long delay_ms, bool buggy,
+                           struct report *out);
+
 static int build_report(const struct service *s, const cancel_token *tok,
                         long id, long delay_ms, struct report *out) {
+  return build_report_ex(s, tok, id, delay_ms, false, out);
+}
+
+static int build_report_ex(const struct service *s, const cancel_token *tok,
+                           long id, long delay_ms, bool buggy,
+                           struct report *out) {
   out->id = id;
   int rc = fetch_metadata(s, tok, id, delay_ms, out->title, sizeof out->title);
   if (rc < 0)
@@ -307,7 +353,8 @@ static int build_report(const struct service *s, const cancel_token *tok,
   rc = store_load_rows(s->db, tok, id, &v, &n);
   if (rc < 0)
     return rc;
-  rc = aggregate(tok, v, n, s->cfg.work, out);
+  rc = buggy ? aggregate_ignoring_token(v, n, s->cfg.work, out)
+             : aggregate(tok, v, n, s->cfg.work, out);
   free(v);
   return rc;
 }
@@ -315,8 +362,8 @@ static int build_report(const struct service *s, const cancel_token *tok,
 static int report_json(const struct report *r, char *buf, size_t len) {
   return snprintf(buf, len,
                   "{\"id\":%ld,\"title\":\"%s\",\"rows\":%ld,\"sum\":%.2f,"
-                  "\"max\":%.2f}\n",
-                  r->id, r->title, r->rows, r->sum, r->max);
+                  "\"max\":%.2f,\"digest\":\"%016" PRIx64 "\"}\n",
+                  r->id, r->title, r->rows, r->sum, r->max, r->digest);
 }
 
 static int respond_json(cancel_http_request *req, unsigned status,
@@ -344,9 +391,8 @@ static bool parse_id(const char *text, long max, long *out) {
   return true;
 }
 
-static int h_report(cancel_http_request *req, const cancel_token *tok,
-                    void *arg) {
-  struct service *s = arg;
+static int report(cancel_http_request *req, const cancel_token *tok,
+                  struct service *s, bool buggy) {
   long id, delay = 0;
   if (!parse_id(cancel_http_request_param(req, "id"), 1000000000, &id))
     return respond_text(req, 400, "report id: a number\n");
@@ -354,7 +400,7 @@ static int h_report(cancel_http_request *req, const cancel_token *tok,
   if (d != NULL && !parse_id(d, 600000, &delay))
     return respond_text(req, 400, "downstream_delay_ms: 0..600000\n");
   struct report r;
-  int rc = build_report(s, pass(s, tok), id, delay, &r);
+  int rc = build_report_ex(s, pass(s, tok), id, delay, buggy, &r);
   if (rc == -ENOENT)
     return respond_text(req, 404, "no such report\n");
   if (rc == -ECONNREFUSED || rc == -EPROTO || rc == -EHOSTUNREACH) {
@@ -368,6 +414,35 @@ static int h_report(cancel_http_request *req, const cancel_token *tok,
   char json[512];
   report_json(&r, json, sizeof json);
   return respond_json(req, 200, json);
+}
+
+static int h_report(cancel_http_request *req, const cancel_token *tok,
+                    void *arg) {
+  return report(req, tok, arg, false);
+}
+
+static int h_buggy_report(cancel_http_request *req, const cancel_token *tok,
+                          void *arg) {
+  return report(req, tok, arg, true);
+}
+
+/* Prometheus' text format: libcancel's metrics. */
+static int h_metrics(cancel_http_request *req, const cancel_token *tok,
+                     void *arg) {
+  (void)tok;
+  (void)arg;
+  char *text = NULL;
+  size_t len = 0;
+  FILE *f = open_memstream(&text, &len);
+  if (f == NULL)
+    return -ENOMEM;
+  int rc = cancel_metrics_write_prometheus(f);
+  if (fclose(f) != 0 && rc == 0)
+    rc = -EIO;
+  if (rc == 0)
+    rc = cancel_http_respond(req, 200, "text/plain; version=0.0.4", text, len);
+  free(text);
+  return rc;
 }
 
 static int h_scan(cancel_http_request *req, const cancel_token *tok,
@@ -525,7 +600,12 @@ int main(int argc, char **argv) {
       {"POST", "/jobs", h_job_add, &svc, 0},
       {"GET", "/jobs/{job}", h_job_get, &svc, 0},
       {"GET", "/admin/in-flight", h_in_flight, &svc, 0},
+      {"GET", "/metrics", h_metrics, &svc, 0},
+      /* Last: matched only when asked for (see below). */
+      {"GET", "/buggy/reports/{id}", h_buggy_report, &svc,
+       CANCEL_MSEC(c->route_timeout_ms)},
   };
+  size_t nroutes = sizeof routes / sizeof routes[0] - (c->seeded_bug ? 0 : 1);
   cancel_http_options hopt = {.name = "reportd",
                               .bind_address = c->bind,
                               .port = (uint16_t)c->port,
@@ -533,8 +613,11 @@ int main(int argc, char **argv) {
                               .drain_timeout_ns = CANCEL_MSEC(c->drain_ms),
                               .no_cancellation = c->no_cancellation};
   if (rc == 0)
-    rc = cancel_http_server_new(&svc.http, &hopt, routes,
-                                sizeof routes / sizeof routes[0]);
+    rc = cancel_http_server_new(&svc.http, &hopt, routes, nroutes);
+  if (rc == 0 && c->watchdog_ms > 0) {
+    cancel_watchdog_options wo = {.threshold_ns = CANCEL_MSEC(c->watchdog_ms)};
+    rc = cancel_watchdog_start(&wo);
+  }
   if (rc == 0)
     rc = cancel_http_server_start(svc.http, cancel_host_stopping(svc.host));
   if (rc == 0)
@@ -554,10 +637,11 @@ int main(int argc, char **argv) {
   }
   cancel_log(CANCEL_LOG_INFO, "reportd", "started",
              "port=%u database=%s route_timeout_ms=%ld "
-             "shutdown_timeout_ms=%ld drain_ms=%ld ignore_tokens=%d",
+             "shutdown_timeout_ms=%ld drain_ms=%ld ignore_tokens=%d "
+             "watchdog_ms=%ld seeded_bug=%d",
              (unsigned)cancel_http_server_port(svc.http), store_kind(svc.db),
              c->route_timeout_ms, c->shutdown_timeout_ms, c->drain_ms,
-             c->ignore_tokens);
+             c->ignore_tokens, c->watchdog_ms, c->seeded_bug);
   printf("listening port=%u\n", (unsigned)cancel_http_server_port(svc.http));
   fflush(stdout);
 
@@ -571,6 +655,8 @@ int main(int argc, char **argv) {
     fprintf(stderr, "reportd: host: %s\n", cancel_strerror(status));
     status = 1;
   }
+  if (c->watchdog_ms > 0)
+    cancel_watchdog_stop();
   cancel_http_server_free(svc.http);
   cancel_host_free(svc.host);
   store_close(svc.db);
