@@ -12,6 +12,8 @@
 #define _GNU_SOURCE
 #include "bench.h"
 
+#include <cancel/diag.h>
+
 #include <cancel.h>
 
 #include <pthread.h>
@@ -141,6 +143,20 @@ static int64_t b_register_unregister(void *ctx, uint64_t n) {
       bench_die("cancel_register", rc);
     if ((rc = cancel_unregister(&reg)) != 1)
       bench_die("cancel_unregister", rc);
+  }
+  return bench_now() - t0;
+}
+
+/* A work scope opened and closed on a live token (cancel/diag.h). */
+static int64_t b_scope(void *ctx, uint64_t n) {
+  const cancel_token *tok = ctx;
+  cancel_scope sc;
+  int64_t t0 = bench_now();
+  for (uint64_t i = 0; i < n; i++) {
+    cancel_scope_begin(&sc, tok, "bench");
+    BENCH_CLOBBER();
+    if (cancel_scope_end(&sc) != 0)
+      bench_die("cancel_scope_end", -1);
   }
   return bench_now() - t0;
 }
@@ -393,6 +409,7 @@ int main(void) {
   run("cancel_fanout_1000", b_fanout, regs, FANOUT);
   run("chain_100", b_chain, chain, CHAIN);
   run("register_unregister_contended", b_contended, (void *)tok, 1);
+  run("scope_begin_end", b_scope, (void *)tok, 1);
 
   if (cancel_token_is_cancelled(tok) || cancel_token_is_cancelled(parents[0]) ||
       cancel_token_is_cancelled(parents[1]))

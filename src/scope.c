@@ -19,6 +19,11 @@ static pthread_mutex_t overdue_mu = PTHREAD_MUTEX_INITIALIZER;
 static cancel_scope *overdue; /* newest first; overdue_mu */
 
 static __thread cancel_scope *top; /* the thread's innermost open scope */
+static int scopes_on = 1;          /* atomic */
+
+void cancel_scopes_enable(int on) {
+  st_relaxed(&scopes_on, on ? 1 : 0);
+}
 static __thread int my_tid;
 
 static int thread_id(void) {
@@ -46,6 +51,8 @@ void cancel_scope_begin(cancel_scope *s, const cancel_token *tok,
                         const char *name) {
   if (s == NULL)
     return;
+  if (!ld_relaxed(&scopes_on))
+    tok = NULL; /* named, never observed: nothing registered */
   s->tok = tok;
   s->name = name != NULL ? name : "";
   s->up = top;

@@ -93,6 +93,15 @@ static void test_scope_not_cancelled(void **state) {
   assert_i64_eq(cancel_scope_end(&a), 0);
   cancel_scope_begin(NULL, TOK(s), "ignored");
   assert_i64_eq(cancel_scope_end(NULL), 0);
+  /* Scopes switched off: named, never overdue. */
+  cancel_scopes_enable(0);
+  cancel_source *t = new_src("off");
+  cancel_scope_begin(&a, TOK(t), "off");
+  assert_string_equal(cancel_scope_current()->name, "off");
+  cancel_source_cancel(t);
+  assert_i64_eq(cancel_scope_end(&a), 0);
+  cancel_scopes_enable(1);
+  cancel_source_unref(t);
   cancel_source_unref(s);
 }
 

@@ -39,7 +39,7 @@ struct config {
   const char *downstream;
   long route_timeout_ms, shutdown_timeout_ms, drain_ms, threads, poll_ms;
   long rows, work, commit_delay_ms, watchdog_ms;
-  bool ignore_tokens, no_cancellation, seeded_bug;
+  bool ignore_tokens, no_cancellation, seeded_bug, no_diagnostics;
 };
 
 static const char usage[] =
@@ -64,6 +64,7 @@ static const char usage[] =
     "                        ignores its token (for the watchdog demo)\n"
     "  --ignore-tokens       pass no token anywhere (benchmarks)\n"
     "  --no-cancellation     HTTP server without its plumbing (benchmarks)\n"
+    "  --no-diagnostics      no work scopes, no watchdog (benchmarks)\n"
     "  --help\n";
 
 /* A number option: from the flag, else the environment, else the default.
@@ -141,6 +142,7 @@ static bool configure(int argc, char **argv, struct config *c) {
     O_IGNORE,
     O_PLAIN,
     O_BUG,
+    O_NODIAG,
     O_HELP,
     O_NUM
   };
@@ -156,6 +158,7 @@ static bool configure(int argc, char **argv, struct config *c) {
   longs[n++] = (struct option){"ignore-tokens", no_argument, NULL, O_IGNORE};
   longs[n++] = (struct option){"no-cancellation", no_argument, NULL, O_PLAIN};
   longs[n++] = (struct option){"seeded-bug", no_argument, NULL, O_BUG};
+  longs[n++] = (struct option){"no-diagnostics", no_argument, NULL, O_NODIAG};
   longs[n++] = (struct option){"help", no_argument, NULL, O_HELP};
   longs[n] = (struct option){NULL, 0, NULL, 0};
   int opt;
@@ -181,6 +184,10 @@ static bool configure(int argc, char **argv, struct config *c) {
       break;
     case O_BUG:
       c->seeded_bug = true;
+      break;
+    case O_NODIAG:
+      c->no_diagnostics = true;
+      c->watchdog_ms = 0;
       break;
     case O_HELP:
       fputs(usage, stdout);
@@ -614,6 +621,8 @@ int main(int argc, char **argv) {
                               .no_cancellation = c->no_cancellation};
   if (rc == 0)
     rc = cancel_http_server_new(&svc.http, &hopt, routes, nroutes);
+  if (c->no_diagnostics)
+    cancel_scopes_enable(0);
   if (rc == 0 && c->watchdog_ms > 0) {
     cancel_watchdog_options wo = {.threshold_ns = CANCEL_MSEC(c->watchdog_ms)};
     rc = cancel_watchdog_start(&wo);

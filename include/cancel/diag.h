@@ -112,6 +112,12 @@ CANCEL_API void cancel_scope_begin(cancel_scope *s, const cancel_token *tok,
  * when the watchdog reported s, logged. */
 CANCEL_API int64_t cancel_scope_end(cancel_scope *s);
 
+/* Scopes on (the default) or off for the whole process: off, a scope
+ * still names the work but registers nothing and is never overdue (for
+ * measuring what scopes cost).  Takes effect for scopes begun after it.
+ * Thread-safe. */
+CANCEL_API void cancel_scopes_enable(int on);
+
 /* The calling thread's innermost open scope, or NULL. */
 CANCEL_API const cancel_scope *cancel_scope_current(void);
 
