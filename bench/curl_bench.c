@@ -13,11 +13,12 @@
  *     cancel_curl_perform with a live token that has no deadline (impl
  *     libcancel) and through curl_easy_perform (impl plain).  Each impl
  *     has its own easy handle and its own server thread, both reused for
- *     every request, so connection setup is paid once (where curl keeps
- *     the connection: see the adapter).  The two are interleaved sample by
- *     sample, their order alternating, so that noise hits both alike; the
- *     row is the median.  2000 samples each (200 with BENCH_QUICK), after
- *     100 thrown away.
+ *     every request, so connection setup is paid once (plain: in the easy
+ *     handle's own multi handle; libcancel: in the thread's multi handle,
+ *     which the adapter keeps between calls).  The two are interleaved
+ *     sample by sample, their order alternating, so that noise hits both
+ *     alike; the row is the median.  2000 samples each (200 with
+ *     BENCH_QUICK), after 100 thrown away.
  *
  * Environment: BENCH_QUICK=1, BENCH_ONLY=curl_cancel_latency,curl_uncancelled
  * (a latency row's p50 or p99 name selects it too).
@@ -265,6 +266,9 @@ static void uncancelled(void) {
           warmup + n, conns_l, conns_p);
   curl_easy_cleanup(el);
   curl_easy_cleanup(ep);
+  /* The adapter's connection belongs to this thread's multi handle, not to
+   * el: close it, or sl's thread would wait for its next request. */
+  cancel_curl_thread_cleanup();
   server_stop(&sl);
   server_stop(&sp);
   cancel_source_unref(live);
@@ -283,6 +287,7 @@ int main(void) {
     cancel_latency();
   if (bench_wanted("curl_uncancelled"))
     uncancelled();
+  cancel_curl_thread_cleanup(); /* before curl_global_cleanup */
   curl_global_cleanup();
   return 0;
 }

@@ -720,11 +720,13 @@ int main(void) {
   }
   if ((rc = downstream_start(&ds)) < 0) {
     fprintf(stderr, "downstream: %s\n", cancel_strerror(rc));
+    cancel_curl_thread_cleanup();
     curl_global_cleanup();
     return 1;
   }
   if ((rc = open_seeded(path, sizeof path, &db)) < 0) {
     downstream_stop(&ds);
+    cancel_curl_thread_cleanup();
     curl_global_cleanup();
     return 1;
   }
@@ -741,6 +743,7 @@ int main(void) {
   sqlite3_close(db);
   unlink(path);
   downstream_stop(&ds);
+  cancel_curl_thread_cleanup(); /* this thread's connections, first */
   curl_global_cleanup();
   printf("report_service: %s\n",
          ok ? "every case behaved" : "a case misbehaved");

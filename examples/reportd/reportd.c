@@ -592,6 +592,7 @@ int main(int argc, char **argv) {
   int rc = store_open(&svc.db, &sc);
   if (rc < 0) {
     fprintf(stderr, "reportd: database: %s\n", cancel_strerror(rc));
+    cancel_curl_thread_cleanup();
     curl_global_cleanup();
     return 1;
   }
@@ -641,6 +642,7 @@ int main(int argc, char **argv) {
     cancel_http_server_free(svc.http);
     cancel_host_free(svc.host);
     store_close(svc.db);
+    cancel_curl_thread_cleanup();
     curl_global_cleanup();
     return 1;
   }
@@ -669,6 +671,7 @@ int main(int argc, char **argv) {
   cancel_http_server_free(svc.http);
   cancel_host_free(svc.host);
   store_close(svc.db);
+  cancel_curl_thread_cleanup(); /* this thread's connections, first */
   curl_global_cleanup();
   return status;
 }

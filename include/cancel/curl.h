@@ -34,7 +34,33 @@ typedef struct cancel_curl_options {
  * on a multi handle polled with curl_multi_poll; the token's callback
  * wakes it with curl_multi_wakeup the moment it fires (never the
  * once-a-second progress callback), and the handle is then removed, which
- * aborts the transfer and closes its connection.
+ * aborts the transfer; its connection is closed before the call returns
+ * (HTTP/1.x and HTTP/2 alike), so the server sees the client go.
+ *
+ * Connections are kept alive between calls.  The multi handle is the
+ * calling thread's own, made on its first call and kept (with the
+ * connection and DNS caches it owns) until the thread exits or calls
+ * cancel_curl_thread_cleanup(); every call removes `easy` from it before
+ * returning.  So a completed transfer's connection stays open, idle, for
+ * the next call on the same thread, with the same easy handle or another
+ * one whose options match it (curl decides, as in any multi handle): at
+ * most 8 idle connections per thread, the oldest closed first; one idle
+ * for longer than CURLOPT_MAXAGE_CONN is not reused.  A call that
+ * abandons its transfer (the token fired, or curl's timeout taken from its
+ * deadline expired, with the transfer in flight) frees the thread's multi
+ * handle and every idle connection in it: curl keeps an abandoned HTTP/2
+ * connection in its cache, open, and that is the one way to close it.  A call
+ * made while the thread's multi handle is busy (from inside a curl callback of
+ * a transfer this function runs on the same thread) runs on a multi handle of
+ * its own, freed when it returns.  After fork() the child does not use (or
+ * free) the multi handle it inherited: it makes its own.  Consequences:
+ *   - connections outlive the call and the easy handle: a
+ *     CURLOPT_CLOSESOCKETFUNCTION may run after curl_easy_cleanup(easy),
+ *     on a later call or at the thread's cleanup, with the
+ *     CURLOPT_CLOSESOCKETDATA it was given: keep that valid until then;
+ *   - to close the connection at the end of every call instead, set
+ *     CURLOPT_FORBID_REUSE on the handle.
+ * Calls on different threads never share a connection.
  *
  * When the token has a deadline (cancel_token_deadline), the transfer's
  * CURLOPT_TIMEOUT_MS is set from the time remaining (at least 1 ms: 0
@@ -45,12 +71,12 @@ typedef struct cancel_curl_options {
  * Returns 0 (the transfer completed: check the response code yourself),
  * -ECANCELED (the token fired, or its deadline left no time, or curl's
  * timeout, taken from that deadline, expired a moment before the token's
- * own timer; the transfer was abandoned), -ETIMEDOUT (a timeout you set on the handle yourself),
- * -EINVAL (NULL easy, a malformed or unsupported URL), -ECONNREFUSED,
- * -EHOSTUNREACH (the host could not be resolved or reached), -ENOMEM,
- * -EIO (any other curl failure).  *result (may be NULL) receives curl's own
- * CURLcode, so "our timeout" (-ECANCELED with a timeout reason on the
- * token) is never confused with "their failure".
+ * own timer; the transfer was abandoned), -ETIMEDOUT (a timeout you set on the
+ * handle yourself), -EINVAL (NULL easy, a malformed or unsupported URL),
+ * -ECONNREFUSED, -EHOSTUNREACH (the host could not be resolved or reached),
+ * -ENOMEM, -EIO (any other curl failure).  *result (may be NULL) receives
+ * curl's own CURLcode, so "our timeout" (-ECANCELED with a timeout reason on
+ * the token) is never confused with "their failure".
  *
  * Name resolution with the threaded resolver (Debian's libcurl): the
  * lookup runs getaddrinfo on a thread of libcurl's, and nothing interrupts
@@ -68,16 +94,35 @@ typedef struct cancel_curl_options {
  * until then each abandoned lookup costs a thread and a socket pair.
  * libcurl before 7.87.0 has no such option and joins.  From libcurl 8.20,
  * whose resolver threads belong to the multi handle, CURLMOPT_QUICK_EXIT
- * is set on the adapter's multi handle too.
+ * is set on the thread's multi handle too, for the calls with a token
+ * (the same multi handle serves calls without one, which join as before)
+ * and before the multi handle is freed.
  *
  * Thread-safety: one call per easy handle at a time; the handle must not
- * be in another multi handle.  Allocates a multi handle per call. */
+ * be in another multi handle.  Any thread may call; each keeps its own
+ * multi handle (see above), so no lock is taken.  Allocates a multi handle
+ * on a thread's first call (and on each call made from a curl callback of
+ * another). */
 CANCEL_API int cancel_curl_perform_ex(const cancel_token *tok, CURL *easy,
                                       const cancel_curl_options *opts,
                                       CURLcode *result);
 
 /* cancel_curl_perform_ex(tok, easy, NULL, NULL). */
 CANCEL_API int cancel_curl_perform(const cancel_token *tok, CURL *easy);
+
+/* Frees the calling thread's multi handle and closes the idle connections
+ * it keeps; the thread's next call makes a new one.  Optional: a thread's
+ * multi handle is freed when the thread exits (a pthread key destructor),
+ * but not on a thread that ends the process (the main thread calling
+ * exit() or returning from main: key destructors do not run there).  Call
+ * it on such a thread before curl_global_cleanup(), which no multi handle
+ * may outlive, and wherever the thread's idle connections should go now
+ * (a server that must see them close).  In a child after fork() the
+ * parent's multi handle is only forgotten.
+ * Returns 0, or -EBUSY when called from inside a curl callback of a
+ * transfer that cancel_curl_perform_ex() runs on this thread's multi
+ * handle (nothing is freed).  Affects the calling thread only. */
+CANCEL_API int cancel_curl_thread_cleanup(void);
 
 /* Writes the gRPC form of a timeout ("250m", "30S": at most 8 digits and
  * the largest exact unit that fits) into buf.  Returns its length, or
