@@ -30,9 +30,9 @@ CTEST_FLAGS ?= --output-on-failure -j2 --no-tests=error
 
 DEPS_CHECK := build-essential cmake pkg-config libcmocka-dev valgrind libuv1-dev \
               libsqlite3-dev libcurl4-openssl-dev libpq-dev postgresql \
-              libmicrohttpd-dev
+              libmicrohttpd-dev curl wrk perl
 # node may come from outside Debian: only ask for nodejs when none is found.
-DEPS_BENCH := golang-go g++ $(if $(shell command -v node),,nodejs)
+DEPS_BENCH := golang-go g++ wrk $(if $(shell command -v node),,nodejs)
 DEPS_FORMAT := clang-format
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
@@ -193,12 +193,13 @@ bench: deps-check deps-bench
 	@test -x bench/run.sh || { echo "bench/run.sh does not exist yet" >&2; exit 1; }
 	bench/run.sh build-bench
 
-# Until the reference service (examples/reportd) exists, the demo is the
-# pattern programs, one after the other.
+# The pattern programs, one after the other (a few seconds), then the
+# reference service: examples/reportd/demo.sh starts reportd and its
+# downstream on free ports and plays its scenarios with real clients,
+# ending with a summary table; it fails when a scenario misbehaves.
 demo: deps-check build
-	@set -- examples/patterns/*.c; \
-	if [ ! -e "$$1" ]; then echo "no examples in examples/patterns yet"; exit 0; fi; \
-	for src in "$$@"; do \
+	@for src in examples/patterns/*.c; do \
+	  [ -e "$$src" ] || continue; \
 	  name=$$(basename "$$src" .c); \
 	  exe=build/examples/patterns/$$name; \
 	  if [ ! -x "$$exe" ]; then echo "=== $$name: not built (see cmake's STATUS lines)"; echo; continue; fi; \
@@ -206,6 +207,10 @@ demo: deps-check build
 	  $$exe; \
 	  echo; \
 	done
+	@if [ ! -x build/examples/reportd/reportd ]; then \
+	  echo "=== reportd: not built (see cmake's STATUS lines)"; exit 1; \
+	fi
+	bash examples/reportd/demo.sh build
 
 # ----------------------------------------------------------------------
 # Housekeeping

@@ -27,6 +27,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <microhttpd.h>
 #include <netinet/in.h>
@@ -400,7 +401,10 @@ static void classify(cancel_http_request *r, int rc) {
   bool fired = r->tok != NULL && cancel_token_reason(r->tok, &why) == 1;
   if (fired) {
     cancel_logfmt_reason(r->cancel_fields, sizeof r->cancel_fields, &why);
-    r->after_cancel_ms = (double)(r->t_handler_end - why.time) / 1e6;
+    /* 0 when the handler returned a moment before the token's timer (the
+     * wait above): it stopped at the deadline. */
+    int64_t after = r->t_handler_end - why.time;
+    r->after_cancel_ms = after > 0 ? (double)after / 1e6 : 0.0;
   }
   if (rc >= 0) {
     if (r->status == 0) {
@@ -574,6 +578,7 @@ static enum MHD_Result dispatch(cancel_http_request *r) {
     respond_text(r, 405, "method not allowed\n");
     cancel_http_respond_header(r, "Allow", allow);
     r->state = REQ_DONE;
+    r->level = CANCEL_LOG_INFO;
     return send_response(r);
   }
   MHD_get_connection_values(r->conn, MHD_HEADER_KIND, collect, &r->headers);
@@ -905,9 +910,28 @@ int cancel_http_server_stop(cancel_http_server *s, int64_t deadline) {
     return -EINVAL;
   st_release(&s->stopping_flag, 1);
   /* No new connections; the listening socket is ours to close. */
-  if (s->state == SRV_RUNNING)
+  if (s->state == SRV_RUNNING) {
     s->lfd = MHD_quiesce_daemon(s->d);
-  MHD_socket lfd = s->lfd;
+    if (s->lfd != MHD_INVALID_SOCKET) {
+      /* Connections the kernel accepted already wait in the listen queue:
+       * closing the socket would reset them.  Hand them to the daemon,
+       * which answers them 503 with Connection: close (stopping_flag),
+       * then close it: later ones are refused, never reset. */
+      fcntl(s->lfd, F_SETFL, fcntl(s->lfd, F_GETFL) | O_NONBLOCK);
+      for (;;) {
+        struct sockaddr_storage sa;
+        socklen_t salen = sizeof sa;
+        int fd = accept4(s->lfd, (struct sockaddr *)&sa, &salen,
+                         SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0)
+          break;
+        /* On failure libmicrohttpd closes fd itself. */
+        (void)MHD_add_connection(s->d, fd, (struct sockaddr *)&sa, salen);
+      }
+      close(s->lfd);
+    }
+    s->lfd = MHD_INVALID_SOCKET;
+  }
   int64_t t0 = cancel_now();
   size_t at_stop = cancel_http_server_in_flight(s);
   if (!cancel_token_is_cancelled(s->stopping))
@@ -948,9 +972,6 @@ int cancel_http_server_stop(cancel_http_server *s, int64_t deadline) {
   pool_stop(s);
   MHD_stop_daemon(s->d);
   s->d = NULL;
-  if (lfd != MHD_INVALID_SOCKET)
-    close(lfd);
-  s->lfd = MHD_INVALID_SOCKET;
   release_start(s);
   s->state = SRV_STOPPED;
   cancel_log(CANCEL_LOG_INFO, "http", "stopped", "server=%s waited_ms=%.1f",
