@@ -22,5 +22,11 @@ echo "   downstream on port $DS_PORT; reportd on free ports, SQLite in a temp di
 echo
 rd_play_core ""
 echo
+echo "== the watchdog: work that ignores its token, found by name"
+rd_play_diag
+echo
+echo "   What the watchdog printed (reportd's log):"
+grep 'component=watchdog' "$RD_LOG" | cut -c1-200 | sed 's/^/   /'
+echo
 rd_table
 rd_finish

@@ -308,6 +308,8 @@ rd_expect() {
   "$@" || RD_PROBLEMS+=("$what")
 }
 rd_match() { [[ $1 =~ $2 ]]; }
+# rd_absent FILE TEXT: no line of FILE holds TEXT (a fixed string).
+rd_absent() { ! grep -qF -- "$2" "$1"; }
 
 # rd_check_access PATH ERE WHAT: reportd's access line for PATH must come
 # and match ERE (WHAT: what it should say).  RD_LINE = the line.
@@ -588,6 +590,109 @@ rd_play_core() {
     --shutdown-timeout 10000 --route-timeout 5000 --work 2000 "$@" ||
     rd_die "reportd did not start"
   rd_scenario_sigterm "$tag" "$pg"
+}
+
+# ---- Diagnostics (issue 6) ----------------------------------------------------
+
+# rd__hangup_after_downstream NAME PATH: a client asks for PATH (a report
+# whose downstream call takes 50 ms) and hangs up as soon as the
+# downstream has answered reportd: reportd is then aggregating.
+rd__hangup_after_downstream() {
+  local name=$1 path=$2
+  rd_hangup_start "$name" "$RD_PORT" 1 "$path?downstream_delay_ms=50"
+  rd_expect "the downstream never answered reportd's call" \
+    rd_wait_log "$DS_LOG" "msg=request .* path=/meta/$RD_ID .*status=200 "
+  rd_expect "the client could not hang up: $(cat "$RD_TMP/$name.err" 2>/dev/null)" \
+    rd_hangup_go "$name"
+}
+
+# 6. The seeded bug (--seeded-bug): GET /buggy/reports/{id} drops its token
+# before the aggregation.  The client hangs up while it aggregates: the
+# watchdog reports the handler's scope by name, with the reason and a stack
+# naming aggregate_ignoring_token, and once more when it ends.
+rd_scenario_watchdog() {
+  local line report="" over="?" since="?" top="no stack"
+  rd_begin
+  rd_take_id
+  rd__hangup_after_downstream "s6-$RD_ID" "/buggy/reports/$RD_ID"
+  if rd_wait_log "$RD_LOG" 'msg="scope still running after cancel" scope="GET /buggy/reports/\{id\}"'; then
+    report=$RD_LINE
+    since=$(rd_fmt "$(rd_field "$report" since_cancel_ms)")
+  fi
+  rd_expect "no watchdog report for the buggy route" [ -n "$report" ]
+  rd_expect "the report does not say the client left" \
+    rd_match "$report" 'cancel_kind="client gone"'
+  rd_wait_log "$RD_LOG" 'msg=stack scope="GET /buggy/reports/\{id\}" .*aggregate_ignoring_token' &&
+    top="aggregate_ignoring_token"
+  rd_expect "no stack frame names aggregate_ignoring_token" [ "$top" = aggregate_ignoring_token ]
+  if rd_wait_log "$RD_LOG" 'msg="scope ended after cancel" scope="GET /buggy/reports/\{id\}"' "$(rd_ms 15000)"; then
+    over=$(rd_fmt "$(rd_field "$RD_LINE" overrun_ms)")
+  fi
+  rd_expect "no line for the end of the buggy scope" [ "$over" != "?" ]
+  rd_check_access "/buggy/reports/$RD_ID" 'status=499 ' "status=499"
+  rd_row "$RD_DIAG_N seeded bug: token dropped" "watchdog report; stack: $top" \
+    "cancel -> report $since ms; ran on $over ms" \
+    "$(rd_short "$report" scope cancel_kind since_cancel_ms)"
+}
+
+# 7. The fixed route, same hang-up: it stops at once; the watchdog says
+# nothing about it.
+rd_scenario_fixed_route() {
+  local line after="?"
+  rd_begin
+  rd_take_id
+  rd__hangup_after_downstream "s7-$RD_ID" "/reports/$RD_ID"
+  rd_check_access "/reports/$RD_ID" 'status=499 .*cancel_kind="client gone"' \
+    "status=499, kind client gone"
+  line=$RD_LINE
+  after=$(rd_field "$line" after_cancel_ms)
+  rd_expect "the fixed route ran on ${after:-?} ms after the cancel" \
+    rd_cmp "${after:-1e9}" '<' 50
+  # Give the watchdog three of its looks: still nothing.
+  sleep 0.3
+  rd_expect "the watchdog reported the fixed route" \
+    rd_absent "$RD_LOG" 'msg="scope still running after cancel" scope="GET /reports/{id}"'
+  rd_row "$((RD_DIAG_N + 1)) fixed route, same hang-up" "499; no watchdog report" \
+    "cancel -> handler returned $(rd_fmt "${after:-0}") ms" \
+    "$(rd_short "$line" status cancel_kind after_cancel_ms)"
+}
+
+# 8. /metrics: Prometheus' text format (every line a comment or a sample of
+# its grammar), and counters that match what this reportd went through.
+rd_scenario_metrics() {
+  local body bad gone reports samples
+  rd_begin
+  rd_curl "s8-metrics" "$RD_URL/metrics"
+  body="$RD_TMP/s8-metrics.body"
+  rd_expect "answered $RD_CODE, not 200" [ "$RD_CODE" = 200 ]
+  bad=$(grep -Ev '^(# (HELP|TYPE) [a-zA-Z_:][a-zA-Z0-9_:]* .+|[a-zA-Z_:][a-zA-Z0-9_:]*(\{[a-zA-Z_][a-zA-Z0-9_]*="([^"\\]|\\.)*"(,[a-zA-Z_][a-zA-Z0-9_]*="([^"\\]|\\.)*")*\})? [-+]?([0-9.eE+-]+|Inf|NaN))$' "$body" | head -n 3)
+  rd_expect "lines outside the text format: $bad" [ -z "$bad" ]
+  samples=$(grep -cv '^#' "$body")
+  gone=$(sed -n 's/^cancel_cancellations_total{kind="client gone"} //p' "$body")
+  reports=$(sed -n 's/^cancel_watchdog_reports_total //p' "$body")
+  rd_expect "client gone counted ${gone:-?} times, not 2" [ "${gone:-}" = 2 ]
+  rd_expect "watchdog reports ${reports:-?}, not 1" [ "${reports:-}" = 1 ]
+  rd_row "$((RD_DIAG_N + 2)) /metrics after $RD_DIAG_N and $((RD_DIAG_N + 1))" "$RD_CODE, $samples samples, format ok" "-" \
+    "client gone=${gone:-?} watchdog reports=${reports:-?}"
+}
+
+# rd_play_diag [FIRST]: three scenarios, numbered from FIRST (default 6),
+# on a reportd with the seeded bug and enough
+# CPU work per report (--work 100000) that its aggregation outlasts the
+# watchdog's threshold (100 ms) by far.
+rd_play_diag() {
+  RD_DIAG_N=${1:-6}
+  shift $(($# > 0 ? 1 : 0))
+  rd_start_reportd "diag$RD_NEXT_ID" --seeded-bug --watchdog 100 --work 100000 "$@" ||
+    rd_die "reportd did not start"
+  rd_scenario_watchdog
+  rd_scenario_fixed_route
+  rd_scenario_metrics
+  rd_stop_reportd
+  if [[ $RD_EXIT != 0 ]] || grep -q 'level=error' "$RD_LOG"; then
+    RD_FAILED=$((RD_FAILED + 1))
+    RD_NOTES+=("reportd of the watchdog scenarios: exit status $RD_EXIT, or an error logged")
+  fi
 }
 
 # ---- PostgreSQL -------------------------------------------------------------

@@ -300,6 +300,7 @@ rd_play_core SQLite
 e2e_load
 e2e_hangups
 e2e_malformed
+rd_play_diag 9
 if rd_pg_start "$src"; then
   rd_play_core PostgreSQL --pg "$RD_PG"
   rd_pg_stop
