@@ -11,7 +11,8 @@
 # (core_bench, wait_bench) fails.
 #
 # Every program prints rows `scenario<TAB>impl<TAB>value<TAB>unit` on
-# stdout; value is "n/a" when the impl has no such feature.
+# stdout; value is "n/a" when the impl has no such feature.  Lower is
+# better, except for the units in HIGHER_IS_BETTER (throughputs).
 #
 # Environment: BENCH_QUICK=1 (batches ~10x smaller: a smoke test),
 # BENCH_ROUNDS=3 (interleaved runs of the whole list; best round kept),
@@ -36,6 +37,7 @@ wait_bench        exe   required  bench/wait_bench.c
 sqlite_bench      exe   optional  bench/sqlite_bench.c
 curl_bench        exe   optional  bench/curl_bench.c
 pq_bench          exe   optional  bench/pq_bench.c
+reportd_bench     exe   optional  bench/reportd_bench.c
 stop_token_bench  cxx   optional  bench/peers/stop_token_bench.cpp
 ctxbench          go    optional  bench/peers/go
 abort_bench       node  optional  bench/peers/abort_bench.mjs
@@ -47,6 +49,12 @@ abort_bench       node  optional  bench/peers/abort_bench.mjs
 # column (`base`).
 REF_IMPL=libcancel
 BASELINE_IMPLS='futex_floor plain'
+
+# Units whose values are better when higher (space-separated).  For them
+# the best round is the highest, the best peer or baseline is the highest,
+# and the ratio is inverted (other / REF_IMPL) so that below 1 still means
+# REF_IMPL does better.
+HIGHER_IS_BETTER='req/s'
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BUILD_DIR=${1:-$ROOT/build}
@@ -142,7 +150,7 @@ status=0
 # Prepare every program once, then run the whole list BENCH_ROUNDS times,
 # interleaved, so that a burst of noise on this shared machine hits every
 # impl alike; the table keeps each row's best round (noise only ever adds
-# time; for throughput, in req/s, the best is the highest).
+# time; for a unit in HIGHER_IS_BETTER, the best is the highest).
 names=() needs=() cmds=()
 while read -r name kind need src <&3; do
   [ -n "${name:-}" ] || continue
@@ -177,13 +185,14 @@ for ((round = 1; round <= ROUNDS; round++)); do
 done
 
 # One row per (scenario, impl): the best round, in order of first appearance.
-awk -F'\t' -v OFS='\t' '
+awk -F'\t' -v OFS='\t' -v higher="$HIGHER_IS_BETTER" '
   function numeric(v) { return v ~ /^[0-9]+(\.[0-9]*)?([eE][-+]?[0-9]+)?$/ }
+  BEGIN { nh = split(higher, h, " "); for (k = 1; k <= nh; k++) up[h[k]] = 1 }
   {
     k = $1 SUBSEP $2
     if (!(k in val)) { order[++n] = k; val[k] = $3; unit[k] = $4; s[k] = $1; i[k] = $2; next }
     if (!numeric($3)) next
-    if (!numeric(val[k]) || ($4 == "req/s" ? $3 + 0 > val[k] + 0 : $3 + 0 < val[k] + 0))
+    if (!numeric(val[k]) || ($4 in up ? $3 + 0 > val[k] + 0 : $3 + 0 < val[k] + 0))
       val[k] = $3
   }
   END { for (r = 1; r <= n; r++) print s[order[r]], i[order[r]], val[order[r]], unit[order[r]] }
@@ -205,11 +214,25 @@ note "results: $RESULTS"
 # ratio = REF_IMPL / best peer: the lowest numeric value among the other
 # impls with the same unit, baselines excluded; and, when the results hold
 # a baseline, base = REF_IMPL / the lowest baseline with the same unit.
-awk -F'\t' -v ref="$REF_IMPL" -v baselines="$BASELINE_IMPLS" '
+# For a unit in HIGHER_IS_BETTER: the highest, and the inverse ratio
+# (best peer / REF_IMPL, baseline / REF_IMPL).  Ratios below 0.1 are shown
+# with two significant digits.
+awk -F'\t' -v ref="$REF_IMPL" -v baselines="$BASELINE_IMPLS" \
+  -v higher="$HIGHER_IS_BETTER" '
   function numeric(v) { return v ~ /^[0-9]+(\.[0-9]*)?([eE][-+]?[0-9]+)?$/ }
+  # Whether a is better than b (both numeric) in unit u.
+  function better(a, b, u) { return (u in up) ? a + 0 > b + 0 : a + 0 < b + 0 }
+  # The ratio of ref value r to another value o in unit u, oriented so
+  # that below 1 means ref does better.
+  function ratio_of(r, o, u,   x) {
+    x = (u in up) ? o / r : r / o
+    return sprintf(x < 0.1 ? "%.2gx" : "%.2fx", x)
+  }
+  BEGIN { nh = split(higher, h, " "); for (k = 1; k <= nh; k++) up[h[k]] = 1 }
   NR == 1 { next }
   {
     s = $1; i = $2
+    if ($4 in up) seen_up = 1
     if (!(s in seen_s)) { seen_s[s] = 1; sc[++ns] = s }
     if (!(i in seen_i)) { seen_i[i] = 1; ia[++na] = i }
     val[s, i] = $3; unit[s, i] = $4
@@ -237,21 +260,24 @@ awk -F'\t' -v ref="$REF_IMPL" -v baselines="$BASELINE_IMPLS" '
       }
       ratio = "-"; bratio = "-"
       if ((s, ref) in val && numeric(val[s, ref])) {
-        best = ""; bbest = ""
+        best = ""; bbest = ""; u = unit[s, ref]
         for (c = 1; c <= ni; c++) {
           i = im[c]
           if (i == ref || !((s, i) in val)) continue
-          if (!numeric(val[s, i]) || unit[s, i] != unit[s, ref]) continue
+          if (!numeric(val[s, i]) || unit[s, i] != u) continue
           if (i in base) {
-            if (bbest == "" || val[s, i] + 0 < bbest + 0) bbest = val[s, i]
-          } else if (best == "" || val[s, i] + 0 < best + 0) {
+            if (bbest == "" || better(val[s, i], bbest, u)) bbest = val[s, i]
+          } else if (best == "" || better(val[s, i], best, u)) {
             best = val[s, i]
           }
         }
-        if (best != "" && best + 0 > 0)
-          ratio = sprintf("%.2fx", val[s, ref] / best)
-        if (bbest != "" && bbest + 0 > 0)
-          bratio = sprintf("%.2fx", val[s, ref] / bbest)
+        # The divisor must be positive: the other value, or for a
+        # higher-is-better unit the ref value.
+        ok = (u in up) ? val[s, ref] + 0 > 0 : 1
+        if (ok && best != "" && best + 0 > 0)
+          ratio = ratio_of(val[s, ref], best, u)
+        if (ok && bbest != "" && bbest + 0 > 0)
+          bratio = ratio_of(val[s, ref], bbest, u)
       }
       cell[r, ni + 1] = ratio
       if (nbase > 0) cell[r, ni + 2] = bratio
@@ -273,6 +299,11 @@ awk -F'\t' -v ref="$REF_IMPL" -v baselines="$BASELINE_IMPLS" '
     if (nbase > 0) {
       print "base = " ref " / its baseline (" baselines "): the floor"
       print "or the plain call it is built on, in the same run."
+    }
+    if (seen_up) {
+      print "Higher is better in " higher ": there the best is the highest"
+      print "and both ratios are inverted (other / " ref "), so below 1"
+      print "still means " ref " does better."
     }
   }
 ' "$RESULTS"

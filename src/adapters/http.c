@@ -106,7 +106,9 @@ struct cancel_http_server {
   int stopping_flag; /* atomic: answer new requests 503 */
   uint64_t next_id;  /* atomic */
   pthread_mutex_t mu;
-  pthread_cond_t cv; /* queue non-empty, in_flight changed */
+  pthread_cond_t cv;      /* the queue is not empty, or closing: the pool */
+  pthread_cond_t done_cv; /* in_flight went down: the stopper only */
+  bool stopping_waits;    /* a stopper waits on done_cv; mu */
   cancel_http_request *head, *tail;
   size_t in_flight; /* atomic reads outside mu */
   size_t running;   /* handlers running now */
@@ -718,7 +720,10 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
   if (counted) {
     pthread_mutex_lock(&s->mu);
     __atomic_sub_fetch(&s->in_flight, 1, __ATOMIC_RELAXED);
-    pthread_cond_broadcast(&s->cv);
+    /* Only a stopper cares, and only it waits there: waking the idle pool
+     * threads on every request cost more than the request. */
+    if (s->stopping_waits)
+      pthread_cond_signal(&s->done_cv);
     pthread_mutex_unlock(&s->mu);
   }
 }
@@ -797,6 +802,7 @@ int cancel_http_server_new(cancel_http_server **srvp,
   pthread_condattr_init(&ca);
   pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
   pthread_cond_init(&s->cv, &ca);
+  pthread_cond_init(&s->done_cv, &ca);
   pthread_condattr_destroy(&ca);
   *srvp = s;
   return 0;
@@ -945,20 +951,22 @@ int cancel_http_server_stop(cancel_http_server *s, int64_t deadline) {
   /* Wait for every request in flight to be answered. */
   bool timed_out = false;
   pthread_mutex_lock(&s->mu);
+  s->stopping_waits = true;
   while (s->in_flight > 0) {
     if (deadline == CANCEL_NEVER) {
-      pthread_cond_wait(&s->cv, &s->mu);
+      pthread_cond_wait(&s->done_cv, &s->mu);
       continue;
     }
     struct timespec ts = {.tv_sec = (time_t)(deadline / 1000000000),
                           .tv_nsec = (long)(deadline % 1000000000)};
-    if (pthread_cond_timedwait(&s->cv, &s->mu, &ts) == ETIMEDOUT &&
+    if (pthread_cond_timedwait(&s->done_cv, &s->mu, &ts) == ETIMEDOUT &&
         s->in_flight > 0) {
       timed_out = true;
       break;
     }
   }
   size_t left = s->in_flight, running = s->running;
+  s->stopping_waits = false;
   pthread_mutex_unlock(&s->mu);
   if (timed_out && running > 0) {
     /* Handlers that ignore their tokens still hold connections: the
@@ -999,6 +1007,7 @@ int cancel_http_server_free(cancel_http_server *s) {
     return -EBUSY;
   pthread_mutex_destroy(&s->mu);
   pthread_cond_destroy(&s->cv);
+  pthread_cond_destroy(&s->done_cv);
   free(s->routes);
   free(s);
   return 0;
