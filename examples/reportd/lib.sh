@@ -622,9 +622,19 @@ rd_scenario_watchdog() {
   rd_expect "no watchdog report for the buggy route" [ -n "$report" ]
   rd_expect "the report does not say the client left" \
     rd_match "$report" 'cancel_kind="client gone"'
-  rd_wait_log "$RD_LOG" 'msg=stack scope="GET /buggy/reports/\{id\}" .*aggregate_ignoring_token' &&
-    top="aggregate_ignoring_token"
-  rd_expect "no stack frame names aggregate_ignoring_token" [ "$top" = aggregate_ignoring_token ]
+  if rd_wait_log "$RD_LOG" 'msg=(stack|"stack unavailable") scope="GET /buggy/reports/\{id\}"'; then
+    rd_wait_log "$RD_LOG" 'msg=stack scope="GET /buggy/reports/\{id\}" .*aggregate_ignoring_token' 0 &&
+      top="aggregate_ignoring_token"
+  fi
+  # ThreadSanitizer delivers a signal only when the thread next makes a
+  # call it intercepts: a loop of arithmetic (the seeded bug) gets no stack
+  # under TSan, and the watchdog says so ("stack unavailable").
+  if [[ $top != aggregate_ignoring_token && $(ldd "$RD_BIN/reportd" 2>/dev/null) == *libtsan* ]] &&
+    grep -q 'msg="stack unavailable" scope="GET /buggy/reports/{id}"' "$RD_LOG"; then
+    top="unavailable under TSan"
+  else
+    rd_expect "no stack frame names aggregate_ignoring_token" [ "$top" = aggregate_ignoring_token ]
+  fi
   if rd_wait_log "$RD_LOG" 'msg="scope ended after cancel" scope="GET /buggy/reports/\{id\}"' "$(rd_ms 15000)"; then
     over=$(rd_fmt "$(rd_field "$RD_LINE" overrun_ms)")
   fi

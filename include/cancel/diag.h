@@ -46,7 +46,9 @@
  * come from the dynamic symbol table: link programs with -rdynamic (CMake:
  * ENABLE_EXPORTS) to see their own functions by name; static functions
  * show as module+offset (addr2line resolves them).  A thread that blocks
- * the signal (the library's own threads) is reported without a stack.
+ * the signal (the library's own threads) is reported without a stack, and
+ * so is, under ThreadSanitizer, a thread in a loop that makes no call
+ * TSan intercepts (TSan delivers signals only at such calls).
  * The watchdog runs on a thread of its own, not on the library's reactor
  * thread, because collecting a stack may wait for the target thread
  * (bounded by 100 ms) and timers must not wait for that.

@@ -915,14 +915,17 @@ int cancel_http_server_stop(cancel_http_server *s, int64_t deadline) {
   if (s == NULL || (s->state != SRV_RUNNING && s->state != SRV_STUCK))
     return -EINVAL;
   st_release(&s->stopping_flag, 1);
-  /* No new connections; the listening socket is ours to close. */
+  /* No new connections.  The listening socket is ours once quiesced, but
+   * libmicrohttpd's thread lets go of it only by MHD_stop_daemon (its
+   * documentation): it is closed after that, never before. */
   if (s->state == SRV_RUNNING) {
     s->lfd = MHD_quiesce_daemon(s->d);
     if (s->lfd != MHD_INVALID_SOCKET) {
       /* Connections the kernel accepted already wait in the listen queue:
-       * closing the socket would reset them.  Hand them to the daemon,
-       * which answers them 503 with Connection: close (stopping_flag),
-       * then close it: later ones are refused, never reset. */
+       * hand them to the daemon, which answers them 503 with Connection:
+       * close (stopping_flag).  Then shut the socket down: it stops
+       * listening (later connections are refused, not queued and reset)
+       * while its descriptor stays valid for the daemon's thread. */
       fcntl(s->lfd, F_SETFL, fcntl(s->lfd, F_GETFL) | O_NONBLOCK);
       for (;;) {
         struct sockaddr_storage sa;
@@ -934,9 +937,8 @@ int cancel_http_server_stop(cancel_http_server *s, int64_t deadline) {
         /* On failure libmicrohttpd closes fd itself. */
         (void)MHD_add_connection(s->d, fd, (struct sockaddr *)&sa, salen);
       }
-      close(s->lfd);
+      (void)shutdown(s->lfd, SHUT_RDWR);
     }
-    s->lfd = MHD_INVALID_SOCKET;
   }
   int64_t t0 = cancel_now();
   size_t at_stop = cancel_http_server_in_flight(s);
@@ -980,6 +982,9 @@ int cancel_http_server_stop(cancel_http_server *s, int64_t deadline) {
   pool_stop(s);
   MHD_stop_daemon(s->d);
   s->d = NULL;
+  if (s->lfd != MHD_INVALID_SOCKET)
+    close(s->lfd);
+  s->lfd = MHD_INVALID_SOCKET;
   release_start(s);
   s->state = SRV_STOPPED;
   cancel_log(CANCEL_LOG_INFO, "http", "stopped", "server=%s waited_ms=%.1f",
