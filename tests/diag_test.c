@@ -13,63 +13,20 @@
 
 #include <regex.h>
 
-/* ---- Captured log lines ---------------------------------------------------
- */
-
-#define MAX_LINES 1024
-static pthread_mutex_t log_mu = PTHREAD_MUTEX_INITIALIZER;
-static char *lines[MAX_LINES];
-static int nlines;
-
-static void sink(int level, const char *line, size_t len, void *arg) {
-  (void)level;
-  (void)len;
-  (void)arg;
-  pthread_mutex_lock(&log_mu);
-  if (nlines < MAX_LINES)
-    lines[nlines++] = strdup(line);
-  pthread_mutex_unlock(&log_mu);
-}
-
-static void log_reset(void) {
-  pthread_mutex_lock(&log_mu);
-  for (int i = 0; i < nlines; i++)
-    free(lines[i]);
-  nlines = 0;
-  pthread_mutex_unlock(&log_mu);
-}
-
-/* Waits (up to timeout) for a line holding both needles; copies it. */
-static bool log_wait(const char *a, const char *b, char *out, size_t len,
-                     int64_t timeout) {
-  int64_t end = cancel_now() + timeout;
-  for (;;) {
-    pthread_mutex_lock(&log_mu);
-    for (int i = 0; i < nlines; i++)
-      if (strstr(lines[i], a) != NULL && (b == NULL || strstr(lines[i], b))) {
-        if (out != NULL)
-          snprintf(out, len, "%s", lines[i]);
-        pthread_mutex_unlock(&log_mu);
-        return true;
-      }
-    pthread_mutex_unlock(&log_mu);
-    if (cancel_now() > end)
-      return false;
-    test_sleep_ns(CANCEL_MSEC(1));
-  }
-}
+/* log_wait(a, b, out, len, timeout): a line holding a and b (b may be
+ * NULL), through test_util.h's capture. */
+#define log_wait(a, b, out, len, timeout)                                      \
+  test_log_find_within(out, len, timeout, a, b, NULL)
 
 static int setup(void **state) {
   (void)state;
-  log_reset();
-  cancel_log_set_sink(sink, NULL, CANCEL_LOG_DEBUG);
+  test_log_capture();
   return 0;
 }
 
 static int teardown(void **state) {
   (void)state;
-  cancel_log_set_sink(NULL, NULL, CANCEL_LOG_INFO);
-  log_reset();
+  test_log_release();
   return 0;
 }
 
@@ -256,14 +213,8 @@ static void test_watchdog_reports_spinner_once(void **state) {
                        test_tol(CANCEL_SEC(2))));
   /* Let several more looks pass: reported once per scope. */
   test_sleep_ns(CANCEL_MSEC(100));
-  int reports = 0;
-  pthread_mutex_lock(&log_mu);
-  for (int i = 0; i < nlines; i++)
-    if (strstr(lines[i], "scope still running") &&
-        strstr(lines[i], "bad spinner"))
-      reports++;
-  pthread_mutex_unlock(&log_mu);
-  assert_int_equal(reports, 1);
+  assert_int_equal(test_log_count("scope still running", "bad spinner", NULL),
+                   1);
   /* The outer scope is overdue too and reported on its own. */
   assert_true(log_wait("scope still running after cancel", "scope=\"job 7\"",
                        NULL, 0, test_tol(CANCEL_SEC(2))));

@@ -14,76 +14,12 @@
 #include <poll.h>
 #include <sys/socket.h>
 
-/* ---- Captured log lines ----------------------------------------------------
- */
-
-#define MAX_LINES 512
-
-static pthread_mutex_t log_mu = PTHREAD_MUTEX_INITIALIZER;
-static char *lines[MAX_LINES];
-static int nlines;
-
-static void sink(int level, const char *line, size_t len, void *arg) {
-  (void)arg;
-  (void)len;
-  pthread_mutex_lock(&log_mu);
-  if (nlines < MAX_LINES) {
-    size_t n = strlen(line) + 16;
-    lines[nlines] = malloc(n);
-    snprintf(lines[nlines], n, "%d %s", level, line);
-    nlines++;
-  }
-  pthread_mutex_unlock(&log_mu);
-}
-
-static void log_reset(void) {
-  pthread_mutex_lock(&log_mu);
-  for (int i = 0; i < nlines; i++)
-    free(lines[i]);
-  nlines = 0;
-  pthread_mutex_unlock(&log_mu);
-}
-
-/* The first captured line containing every one of the NULL-terminated
- * needles, copied into out; false if none (waits up to 2 s: the access
- * line is written when libmicrohttpd has finished the request). */
-static bool log_find(char *out, size_t len, ...) {
-  int64_t end = cancel_now() + test_tol(CANCEL_SEC(2));
-  for (;;) {
-    pthread_mutex_lock(&log_mu);
-    for (int i = 0; i < nlines; i++) {
-      va_list ap;
-      va_start(ap, len);
-      bool all = true;
-      const char *n;
-      while ((n = va_arg(ap, const char *)) != NULL)
-        if (strstr(lines[i], n) == NULL)
-          all = false;
-      va_end(ap);
-      if (all) {
-        snprintf(out, len, "%s", lines[i]);
-        pthread_mutex_unlock(&log_mu);
-        return true;
-      }
-    }
-    pthread_mutex_unlock(&log_mu);
-    if (cancel_now() > end)
-      return false;
-    test_sleep_ns(CANCEL_MSEC(1));
-  }
-}
-
-static bool log_has_level(int level) {
-  pthread_mutex_lock(&log_mu);
-  bool found = false;
-  char prefix[16];
-  snprintf(prefix, sizeof prefix, "%d ", level);
-  for (int i = 0; i < nlines; i++)
-    if (strncmp(lines[i], prefix, strlen(prefix)) == 0)
-      found = true;
-  pthread_mutex_unlock(&log_mu);
-  return found;
-}
+/* The access lines, through the log sink: test_util.h's capture.  A
+ * line is found within 2 s: it is written when libmicrohttpd has finished
+ * the request. */
+#define log_find(out, len, ...)                                                \
+  test_log_find_within(out, len, test_tol(CANCEL_SEC(2)), __VA_ARGS__)
+#define log_has_level(level) test_log_has_level(level)
 
 /* ---- Handlers
  * ---------------------------------------------------------------- */
@@ -291,15 +227,13 @@ static int get(uint16_t port, const char *path, const char *extra, char *resp,
 static int setup(void **state) {
   (void)state;
   seen_reset();
-  log_reset();
-  cancel_log_set_sink(sink, NULL, CANCEL_LOG_DEBUG);
+  test_log_capture();
   return 0;
 }
 
 static int teardown(void **state) {
   (void)state;
-  cancel_log_set_sink(NULL, NULL, CANCEL_LOG_INFO);
-  log_reset();
+  test_log_release();
   return 0;
 }
 

@@ -538,4 +538,131 @@ static inline bool test_others_asleep(int64_t timeout_ns) {
   }
 }
 
+/* ---- Captured log lines (cancel/log.h) ---------------------------------- *
+ * test_log_capture() routes libcancel's log lines (every level) here;
+ * test_log_release() restores standard error and forgets them.  Lines are
+ * kept as "<level> <line>".  The find functions take NULL-terminated lists
+ * of substrings that one line must all hold. */
+
+#include <stdarg.h>
+
+#include "cancel/log.h"
+
+#define TEST_LOG_MAX 1024
+
+struct test_log {
+  pthread_mutex_t mu;
+  char *lines[TEST_LOG_MAX];
+  int n;
+};
+
+/* The one capture of the process (in a function: no unused static in the
+ * tests that do not capture). */
+static inline struct test_log *test_log(void) {
+  static struct test_log log = {.mu = PTHREAD_MUTEX_INITIALIZER};
+  return &log;
+}
+
+static inline void test_log_sink(int level, const char *line, size_t len,
+                                 void *arg) {
+  (void)len;
+  (void)arg;
+  struct test_log *l = test_log();
+  pthread_mutex_lock(&l->mu);
+  if (l->n < TEST_LOG_MAX) {
+    size_t n = strlen(line) + 16;
+    char *copy = malloc(n);
+    if (copy != NULL) {
+      snprintf(copy, n, "%d %s", level, line);
+      l->lines[l->n++] = copy;
+    }
+  }
+  pthread_mutex_unlock(&l->mu);
+}
+
+static inline void test_log_forget(void) {
+  struct test_log *l = test_log();
+  pthread_mutex_lock(&l->mu);
+  for (int i = 0; i < l->n; i++)
+    free(l->lines[i]);
+  l->n = 0;
+  pthread_mutex_unlock(&l->mu);
+}
+
+static inline void test_log_capture(void) {
+  test_log_forget();
+  cancel_log_set_sink(test_log_sink, NULL, CANCEL_LOG_DEBUG);
+}
+
+static inline void test_log_release(void) {
+  cancel_log_set_sink(NULL, NULL, CANCEL_LOG_INFO);
+  test_log_forget();
+}
+
+/* Whether line holds every needle of ap. */
+static inline bool test_log_line_has(const char *line, va_list ap) {
+  const char *n;
+  while ((n = va_arg(ap, const char *)) != NULL)
+    if (strstr(line, n) == NULL)
+      return false;
+  return true;
+}
+
+/* Waits up to timeout_ns for a line holding every needle (NULL-ended);
+ * copies it into out (may be NULL).  Returns whether one came. */
+static inline bool test_log_find_within(char *out, size_t len,
+                                        int64_t timeout_ns, ...) {
+  struct test_log *l = test_log();
+  int64_t end = cancel_now() + timeout_ns;
+  for (;;) {
+    pthread_mutex_lock(&l->mu);
+    for (int i = 0; i < l->n; i++) {
+      va_list ap;
+      va_start(ap, timeout_ns);
+      bool all = test_log_line_has(l->lines[i], ap);
+      va_end(ap);
+      if (all) {
+        if (out != NULL)
+          snprintf(out, len, "%s", l->lines[i]);
+        pthread_mutex_unlock(&l->mu);
+        return true;
+      }
+    }
+    pthread_mutex_unlock(&l->mu);
+    if (cancel_now() > end)
+      return false;
+    test_sleep_ns(CANCEL_MSEC(1));
+  }
+}
+
+/* How many lines hold every needle (NULL-ended). */
+static inline int test_log_count(const char *first, ...) {
+  struct test_log *l = test_log();
+  int count = 0;
+  pthread_mutex_lock(&l->mu);
+  for (int i = 0; i < l->n; i++) {
+    if (strstr(l->lines[i], first) == NULL)
+      continue;
+    va_list ap;
+    va_start(ap, first);
+    count += test_log_line_has(l->lines[i], ap);
+    va_end(ap);
+  }
+  pthread_mutex_unlock(&l->mu);
+  return count;
+}
+
+/* Whether a line of that level was logged. */
+static inline bool test_log_has_level(int level) {
+  struct test_log *l = test_log();
+  char prefix[16];
+  int n = snprintf(prefix, sizeof prefix, "%d ", level);
+  bool found = false;
+  pthread_mutex_lock(&l->mu);
+  for (int i = 0; i < l->n && !found; i++)
+    found = strncmp(l->lines[i], prefix, (size_t)n) == 0;
+  pthread_mutex_unlock(&l->mu);
+  return found;
+}
+
 #endif /* CANCEL_TEST_UTIL_H */
