@@ -34,12 +34,13 @@
  *     per-request sources and hang-up watch), both running, alternated
  *     over 3 rounds; the best round of each.  Rows "n/a" when wrk is not
  *     installed (Debian package wrk).
+ *   throughput_watchdog (req/s, impl libcancel and plain): the same, on
+ *     reportd as is (a work scope around every handler, the watchdog
+ *     looking every 25 ms) and on reportd --no-diagnostics (neither).
  *
  * The abandoned request is GET /scan/{n}, not GET /reports/{id}: /scan
  * is an SQLite query, CPU in reportd's own process, stopped by the SQLite
- * adapter.  A report's CPU part, the aggregation loop, is compiled away
- * in optimised builds (its result is multiplied by 0.0), so a report
- * spends almost no CPU whatever --work says.
+ * adapter, whose size the bench can choose.
  *
  * BENCH_VERBOSE=1 prints every sample with its access line on standard
  * error.
@@ -736,13 +737,18 @@ static double wrk_run(const char *wrk, const struct server *s,
   return strtod(rps + 13, NULL);
 }
 
-static void throughput(struct server *ours, struct server *plain) {
+/* scenario: req/s on GET /health of ours and of plain (the same reportd
+ * with something switched off), alternated. */
+static void throughput(const char *scenario, struct server *ours,
+                       struct server *plain) {
   const char *wrk = find_wrk();
   if (wrk == NULL) {
-    fprintf(stderr, "reportd_bench: warning: wrk not found (Debian package "
-                    "wrk, or set WRK): throughput_cheap_route skipped\n");
-    bench_row_na("throughput_cheap_route", "libcancel", "req/s");
-    bench_row_na("throughput_cheap_route", "plain", "req/s");
+    fprintf(stderr,
+            "reportd_bench: warning: wrk not found (Debian package "
+            "wrk, or set WRK): %s skipped\n",
+            scenario);
+    bench_row_na(scenario, "libcancel", "req/s");
+    bench_row_na(scenario, "plain", "req/s");
     return;
   }
   const char *duration = bench_quick() ? "1s" : "3s";
@@ -762,9 +768,9 @@ static void throughput(struct server *ours, struct server *plain) {
     }
   for (int k = 0; k < 2; k++) {
     if (best[k] > 0)
-      bench_row("throughput_cheap_route", s[k]->impl, best[k], "req/s");
+      bench_row(scenario, s[k]->impl, best[k], "req/s");
     else
-      bench_row_na("throughput_cheap_route", s[k]->impl, "req/s");
+      bench_row_na(scenario, s[k]->impl, "req/s");
   }
 }
 
@@ -792,7 +798,8 @@ int main(int argc, char **argv) {
   bool latency = bench_wanted_latency("disconnect_to_stop");
   bool wasted = bench_wanted("wasted_cpu_after_abort");
   bool tput = bench_wanted("throughput_cheap_route");
-  if (!latency && !wasted && !tput)
+  bool tput_wd = bench_wanted("throughput_watchdog");
+  if (!latency && !wasted && !tput && !tput_wd)
     return 0;
 
   reportd = argc > 1 ? argv[1] : getenv("CANCEL_BENCH_REPORTD");
@@ -822,6 +829,7 @@ int main(int argc, char **argv) {
   static const char *const none[] = {NULL};
   static const char *const ignore[] = {"--ignore-tokens", NULL};
   static const char *const plain[] = {"--no-cancellation", NULL};
+  static const char *const nodiag[] = {"--no-diagnostics", NULL};
   struct server *ours = &servers[0];
   server_start(ours, "libcancel", none);
   if (latency)
@@ -836,8 +844,15 @@ int main(int argc, char **argv) {
   }
   if (tput) {
     server_start(&servers[2], "plain", plain);
-    throughput(ours, &servers[2]);
+    throughput("throughput_cheap_route", ours, &servers[2]);
     server_stop(&servers[2], false);
+  }
+  if (tput_wd) {
+    /* Scopes (one per handler) and the watchdog on, as reportd runs by
+     * default, against both off. */
+    server_start(&servers[3], "plain", nodiag);
+    throughput("throughput_watchdog", ours, &servers[3]);
+    server_stop(&servers[3], false);
   }
   server_stop(ours, false);
   return 0;
