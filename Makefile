@@ -104,7 +104,10 @@ VALGRIND_SCALE = $(or $(CANCEL_TEST_TIME_SCALE),10)
 
 VALGRIND_SKIP ?= stress_test
 VALGRIND_TIMEOUT ?= 600
-VALGRIND := valgrind --error-exitcode=1 --leak-check=full \
+# --fair-sched: valgrind runs one thread at a time; by default a thread
+# that never blocks (an SQLite query, a busy loop under test) can keep the
+# others (the timer that cancels it) waiting for minutes.
+VALGRIND := valgrind --error-exitcode=1 --leak-check=full --fair-sched=yes \
 	--errors-for-leak-kinds=definite,indirect
 
 # $(call check_build,DIR,WHAT,CMAKE-ARGS,CTEST-PREFIX): configure, build
