@@ -10,10 +10,11 @@
  *   drain      a shield on the server's `stopping` token (the host's):
  *              it fires drain_timeout_ns after stopping fired, so
  *              requests in flight may finish first (kind shutdown)
- *   client     "client <addr>:<port>", linked to drain; cancelled with
- *              kind client gone when the connection hangs up (the
- *              connection is suspended while the handler runs and its
- *              descriptor watched for EPOLLRDHUP, cancel_watch_hangup)
+ *   client     "client <addr>:<port>", the connection's, linked to drain;
+ *              cancelled with kind client gone when the connection hangs
+ *              up (its descriptor is watched for EPOLLRDHUP from its first
+ *              request until it closes, cancel_watch_hangup; the
+ *              connection is suspended while a handler runs)
  *   route      "route timeout", the route's timeout (kind timeout)
  *   deadline   "deadline header grpc-timeout" or "... X-Request-Timeout-Ms":
  *              the caller's budget, when a request carries one (capped by

@@ -1,21 +1,24 @@
 /*
  * libcancel-http: libmicrohttpd with a token per request.
  *
- * The daemon runs its own polling thread (epoll).  When a request is
- * complete (headers and body), the access handler builds the request's
- * sources, suspends the connection, arms a hang-up watch on its descriptor
- * and queues the request for the pool.  A pool thread runs the handler,
- * classifies its result (the edge), tears the sources down (unwatch first,
- * so that a descriptor libmicrohttpd closes later is never watched), and
- * resumes the connection; libmicrohttpd then calls the access handler
- * again, which queues the response (or refuses, closing the connection,
- * when the client is gone).  The completion callback writes the access
- * line and frees the request.
+ * The daemon runs its own polling thread (epoll).  A connection gets a
+ * source of its own ("client <addr>:<port>", linked to the drain) and a
+ * hang-up watch on its descriptor (EPOLLRDHUP, on the library's reactor)
+ * with its first request; both live until libmicrohttpd closes the
+ * connection, so a keep-alive connection pays for them once.  When a
+ * request is complete (headers and body), the access handler builds the
+ * request's sources under the connection's, suspends the connection and
+ * queues the request for the pool.  A pool thread runs the handler,
+ * classifies its result (the edge), drops the sources and resumes the
+ * connection; libmicrohttpd then calls the access handler again, which
+ * queues the response (or refuses, closing the connection, when the client
+ * is gone).  The completion callback writes the access line and frees the
+ * request.
  *
- * Why suspend: while a handler runs, libmicrohttpd must not read the
- * connection (it would see the hang-up and close the descriptor under our
- * watch) and must not time it out.  Suspended, the connection is ours;
- * its descriptor is watched by the reactor (EPOLLRDHUP) instead.
+ * Why suspend: while a handler runs, libmicrohttpd must not time the
+ * connection out or read the next request from it.  The watch holds a
+ * duplicate of the descriptor, so it never watches a number that
+ * libmicrohttpd closed and the kernel gave to somebody else.
  */
 #define _GNU_SOURCE
 #include "internal.h"
@@ -58,6 +61,18 @@ struct kvs {
 
 enum req_state { REQ_NEW, REQ_QUEUED, REQ_DONE };
 
+/* A connection's own source, "client <addr>:<port>", linked to the drain
+ * and cancelled by a hang-up watch armed once per connection (on its first
+ * request): a keep-alive connection pays for the watch once, not per
+ * request.  Made on libmicrohttpd's thread, freed there when the
+ * connection closes; requests hold a reference while they run. */
+struct conn_ctx {
+  cancel_source *src;
+  cancel_watch watch;
+  bool watching;
+  bool tried; /* the source and watch were attempted */
+};
+
 struct cancel_http_request {
   cancel_http_server *srv;
   struct MHD_Connection *conn;
@@ -76,10 +91,9 @@ struct cancel_http_request {
   size_t body_len;
   bool too_large;
   /* Cancellation. */
-  cancel_source *client, *route_src, *deadline_src;
+  cancel_source *client, *route_src, *deadline_src; /* client: a reference
+                                                        to the connection's */
   const cancel_token *tok;
-  cancel_watch watch;
-  bool watching;
   /* The answer. */
   unsigned status, log_status;
   char *resp_body, *ctype;
@@ -342,18 +356,44 @@ static int64_t header_budget(cancel_http_request *r, const char **which) {
   return best;
 }
 
+/* The connection's source, made and watched on its first request. */
+static cancel_source *conn_source(cancel_http_request *r) {
+  const union MHD_ConnectionInfo *ci =
+      MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+  struct conn_ctx *c = ci != NULL ? ci->socket_context : NULL;
+  if (c == NULL)
+    return NULL;
+  if (!c->tried) {
+    c->tried = true;
+    char name[96];
+    client_name(r->conn, name, sizeof name);
+    const cancel_token *drain = cancel_source_token(r->srv->drain);
+    if (cancel_source_new_linked(&c->src, name, &drain, 1) < 0)
+      return NULL;
+    const union MHD_ConnectionInfo *fi =
+        MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+    /* Without a watch the requests still have their timeouts and the
+     * shutdown; only the client's hang-up goes unseen: say so. */
+    if (fi == NULL ||
+        cancel_watch_hangup(&c->watch, c->src, fi->connect_fd) < 0)
+      cancel_log(CANCEL_LOG_WARN, "http", "client hang-up not watched",
+                 "id=%" PRIu64, r->id);
+    else
+      c->watching = true;
+  }
+  return c->src;
+}
+
 static int build_sources(cancel_http_request *r) {
   cancel_http_server *s = r->srv;
-  char name[96];
-  client_name(r->conn, name, sizeof name);
-  const cancel_token *drain = cancel_source_token(s->drain);
-  int rc = cancel_source_new_linked(&r->client, name, &drain, 1);
-  if (rc < 0)
-    return rc;
+  cancel_source *conn = conn_source(r);
+  if (conn == NULL)
+    return -ENOMEM;
+  r->client = cancel_source_ref(conn);
   int64_t t =
       r->route->timeout_ns ? r->route->timeout_ns : s->o.default_timeout_ns;
-  rc = cancel_source_new_timeout(&r->route_src, "route timeout",
-                                 cancel_source_token(r->client), t);
+  int rc = cancel_source_new_timeout(&r->route_src, "route timeout",
+                                     cancel_source_token(r->client), t);
   if (rc < 0)
     return rc;
   r->tok = cancel_source_token(r->route_src);
@@ -370,13 +410,12 @@ static int build_sources(cancel_http_request *r) {
   return 0;
 }
 
-/* Unwatches and drops the sources.  Returns whether the client hung up. */
+/* Drops the request's sources.  Returns whether the client hung up (the
+ * connection's source was cancelled by its watch). */
 static bool teardown_sources(cancel_http_request *r) {
-  bool gone = false;
-  if (r->watching) {
-    gone = cancel_unwatch(&r->watch) == 0;
-    r->watching = false;
-  }
+  bool gone =
+      r->client != NULL &&
+      cancel_token_kind(cancel_source_token(r->client)) == CANCEL_CLIENT_GONE;
   cancel_source_unref(r->deadline_src);
   cancel_source_unref(r->route_src);
   cancel_source_unref(r->client);
@@ -590,18 +629,6 @@ static enum MHD_Result dispatch(cancel_http_request *r) {
     return answer_now(r, 503, "out of memory\n");
   }
   MHD_suspend_connection(r->conn);
-  if (!s->o.no_cancellation) {
-    const union MHD_ConnectionInfo *ci =
-        MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
-    /* Without a watch the request still has its timeouts and shutdown;
-     * only the client's hang-up goes unseen: say so. */
-    if (ci == NULL ||
-        cancel_watch_hangup(&r->watch, r->client, ci->connect_fd) < 0)
-      cancel_log(CANCEL_LOG_WARN, "http", "client hang-up not watched",
-                 "id=%" PRIu64, r->id);
-    else
-      r->watching = true;
-  }
   r->state = REQ_QUEUED;
   r->dispatched = true;
   pthread_mutex_lock(&s->mu);
@@ -726,6 +753,28 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
       pthread_cond_signal(&s->done_cv);
     pthread_mutex_unlock(&s->mu);
   }
+}
+
+static void on_connection(void *cls, struct MHD_Connection *conn,
+                          void **socket_context,
+                          enum MHD_ConnectionNotificationCode code) {
+  (void)conn;
+  cancel_http_server *s = cls;
+  if (code == MHD_CONNECTION_NOTIFY_STARTED) {
+    /* The source and the watch come with the first request: a connection
+     * that never sends one costs an allocation only. */
+    *socket_context =
+        s->o.no_cancellation ? NULL : calloc(1, sizeof(struct conn_ctx));
+    return;
+  }
+  struct conn_ctx *c = *socket_context;
+  *socket_context = NULL;
+  if (c == NULL)
+    return;
+  if (c->watching)
+    (void)cancel_unwatch(&c->watch);
+  cancel_source_unref(c->src);
+  free(c);
 }
 
 static void on_mhd_log(void *cls, const char *fmt, va_list ap) {
@@ -886,6 +935,7 @@ int cancel_http_server_start(cancel_http_server *s,
       flags, s->o.port, NULL, NULL, on_access, s, MHD_OPTION_EXTERNAL_LOGGER,
       on_mhd_log, s, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
       MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
+      MHD_OPTION_NOTIFY_CONNECTION, on_connection, s,
       MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)60, MHD_OPTION_END);
   if (s->d == NULL) {
     int e = errno;

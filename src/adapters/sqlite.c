@@ -92,12 +92,14 @@ int cancel_sqlite_step(const cancel_token *tok, sqlite3_stmt *stmt) {
   if (cancel_token_is_cancelled(tok)) {
     ret = -ECANCELED;
   } else {
-    cancel_scope scope;
-    cancel_scope_begin(&scope, tok, "sqlite step");
+    /* No scope here: the progress handler observes the token every
+     * CANCEL_SQLITE_PROGRESS_OPS instructions, so a step cannot outlive a
+     * cancel, and a scope per step would add a tenth to a short step
+     * (sqlite_uncancelled).  cancel_sqlite_exec, which runs whole
+     * scripts, has one. */
     observe(db, tok);
     ret = map_rc(sqlite3_step(stmt), tok);
     unobserve(db, tok);
-    cancel_scope_end(&scope);
   }
   if (ret == -ECANCELED) {
     /* The statement's error is our own: reset it (its result code is the
