@@ -23,10 +23,14 @@
  *
  * The library opens scopes by itself where work happens on someone's
  * behalf: the HTTP server around each handler ("GET /reports/{id}"), the
- * host around each worker ("worker jobs"), the adapters around each call
- * ("curl perform", "sqlite step", "sqlite exec", "pq exec", ...).  The
- * core's own waits need none: they are woken by the token itself; how long
- * that takes is the metric cancel_wake_latency_seconds.
+ * adapters around each call ("curl perform", "sqlite exec", "pq exec"; not
+ * around each SQLite step, which its progress handler keeps in check).
+ * The core's own waits need none: they are woken by the token itself; how
+ * long that takes is the metric cancel_wake_latency_seconds.  The host
+ * opens none around its workers: after the stop, a worker draining
+ * requests or finishing a shielded commit is doing what it should, and
+ * the host's own shutdown report names a worker that overruns the
+ * shutdown timeout.
  *
  * The watchdog.  cancel_watchdog_start() starts a thread that looks, every
  * interval, at the scopes whose token fired while they were open.  One
