@@ -16,10 +16,12 @@
  *     and through PQexec (impl plain), one query of each in turn so that
  *     the machine's noise hits both alike; the median of each.
  */
-#include "bench.h"
+#include "cancel_latency.h"
 
 #include <cancel.h>
 #include <cancel/pq.h>
+
+#include "../tests/pg/pg_server.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -29,53 +31,8 @@
 #error "the build defines CANCEL_BENCH_SOURCE_DIR (the repository's root)"
 #endif
 
-static char dir[256];
-
-static int server(const char *cmd, char *out, size_t len) {
-  char line[1024];
-  snprintf(line, sizeof line, "sh '%s/tests/pg/server.sh' %s '%s'",
-           CANCEL_BENCH_SOURCE_DIR, cmd, dir);
-  FILE *p = popen(line, "r");
-  if (p == NULL)
-    return -1;
-  if (out != NULL) {
-    size_t n = fread(out, 1, len - 1, p);
-    while (n > 0 && out[n - 1] == '\n')
-      n--;
-    out[n] = '\0';
-  }
-  return pclose(p) == 0 ? 0 : -1;
-}
-
-static void stamp(void *arg) {
-  *(int64_t *)arg = cancel_now();
-}
-
-static void cancel_latency(PGconn *c) {
-  size_t n = bench_quick() ? 40 : 200;
-  int64_t *s = calloc(n, sizeof *s);
-  if (s == NULL)
-    bench_die("calloc", -ENOMEM);
-  for (size_t i = 0; i < n; i++) {
-    cancel_source *src;
-    int rc = cancel_source_new(&src, "query");
-    if (rc < 0)
-      bench_die("cancel_source_new", rc);
-    int64_t fired = 0;
-    cancel_reg reg;
-    cancel_register(&reg, cancel_source_token(src), stamp, &fired);
-    cancel_source_cancel_after(src, CANCEL_MSEC(2 + (int64_t)(i % 9)));
-    rc = cancel_pq_exec(cancel_source_token(src), c, "SELECT pg_sleep(30)",
-                        NULL);
-    int64_t back = cancel_now();
-    cancel_unregister(&reg);
-    if (rc != -ECANCELED)
-      bench_die("the query was not cancelled", rc);
-    s[i] = back - fired;
-    cancel_source_unref(src);
-  }
-  bench_latency_rows("pq_cancel_latency", "libcancel", s, n);
-  free(s);
+static int long_query(const cancel_token *tok, void *conn) {
+  return cancel_pq_exec(tok, conn, "SELECT pg_sleep(30)", NULL);
 }
 
 static void uncancelled(PGconn *c) {
@@ -117,34 +74,23 @@ int main(void) {
   bool latency = bench_wanted_latency("pq_cancel_latency");
   if (!latency && !bench_wanted("pq_uncancelled"))
     return 0;
-  char conninfo[512];
-  const char *env = getenv("CANCEL_BENCH_PG_CONNINFO");
-  if (env != NULL && *env != '\0') {
-    snprintf(conninfo, sizeof conninfo, "%s", env);
-  } else {
-    const char *tmp = getenv("TMPDIR");
-    snprintf(dir, sizeof dir, "%s/cancel-pq-bench.XXXXXX",
-             tmp != NULL ? tmp : "/tmp");
-    if (mkdtemp(dir) == NULL)
-      bench_die("mkdtemp", -errno);
-    if (server("start", conninfo, sizeof conninfo) != 0) {
-      (void)server("stop", NULL, 0);
-      bench_die("starting PostgreSQL (tests/pg/server.sh)", -EIO);
-    }
-  }
+  struct pg_server pg;
+  if (pg_server_start(&pg, CANCEL_BENCH_SOURCE_DIR, "CANCEL_BENCH_PG_CONNINFO",
+                      "cancel-pq-bench") != 0)
+    bench_die("starting PostgreSQL (tests/pg/server.sh)", -EIO);
+  const char *conninfo = pg.conninfo;
   PGconn *c = NULL;
   int rc = cancel_pq_connect(NULL, conninfo, &c);
   if (rc == 0) {
     if (latency)
-      cancel_latency(c);
+      bench_cancel_latency("pq_cancel_latency", long_query, c);
     if (bench_wanted("pq_uncancelled"))
       uncancelled(c);
   } else {
     fprintf(stderr, "pq_bench: %s\n", c != NULL ? PQerrorMessage(c) : "");
   }
   PQfinish(c);
-  if (dir[0] != '\0')
-    (void)server("stop", NULL, 0);
+  pg_server_stop(&pg, CANCEL_BENCH_SOURCE_DIR);
   if (rc != 0)
     bench_die("cancel_pq_connect", rc);
   return 0;

@@ -11,15 +11,17 @@
  *     sqlite3_step (impl plain), in batches of 200 taken in turn; the
  *     median batch of each.
  */
-#include "bench.h"
+#include "cancel_latency.h"
 
 #include <cancel.h>
 #include <cancel/sqlite.h>
 
 #include <sqlite3.h>
 
-static void stamp(void *arg) {
-  *(int64_t *)arg = cancel_now();
+/* The 10^9 CTE, stepped until the token stops it (cancel_sqlite_step
+ * resets a cancelled statement: ready for the next sample). */
+static int long_step(const cancel_token *tok, void *stmt) {
+  return cancel_sqlite_step(tok, stmt);
 }
 
 static void cancel_latency(sqlite3 *db) {
@@ -28,31 +30,8 @@ static void cancel_latency(sqlite3 *db) {
   sqlite3_stmt *stmt;
   if (sqlite3_prepare_v2(db, sql, -1, &stmt, NULL) != SQLITE_OK)
     bench_die("prepare", 0);
-  size_t n = bench_quick() ? 40 : 200;
-  int64_t *s = calloc(n, sizeof *s);
-  if (s == NULL)
-    bench_die("calloc", -ENOMEM);
-  for (size_t i = 0; i < n; i++) {
-    cancel_source *src;
-    int rc = cancel_source_new(&src, "query");
-    if (rc < 0)
-      bench_die("cancel_source_new", rc);
-    int64_t fired = 0;
-    cancel_reg reg;
-    cancel_register(&reg, cancel_source_token(src), stamp, &fired);
-    cancel_source_cancel_after(src, CANCEL_MSEC(2 + (int64_t)(i % 9)));
-    rc = cancel_sqlite_step(cancel_source_token(src), stmt);
-    int64_t back = cancel_now();
-    cancel_unregister(&reg);
-    if (rc != -ECANCELED)
-      bench_die("the query was not cancelled", rc);
-    s[i] = back - fired;
-    sqlite3_reset(stmt);
-    cancel_source_unref(src);
-  }
+  bench_cancel_latency("sqlite_cancel_latency", long_step, stmt);
   sqlite3_finalize(stmt);
-  bench_latency_rows("sqlite_cancel_latency", "libcancel", s, n);
-  free(s);
 }
 
 struct q {

@@ -11,6 +11,7 @@
 #include "test_util.h"
 
 #include "cancel/pq.h"
+#include "pg/pg_server.h"
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -21,51 +22,18 @@
 #error "the build defines CANCEL_TEST_SOURCE_DIR (the repository's root)"
 #endif
 
-static char g_conninfo[512];
-static char g_dir[256]; /* the server's directory, "" for an outside one */
-
-static int server_cmd(const char *cmd, char *out, size_t len) {
-  char line[1024];
-  snprintf(line, sizeof line, "sh '%s/tests/pg/server.sh' %s '%s'",
-           CANCEL_TEST_SOURCE_DIR, cmd, g_dir);
-  FILE *p = popen(line, "r");
-  if (p == NULL)
-    return -1;
-  size_t n = 0;
-  if (out != NULL) {
-    n = fread(out, 1, len - 1, p);
-    out[n] = '\0';
-    while (n > 0 && (out[n - 1] == '\n' || out[n - 1] == '\r'))
-      out[--n] = '\0';
-  }
-  return pclose(p) == 0 ? 0 : -1;
-}
+static struct pg_server g_pg;
+#define g_conninfo g_pg.conninfo
 
 static int group_setup(void **state) {
   (void)state;
-  const char *env = getenv("CANCEL_TEST_PG_CONNINFO");
-  if (env != NULL && *env != '\0') {
-    snprintf(g_conninfo, sizeof g_conninfo, "%s", env);
-    return 0;
-  }
-  snprintf(g_dir, sizeof g_dir, "%s/cancel-pq-test.XXXXXX",
-           getenv("TMPDIR") != NULL ? getenv("TMPDIR") : "/tmp");
-  if (mkdtemp(g_dir) == NULL) {
-    perror("mkdtemp");
-    return -1;
-  }
-  if (server_cmd("start", g_conninfo, sizeof g_conninfo) != 0) {
-    fprintf(stderr, "pq_test: could not start PostgreSQL (see above)\n");
-    (void)server_cmd("stop", NULL, 0);
-    return -1;
-  }
-  return 0;
+  return pg_server_start(&g_pg, CANCEL_TEST_SOURCE_DIR,
+                         "CANCEL_TEST_PG_CONNINFO", "cancel-pq-test");
 }
 
 static int group_teardown(void **state) {
   (void)state;
-  if (g_dir[0] != '\0')
-    (void)server_cmd("stop", NULL, 0);
+  pg_server_stop(&g_pg, CANCEL_TEST_SOURCE_DIR);
   return 0;
 }
 
