@@ -26,6 +26,8 @@
 #define _GNU_SOURCE
 #include "bench.h"
 
+#include "../tests/loopback.h"
+
 #include <cancel.h>
 #include <cancel/curl.h>
 
@@ -104,17 +106,9 @@ static void server_start(struct server *sv, enum mode mode) {
   memset(sv, 0, sizeof *sv);
   sv->mode = mode;
   sem_init(&sv->request_read, 0, 0);
-  sv->lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sv->lfd = loopback_socket(16, &sv->port);
   if (sv->lfd < 0)
-    bench_die("socket", -errno);
-  struct sockaddr_in a = {.sin_family = AF_INET};
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof a;
-  if (bind(sv->lfd, (struct sockaddr *)&a, sizeof a) != 0 ||
-      listen(sv->lfd, 16) != 0 ||
-      getsockname(sv->lfd, (struct sockaddr *)&a, &len) != 0)
-    bench_die("listen on loopback", -errno);
-  sv->port = ntohs(a.sin_port);
+    bench_die("listen on loopback", sv->lfd);
   if (pthread_create(&sv->thread, NULL, server_main, sv) != 0)
     bench_die("pthread_create", 0);
 }

@@ -7,6 +7,8 @@
  */
 #include "test_util.h"
 
+#include "loopback.h"
+
 #include "cancel/curl.h"
 
 #include <arpa/inet.h>
@@ -68,15 +70,8 @@ static void server_start(struct server *sv, enum mode mode) {
   memset(sv, 0, sizeof *sv);
   sv->mode = mode;
   sem_init(&sv->done, 0, 0);
-  sv->lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sv->lfd = loopback_socket(16, &sv->port);
   assert_true(sv->lfd >= 0);
-  struct sockaddr_in a = {.sin_family = AF_INET};
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  assert_int_equal(bind(sv->lfd, (struct sockaddr *)&a, sizeof a), 0);
-  assert_int_equal(listen(sv->lfd, 16), 0);
-  socklen_t len = sizeof a;
-  assert_int_equal(getsockname(sv->lfd, (struct sockaddr *)&a, &len), 0);
-  sv->port = ntohs(a.sin_port);
   assert_int_equal(pthread_create(&sv->thread, NULL, server_main, sv), 0);
 }
 
@@ -240,14 +235,11 @@ static void test_errors_are_not_cancellations(void **state) {
   curl_easy_setopt(e, CURLOPT_URL, "nosuchscheme://x");
   assert_int_equal(cancel_curl_perform_ex(NULL, e, NULL, &code), -EINVAL);
   /* A refused connection: a port nobody listens on (bound, not listening). */
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  struct sockaddr_in a = {.sin_family = AF_INET};
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  assert_int_equal(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
-  socklen_t len = sizeof a;
-  getsockname(fd, (struct sockaddr *)&a, &len);
+  int port = 0;
+  int fd = loopback_socket(0, &port);
+  assert_true(fd >= 0);
   char url[64];
-  snprintf(url, sizeof url, "http://127.0.0.1:%d/", ntohs(a.sin_port));
+  snprintf(url, sizeof url, "http://127.0.0.1:%d/", port);
   curl_easy_setopt(e, CURLOPT_URL, url);
   assert_int_equal(cancel_curl_perform_ex(NULL, e, NULL, &code), -ECONNREFUSED);
   assert_int_equal(code, CURLE_COULDNT_CONNECT);
@@ -396,15 +388,8 @@ static void kserver_start(struct kserver *ks, bool h2) {
   ks->h2 = h2;
   sem_init(&ks->gone, 0, 0);
   ks->stop = new_src("server stop");
-  ks->lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  ks->lfd = loopback_socket(16, &ks->port);
   assert_true(ks->lfd >= 0);
-  struct sockaddr_in a = {.sin_family = AF_INET};
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  assert_int_equal(bind(ks->lfd, (struct sockaddr *)&a, sizeof a), 0);
-  assert_int_equal(listen(ks->lfd, 16), 0);
-  socklen_t len = sizeof a;
-  assert_int_equal(getsockname(ks->lfd, (struct sockaddr *)&a, &len), 0);
-  ks->port = ntohs(a.sin_port);
   assert_int_equal(pthread_create(&ks->thread, NULL, ks_main, ks), 0);
 }
 

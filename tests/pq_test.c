@@ -10,6 +10,8 @@
  */
 #include "test_util.h"
 
+#include "loopback.h"
+
 #include "cancel/pq.h"
 #include "pg/pg_server.h"
 
@@ -122,6 +124,16 @@ static void wait_active(PGconn *mon, PGconn *conn) {
   }
 }
 
+/* SELECT pg_sleep(30) on conn with tok, on its own thread; returns once
+ * the server runs it (seen from mon). */
+static void bg_sleep_start(struct bg_query *q, PGconn *conn, PGconn *mon,
+                           const cancel_token *tok) {
+  *q =
+      (struct bg_query){.conn = conn, .tok = tok, .sql = "SELECT pg_sleep(30)"};
+  q->thread = test_thread_start(bg_query_main, q);
+  wait_active(mon, conn);
+}
+
 /* ---- Queries ------------------------------------------------------------ */
 
 static void test_exec_completes(void **state) {
@@ -158,9 +170,8 @@ static void test_cancel_stops_server_work(void **state) {
   (void)state;
   PGconn *c = connect_ok(), *mon = connect_ok();
   cancel_source *s = new_src("req");
-  struct bg_query q = {.conn = c, .tok = TOK(s), .sql = "SELECT pg_sleep(30)"};
-  q.thread = test_thread_start(bg_query_main, &q);
-  wait_active(mon, c);
+  struct bg_query q;
+  bg_sleep_start(&q, c, mon, TOK(s));
   test_sleep_ns(CANCEL_MSEC(100));
   int64_t t0 = cancel_now();
   assert_true(cancel_source_cancel(s));
@@ -578,9 +589,10 @@ static void test_notify_wakes_listener(void **state) {
   assert_int_equal(l.n->be_pid, PQbackendPID(nc));
   PQfreemem(l.n);
 
-  /* A notification that came while another query ran is not lost. */
+  /* A notification that came while another query ran is not lost: the
+   * NOTIFY has committed, so lc's backend delivers it with (at the latest
+   * right after) the next query's result, which the query's call reads. */
   exec_ok(nc, "NOTIFY jobs, 'job 18'");
-  test_sleep_ns(CANCEL_MSEC(20));
   assert_int_equal(query_long(lc, "SELECT 3"), 3);
   l.n = NULL;
   assert_int_equal(cancel_pq_wait_notify(TOK(s), lc, CANCEL_NEVER, &l.n), 0);
@@ -693,17 +705,13 @@ static void test_connect_failures(void **state) {
   assert_true(strlen(PQerrorMessage(c)) > 0);
   PQfinish(c);
   /* A refused TCP connection: bind a port, then close it. */
-  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  struct sockaddr_in a = {.sin_family = AF_INET};
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof a;
-  assert_int_equal(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
-  assert_int_equal(getsockname(fd, (struct sockaddr *)&a, &len), 0);
+  int port = 0;
+  int fd = loopback_socket(0, &port);
+  assert_true(fd >= 0);
   close(fd);
   char ci[128];
   snprintf(ci, sizeof ci,
-           "hostaddr=127.0.0.1 port=%d dbname=x connect_timeout=5",
-           ntohs(a.sin_port));
+           "hostaddr=127.0.0.1 port=%d dbname=x connect_timeout=5", port);
   assert_int_equal(cancel_pq_connect(NULL, ci, &c), -ECONNREFUSED);
   PQfinish(c);
   /* A cancelled token: no attempt. */
@@ -719,16 +727,12 @@ static void test_connect_failures(void **state) {
  * packet: the token abandons the attempt. */
 static void test_connect_cancelled(void **state) {
   (void)state;
-  int lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  struct sockaddr_in a = {.sin_family = AF_INET};
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof a;
-  assert_int_equal(bind(lfd, (struct sockaddr *)&a, sizeof a), 0);
-  assert_int_equal(listen(lfd, 4), 0);
-  assert_int_equal(getsockname(lfd, (struct sockaddr *)&a, &len), 0);
+  int port = 0;
+  int lfd = loopback_socket(4, &port);
+  assert_true(lfd >= 0);
   char ci[128];
   snprintf(ci, sizeof ci, "hostaddr=127.0.0.1 port=%d dbname=x sslmode=disable",
-           ntohs(a.sin_port));
+           port);
   cancel_source *s = NULL;
   assert_int_equal(
       cancel_source_new_timeout(&s, "connect", NULL, CANCEL_MSEC(100)), 0);
@@ -747,9 +751,8 @@ static void test_server_terminates_backend(void **state) {
   (void)state;
   PGconn *c = connect_ok(), *mon = connect_ok();
   cancel_source *s = new_src("req");
-  struct bg_query q = {.conn = c, .tok = TOK(s), .sql = "SELECT pg_sleep(30)"};
-  q.thread = test_thread_start(bg_query_main, &q);
-  wait_active(mon, c);
+  struct bg_query q;
+  bg_sleep_start(&q, c, mon, TOK(s));
   char sql[64];
   snprintf(sql, sizeof sql, "SELECT pg_terminate_backend(%d)::int",
            PQbackendPID(c));

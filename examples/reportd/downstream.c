@@ -22,28 +22,18 @@
 #include <string.h>
 #include <unistd.h>
 
-static long latency_ms = 20;
+#include "number.h"
 
-static bool parse_long(const char *text, long max, long *out) {
-  if (text == NULL || *text == '\0')
-    return false;
-  char *end = NULL;
-  errno = 0;
-  long v = strtol(text, &end, 10);
-  if (errno != 0 || *end != '\0' || v < 0 || v > max)
-    return false;
-  *out = v;
-  return true;
-}
+static long latency_ms = 20;
 
 static int h_meta(cancel_http_request *req, const cancel_token *tok,
                   void *arg) {
   (void)arg;
   long id, delay = latency_ms;
-  if (!parse_long(cancel_http_request_param(req, "id"), 1000000000, &id))
+  if (!parse_number(cancel_http_request_param(req, "id"), 0, 1000000000, &id))
     return cancel_http_respond(req, 400, "text/plain", "id\n", 3);
   const char *d = cancel_http_request_query(req, "delay_ms");
-  if (d != NULL && !parse_long(d, 600000, &delay))
+  if (d != NULL && !parse_number(d, 0, 600000, &delay))
     return cancel_http_respond(req, 400, "text/plain", "delay_ms\n", 9);
   const char *g = cancel_http_request_header(req, "grpc-timeout");
   const char *x = cancel_http_request_header(req, "X-Request-Timeout-Ms");
@@ -67,10 +57,10 @@ int main(int argc, char **argv) {
   long port = 8081;
   for (int i = 1; i < argc; i++) {
     if (strcmp(argv[i], "--port") == 0 && i + 1 < argc &&
-        parse_long(argv[i + 1], 65535, &port)) {
+        parse_number(argv[i + 1], 0, 65535, &port)) {
       i++;
     } else if (strcmp(argv[i], "--latency") == 0 && i + 1 < argc &&
-               parse_long(argv[i + 1], 600000, &latency_ms)) {
+               parse_number(argv[i + 1], 0, 600000, &latency_ms)) {
       i++;
     } else {
       fprintf(stderr, "usage: downstream [--port N] [--latency MS]\n");

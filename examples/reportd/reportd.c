@@ -9,6 +9,7 @@
  * handlers return -ECANCELED and the edge answers by the reason.
  */
 #define _GNU_SOURCE
+#include "number.h"
 #include "store.h"
 
 #include <cancel.h>
@@ -74,15 +75,11 @@ static bool number(const char *name, const char *text, long lo, long hi,
                    long *out) {
   if (text == NULL)
     return true;
-  char *end = NULL;
-  errno = 0;
-  long v = strtol(text, &end, 10);
-  if (errno != 0 || end == text || *end != '\0' || v < lo || v > hi) {
+  if (!parse_number(text, lo, hi, out)) {
     fprintf(stderr, "reportd: %s: '%s' is not a number in %ld..%ld\n", name,
             text, lo, hi);
     return false;
   }
-  *out = v;
   return true;
 }
 
@@ -385,26 +382,13 @@ static int respond_text(cancel_http_request *req, unsigned status,
                              strlen(text));
 }
 
-/* A positive decimal id from a route capture or a query argument. */
-static bool parse_id(const char *text, long max, long *out) {
-  if (text == NULL || *text == '\0')
-    return false;
-  char *end = NULL;
-  errno = 0;
-  long v = strtol(text, &end, 10);
-  if (errno != 0 || *end != '\0' || v < 0 || v > max)
-    return false;
-  *out = v;
-  return true;
-}
-
 static int report(cancel_http_request *req, const cancel_token *tok,
                   struct service *s, bool buggy) {
   long id, delay = 0;
-  if (!parse_id(cancel_http_request_param(req, "id"), 1000000000, &id))
+  if (!parse_number(cancel_http_request_param(req, "id"), 0, 1000000000, &id))
     return respond_text(req, 400, "report id: a number\n");
   const char *d = cancel_http_request_query(req, "downstream_delay_ms");
-  if (d != NULL && !parse_id(d, 600000, &delay))
+  if (d != NULL && !parse_number(d, 0, 600000, &delay))
     return respond_text(req, 400, "downstream_delay_ms: 0..600000\n");
   struct report r;
   int rc = build_report_ex(s, pass(s, tok), id, delay, buggy, &r);
@@ -456,7 +440,7 @@ static int h_scan(cancel_http_request *req, const cancel_token *tok,
                   void *arg) {
   struct service *s = arg;
   long n, count = 0;
-  if (!parse_id(cancel_http_request_param(req, "n"), 1000000000000L, &n))
+  if (!parse_number(cancel_http_request_param(req, "n"), 0, 1000000000000L, &n))
     return respond_text(req, 400, "n: a number\n");
   int rc = store_scan(s->db, pass(s, tok), n, &count);
   if (rc < 0)
@@ -477,7 +461,8 @@ static int h_job_add(cancel_http_request *req, const cancel_token *tok,
                      void *arg) {
   struct service *s = arg;
   long report, job;
-  if (!parse_id(cancel_http_request_query(req, "report"), 1000000000, &report))
+  if (!parse_number(cancel_http_request_query(req, "report"), 0, 1000000000,
+                    &report))
     return respond_text(req, 400, "report: a number\n");
   int rc = store_job_add(s->db, pass(s, tok), report, &job);
   if (rc < 0)
@@ -492,7 +477,8 @@ static int h_job_get(cancel_http_request *req, const cancel_token *tok,
   struct service *s = arg;
   long job;
   char state[32];
-  if (!parse_id(cancel_http_request_param(req, "job"), 1000000000000L, &job))
+  if (!parse_number(cancel_http_request_param(req, "job"), 0, 1000000000000L,
+                    &job))
     return respond_text(req, 400, "job: a number\n");
   int rc = store_job_state(s->db, pass(s, tok), job, state, sizeof state);
   if (rc == -ENOENT)

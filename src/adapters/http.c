@@ -99,7 +99,7 @@ struct cancel_http_request {
   char *resp_body, *ctype;
   size_t resp_len;
   struct kvs resp_headers; /* our copies */
-  bool close_conn, no_response, client_gone;
+  bool close_conn, no_response;
   int level; /* of the access line */
   char cancel_fields[640];
   char error[128];
@@ -502,7 +502,6 @@ static void run_request(cancel_http_request *r) {
   if (teardown_sources(r) || r->no_response) {
     /* The client is gone: whatever the handler answered, nobody reads
      * it.  Logged as nginx does (499), not as an error. */
-    r->client_gone = true;
     r->no_response = true;
     r->log_status = 499;
     if (r->level == CANCEL_LOG_ERROR && rc == -ECANCELED)

@@ -117,17 +117,6 @@ static void quote(char *buf, const char *s) {
   cancel_logfmt_quote(buf, QUOTED, s);
 }
 
-static const char *signal_name(int signo) {
-  switch (signo) {
-  case SIGINT:
-    return "SIGINT";
-  case SIGTERM:
-    return "SIGTERM";
-  default:
-    return "signal";
-  }
-}
-
 /* ---- sd_notify, spoken directly ---------------------------------------
  * The protocol (sd_notify(3), "Notes"): one datagram of newline-separated
  * VARIABLE=value lines sent to the AF_UNIX SOCK_DGRAM socket named by
@@ -348,10 +337,12 @@ static void force_exit(int signo, unsigned count, void *arg) {
   quote(nq, names);
   int status = CANCEL_HOST_EXIT_FORCED(signo);
   int64_t asked = stop_time(h);
-  cancel_log(CANCEL_LOG_ERROR, "host", "forced exit",
-             "host=%s signal=%s signals=%u status=%d asked_ms=%" PRId64
+  const char *abbrev = sigabbrev_np(signo);
+  /* The operator's choice, not a failure of ours: a warning. */
+  cancel_log(CANCEL_LOG_WARN, "host", "forced exit",
+             "host=%s signal=SIG%s signals=%u status=%d asked_ms=%" PRId64
              " workers_running=%s",
-             hq, signal_name(signo), count, status,
+             hq, abbrev != NULL ? abbrev : "?", count, status,
              asked == CANCEL_NEVER ? 0 : to_ms(cancel_now() - asked), nq);
   _exit(status);
 }
