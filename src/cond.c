@@ -52,7 +52,7 @@ int cancel_cond_wait(const cancel_token *tok, pthread_cond_t *cond,
   struct cancel__waiter *w = cancel__waiter_self();
   w->obj = cond;
   w->obj2 = mutex;
-  if (cancel__wait_begin(w, tok, cond_wake) == 1)
+  if (cancel__wait_begin(w, tok, cond_wake, "cancel_cond_wait") == 1)
     return -ECANCELED;
   int rc = 0;
   if (!cancel_token_is_cancelled(tok)) {
@@ -65,7 +65,9 @@ int cancel_cond_wait(const cancel_token *tok, pthread_cond_t *cond,
     else if (r != 0)
       rc = -r;
   }
-  if (!ld_acquire(&w->woken)) {
+  if (ld_acquire(&w->woken)) {
+    cancel__wait_end(w); /* nothing to unregister: no wait on the mutex */
+  } else {
     /* The callback may be running, and blocked on the mutex we hold:
      * release it while unregistering (which waits for a running
      * callback).  Waiters must not assume the mutex stays held across a

@@ -6,6 +6,7 @@
 #define CANCEL_INTERNAL_H
 
 #include "cancel.h"
+#include "cancel/diag.h"
 
 #include <assert.h>
 #include <poll.h>
@@ -251,18 +252,21 @@ struct cancel__waiter {
   void *obj2;         /* and its mutex, for a condition */
   struct pollfd *big; /* cancel_poll's set beyond 64 descriptors */
   nfds_t big_cap;
+  cancel_scope scope; /* the wait, for the watchdog (cancel/diag.h) */
 };
 struct cancel__waiter *cancel__waiter_self(void);
 /* The waiter's eventfd, created if needed: a descriptor or -errno. */
 int cancel__waiter_efd(struct cancel__waiter *w);
 /* Registers fn(w) on tok for a wait (after the previous wait's callback,
- * if any, has finished with the registration).  Returns 0, or 1 when tok
- * had fired: fn ran inline. */
+ * if any, has finished with the registration) and opens the wait's scope,
+ * `name`: a wait that sleeps on through a cancel of the work around it is
+ * what the watchdog reports.  Returns 0, or 1 when tok had fired: fn ran
+ * inline and the scope is closed again. */
 int cancel__wait_begin(struct cancel__waiter *w, const cancel_token *tok,
-                       cancel_fn *fn);
-/* Ends a wait: returns at once if the callback has set `woken`, else
- * unregisters (waiting for a callback that is running).  Returns 1 if the
- * callback ran (or is done), 0 if it was removed before it ran. */
+                       cancel_fn *fn, const char *name);
+/* Ends a wait (and its scope): returns at once if the callback has set
+ * `woken`, else unregisters (waiting for a callback that is running).  Returns
+ * 1 if the callback ran (or is done), 0 if it was removed before it ran. */
 int cancel__wait_end(struct cancel__waiter *w);
 /* The callback's last step: publishes `woken` (then only futex wakes by
  * address may follow). */
@@ -299,10 +303,19 @@ int64_t cancel__own_deadline(const cancel_source *src);
 /* ---- Diagnostics (scope.c, watchdog.c, metrics.c) ---------------------- */
 
 struct cancel_scope;
-void cancel__overdue_lock(void);
-void cancel__overdue_unlock(void);
-struct cancel_scope *cancel__overdue_first(void); /* under the lock */
+#define CANCEL__SCOPE_WAIT 1  /* a wait of the core: no overrun metric */
+#define CANCEL__SCAN_DEPTH 64 /* scopes per thread a scan looks at */
+void cancel__scope_open(struct cancel_scope *s, const cancel_token *tok,
+                        const char *name, int flags);
+/* fn sees one thread's open scopes, innermost first (chain[0]); the scopes
+ * and their tokens stay valid until fn returns, and fn MUST NOT block. */
+typedef void cancel__scope_visit(void *ctx, int tid,
+                                 struct cancel_scope **chain, int n);
+void cancel__scopes_scan(cancel__scope_visit *fn, void *ctx);
+/* When the scope's token fired (its cancel time), else 0. */
+int64_t cancel__scope_fired_at(const struct cancel_scope *s);
 uint64_t cancel__overdue_count(int64_t older_than_ns);
+void cancel__scopes_force_fence(int on); /* tests */
 /* The watchdog's threshold while it runs, else 0 (for the gauge). */
 int64_t cancel__watchdog_threshold(void);
 void cancel__metrics_cancelled(int kind, const char *origin);

@@ -65,7 +65,7 @@ int cancel_sem_wait(const cancel_token *tok, cancel_sem *sem,
     return 0;
   struct cancel__waiter *w = cancel__waiter_self();
   w->obj = sem;
-  if (cancel__wait_begin(w, tok, sem_kick) == 1)
+  if (cancel__wait_begin(w, tok, sem_kick, "cancel_sem_wait") == 1)
     return -ECANCELED;
   __atomic_add_fetch(&sem->waiters, 1, __ATOMIC_SEQ_CST);
   struct timespec ts = cancel__abs_timespec(deadline);

@@ -54,7 +54,7 @@ int cancel_thread_join(const cancel_token *tok, cancel_thread *t, void **ret,
     return -ECANCELED;
   struct cancel__waiter *w = cancel__waiter_self();
   w->obj = t;
-  if (cancel__wait_begin(w, tok, kick) == 1)
+  if (cancel__wait_begin(w, tok, kick, "cancel_thread_join") == 1)
     return -ECANCELED;
   struct timespec ts = cancel__abs_timespec(deadline);
   int rc = 0;

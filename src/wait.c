@@ -81,7 +81,7 @@ int cancel__waiter_efd(struct cancel__waiter *w) {
 }
 
 int cancel__wait_begin(struct cancel__waiter *w, const cancel_token *tok,
-                       cancel_fn *fn) {
+                       cancel_fn *fn, const char *name) {
   if (!w->keyed) {
     pthread_once(&exit_once, exit_setup);
     pthread_setspecific(exit_key, w);
@@ -89,17 +89,25 @@ int cancel__wait_begin(struct cancel__waiter *w, const cancel_token *tok,
   }
   settle(w);
   st_relaxed(&w->woken, 0);
-  return cancel_register(&w->reg, tok, fn, w);
+  cancel__scope_open(&w->scope, tok, name, CANCEL__SCOPE_WAIT);
+  int rc = cancel_register(&w->reg, tok, fn, w);
+  if (rc == 1)
+    (void)cancel_scope_end(&w->scope);
+  return rc;
 }
 
 int cancel__wait_end(struct cancel__waiter *w) {
+  int ran;
   if (ld_acquire(&w->woken)) {
     /* Woken by the cancel: the wake-up latency, from the origin's cancel
      * (the source is the one waited on: borrowed for the wait). */
     cancel__metrics_wake(cancel_now() - ld_relaxed(&w->reg.src->time));
-    return 1; /* the callback is done with everything we own */
+    ran = 1; /* the callback is done with everything we own */
+  } else {
+    ran = cancel_unregister(&w->reg) == 0;
   }
-  return cancel_unregister(&w->reg) == 0;
+  (void)cancel_scope_end(&w->scope);
+  return ran;
 }
 
 /* ---- Waking ----------------------------------------------------------- */
@@ -154,7 +162,7 @@ int cancel_sleep_until(const cancel_token *tok, int64_t deadline) {
   if (cancel_token_is_cancelled(tok))
     return -ECANCELED;
   struct cancel__waiter *w = &self;
-  if (cancel__wait_begin(w, tok, wake_futex) == 1)
+  if (cancel__wait_begin(w, tok, wake_futex, "cancel_sleep") == 1)
     return -ECANCELED;
   struct timespec ts = cancel__abs_timespec(deadline);
   while (!ld_acquire(&w->woken)) {
@@ -223,7 +231,7 @@ int cancel_poll(const cancel_token *tok, struct pollfd *fds, nfds_t nfds,
   }
 
   int rc;
-  if (cancel__wait_begin(w, tok, wake_efd) == 1) {
+  if (cancel__wait_begin(w, tok, wake_efd, "cancel_poll") == 1) {
     drain_efd(efd); /* it ran inline: leave the eventfd quiet */
     rc = -ECANCELED;
     goto out;

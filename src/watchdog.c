@@ -92,11 +92,12 @@ static void thread_name(int tid, char *buf, size_t len) {
   fclose(f);
 }
 
-/* What is logged about one scope, copied while the scope is pinned. */
+/* What is logged about one scope, copied while the scan pins it. */
 struct report {
   int tid;
   char scope[160];
   char outer[320];
+  char inner[320];
   char reason[640];
   double since_ms;
 };
@@ -106,9 +107,9 @@ static void log_report(const struct report *r) {
   thread_name(r->tid, tname, sizeof tname);
   cancel_logfmt_quote(tq, sizeof tq, tname);
   cancel_log(CANCEL_LOG_WARN, "watchdog", "scope still running after cancel",
-             "scope=%s outer=%s thread=%d thread_name=%s since_cancel_ms=%.1f "
-             "%s",
-             r->scope, r->outer, r->tid, tq, r->since_ms, r->reason);
+             "scope=%s outer=%s inner=%s thread=%d thread_name=%s "
+             "since_cancel_ms=%.1f %s",
+             r->scope, r->outer, r->inner, r->tid, tq, r->since_ms, r->reason);
   cancel__metrics_reported();
   if (opt.stack_signal < 0)
     return;
@@ -132,41 +133,66 @@ static void log_report(const struct report *r) {
   free(sym);
 }
 
-/* One look at the overdue list. */
-static void look(void) {
+/* Names chain[from..to) joined by sep, each scope whose token is not the
+ * cancelled one marked: "[no token]" or "[token not cancelled]" is what a
+ * dropped token looks like from inside. */
+static void name_chain(char *out, size_t len, cancel_scope **chain, int from,
+                       int to, int step, const char *sep) {
+  char buf[300];
+  size_t bl = 0;
+  buf[0] = '\0';
+  for (int i = from; i != to && bl < sizeof buf; i += step) {
+    const cancel_scope *u = chain[i];
+    const char *mark = u->tok == NULL ? "[no token]"
+                       : cancel__scope_fired_at(u) == 0
+                           ? "[token not cancelled]"
+                           : "";
+    int k = snprintf(buf + bl, sizeof buf - bl, "%s%s%s", bl ? sep : "",
+                     u->name, mark);
+    if (k < 0)
+      break;
+    bl += (size_t)k;
+  }
+  cancel_logfmt_quote(out, len, buf);
+}
+
+struct look {
+  int64_t now;
+  int n;
   struct report reps[MAX_REPORTS];
-  int n = 0;
-  int64_t now = cancel_now();
-  cancel__overdue_lock();
-  for (cancel_scope *s = cancel__overdue_first(); s != NULL && n < MAX_REPORTS;
-       s = s->next) {
-    if (s->reported || now - s->cancelled_at < opt.threshold_ns)
+};
+
+/* Under the scan: picks the scopes to report and copies what is said of
+ * them (the scopes and their tokens are pinned only until we return). */
+static void look_thread(void *ctx, int tid, cancel_scope **chain, int n) {
+  struct look *lk = ctx;
+  for (int i = n - 1; i >= 0 && lk->n < MAX_REPORTS; i--) {
+    cancel_scope *s = chain[i];
+    int64_t at = cancel__scope_fired_at(s);
+    if (at == 0 || ld_relaxed(&s->reported) || lk->now - at < opt.threshold_ns)
       continue;
-    s->reported = 1;
-    struct report *r = &reps[n++];
-    r->tid = s->tid;
-    r->since_ms = (double)(now - s->cancelled_at) / 1e6;
+    st_relaxed(&s->reported, 1);
+    struct report *r = &lk->reps[lk->n++];
+    r->tid = tid;
+    r->since_ms = (double)(lk->now - at) / 1e6;
     cancel_logfmt_quote(r->scope, sizeof r->scope, s->name);
-    /* The enclosing scopes are open (scopes nest) and so pinned too. */
-    char chain[300] = "";
-    size_t cl = 0;
-    for (const cancel_scope *u = s->up; u != NULL && cl < sizeof chain;
-         u = u->up) {
-      int k = snprintf(chain + cl, sizeof chain - cl, "%s%s", cl ? "<" : "",
-                       u->name);
-      if (k < 0)
-        break;
-      cl += (size_t)k;
-    }
-    cancel_logfmt_quote(r->outer, sizeof r->outer, chain);
+    name_chain(r->outer, sizeof r->outer, chain, i + 1, n, 1, "<");
+    name_chain(r->inner, sizeof r->inner, chain, i - 1, -1, -1, ">");
     cancel_reason why;
     r->reason[0] = '\0';
     if (cancel_token_reason(s->tok, &why) == 1)
       cancel_logfmt_reason(r->reason, sizeof r->reason, &why);
   }
-  cancel__overdue_unlock();
-  for (int i = 0; i < n; i++)
-    log_report(&reps[i]);
+}
+
+/* One look at every thread's scopes. */
+static void look(void) {
+  static struct look lk; /* the watchdog's thread only */
+  lk.now = cancel_now();
+  lk.n = 0;
+  cancel__scopes_scan(look_thread, &lk);
+  for (int i = 0; i < lk.n; i++)
+    log_report(&lk.reps[i]);
 }
 
 static void *watchdog_main(void *arg) {

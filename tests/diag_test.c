@@ -218,11 +218,13 @@ static void test_watchdog_reports_spinner_once(void **state) {
                        test_tol(CANCEL_SEC(2))));
   /* Let several more looks pass: reported once per scope. */
   test_sleep_ns(CANCEL_MSEC(100));
-  assert_int_equal(test_log_count("scope still running", "bad spinner", NULL),
-                   1);
-  /* The outer scope is overdue too and reported on its own. */
+  assert_int_equal(
+      test_log_count("scope still running", "scope=\"bad spinner\"", NULL), 1);
+  /* The outer scope is overdue too and reported on its own, naming the
+   * scope inside it. */
   assert_true(log_wait("scope still running after cancel", "scope=\"job 7\"",
-                       NULL, 0, test_tol(CANCEL_SEC(2))));
+                       line, sizeof line, test_tol(CANCEL_SEC(2))));
+  assert_non_null(strstr(line, "inner=\"bad spinner\""));
   __atomic_store_n(&b.stop, 1, __ATOMIC_RELEASE);
   test_thread_join(t);
   assert_int_equal(cancel_watchdog_stop(), 0);
@@ -249,12 +251,200 @@ static void test_watchdog_quiet_when_work_stops(void **state) {
   cancel_source_unref(s);
 }
 
-/* ---- Metrics ---------------------------------------------------------------
- */
-
 static int64_t waiter_sleep(void *arg) {
   return cancel_sleep((const cancel_token *)arg, CANCEL_SEC(30));
 }
+
+/* The bug the watchdog exists for: the work was handed a token, and a
+ * wait two calls down uses another one (or none).  The wait's own scope,
+ * opened by the core, shows in the report as the place the token was
+ * dropped. */
+struct dropped {
+  const cancel_token *tok;   /* the request's: cancelled by the test */
+  const cancel_token *other; /* a live one the wait uses by mistake */
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  int done;
+  sem_t in;
+};
+
+__attribute__((noinline)) void wait_on_wrong_token(struct dropped *d) {
+  int rc = cancel_sleep(d->other, CANCEL_SEC(30));
+  /* Not a tail call: this frame must be on the stack the report shows. */
+  __atomic_store_n(&d->done, rc, __ATOMIC_RELEASE);
+}
+
+__attribute__((noinline)) void wait_on_no_token(struct dropped *d) {
+  pthread_mutex_lock(&d->mu);
+  while (!d->done)
+    (void)cancel_cond_wait(NULL, &d->cv, &d->mu, CANCEL_NEVER);
+  pthread_mutex_unlock(&d->mu);
+}
+
+static void *dropped_main(void *p) {
+  struct dropped *d = p;
+  CANCEL_SCOPE(d->tok, "load rows");
+  sem_post(&d->in);
+  if (d->other != NULL)
+    wait_on_wrong_token(d);
+  else
+    wait_on_no_token(d);
+  return NULL;
+}
+
+static void check_dropped(cancel_source *other, const char *inner,
+                          const char *fn) {
+  cancel_watchdog_options o = {.threshold_ns = CANCEL_MSEC(30)};
+  assert_int_equal(cancel_watchdog_start(&o), 0);
+  cancel_source *req = new_src("client 10.0.0.9:4000");
+  struct dropped d = {.tok = TOK(req),
+                      .other = other != NULL ? TOK(other) : NULL};
+  pthread_mutex_init(&d.mu, NULL);
+  pthread_cond_init(&d.cv, NULL);
+  sem_init(&d.in, 0, 0);
+  pthread_t t = test_thread_start(dropped_main, &d);
+  assert_int_equal(test_sem_wait_ns(&d.in, test_tol(CANCEL_SEC(5))), 0);
+  cancel_source_cancel_with(req, CANCEL_CLIENT_GONE, NULL);
+  char line[2048];
+  assert_true(log_wait("scope still running after cancel",
+                       "scope=\"load rows\"", line, sizeof line,
+                       test_tol(CANCEL_SEC(2))));
+  print_message("%s\n", line);
+  assert_non_null(strstr(line, inner));
+  assert_non_null(strstr(line, "cancel_kind=\"client gone\""));
+  assert_true(log_wait("msg=stack", fn, NULL, 0, test_tol(CANCEL_SEC(2))));
+  /* The wait itself is not overdue: its token did not fire. */
+  assert_int_equal(test_log_count("scope still running", "scope=cancel_", NULL),
+                   0);
+  /* Release the thread. */
+  if (other != NULL) {
+    cancel_source_cancel(other);
+  } else {
+    pthread_mutex_lock(&d.mu);
+    d.done = 1;
+    pthread_cond_broadcast(&d.cv);
+    pthread_mutex_unlock(&d.mu);
+  }
+  test_thread_join(t);
+  assert_int_equal(cancel_watchdog_stop(), 0);
+  pthread_cond_destroy(&d.cv);
+  pthread_mutex_destroy(&d.mu);
+  sem_destroy(&d.in);
+  cancel_source_unref(req);
+}
+
+static void test_watchdog_names_wrong_token(void **state) {
+  (void)state;
+  cancel_source *other = new_src("someone else's");
+  check_dropped(other, "inner=\"cancel_sleep[token not cancelled]\"",
+                "wait_on_wrong_token");
+  cancel_source_unref(other);
+}
+
+static void test_watchdog_names_no_token(void **state) {
+  (void)state;
+  check_dropped(NULL, "inner=\"cancel_cond_wait[no token]\"",
+                "wait_on_no_token");
+}
+
+/* A wait woken by its cancel counts a wake-up, not an overrun. */
+static void test_wait_scope_is_not_an_overrun(void **state) {
+  (void)state;
+  cancel_metrics before, after;
+  cancel_metrics_get(&before);
+  cancel_source *s = new_src("req");
+  struct test_waiter tw;
+  test_waiter_start(&tw, waiter_sleep, (void *)TOK(s));
+  assert_true(test_wait_blocked(tw.tid, test_tol(CANCEL_SEC(5))));
+  cancel_source_cancel(s);
+  test_waiter_end(&tw, test_tol(CANCEL_SEC(5)), NULL, NULL);
+  assert_i64_eq(tw.result, -ECANCELED);
+  cancel_metrics_get(&after);
+  assert_true(after.wakes == before.wakes + 1);
+  assert_true(after.overruns == before.overruns);
+  assert_null(cancel_scope_current());
+  cancel_source_unref(s);
+}
+
+/* ---- The scan against scopes ending: the racy path --------------------- */
+
+void cancel__scopes_force_fence(int on); /* internal: the fallback path */
+void cancel__scopes_scan(void (*fn)(void *, int, cancel_scope **, int),
+                         void *ctx);
+
+struct churn {
+  int stop; /* atomic */
+  uint64_t iters;
+};
+
+/* Scopes on tokens that die right after the scope ends: a scan that read
+ * a scope after its end would touch a freed token (ASan) or race with the
+ * frame's next use (TSan). */
+static void *churn_main(void *p) {
+  struct churn *c = p;
+  uint64_t n = 0;
+  while (!__atomic_load_n(&c->stop, __ATOMIC_ACQUIRE)) {
+    cancel_source *s = NULL;
+    if (cancel_source_new(&s, "churn") != 0)
+      abort();
+    cancel_scope a, b;
+    cancel_scope_begin(&a, cancel_source_token(s), "churn outer");
+    cancel_scope_begin(&b, NULL, "churn inner");
+    if (n % 3 == 0)
+      cancel_source_cancel_with(s, CANCEL_TIMEOUT, "churn");
+    (void)cancel_sleep(cancel_source_token(s), 0);
+    cancel_scope_end(&b);
+    cancel_scope_end(&a);
+    cancel_source_unref(s);
+    n++;
+  }
+  __atomic_store_n(&c->iters, n, __ATOMIC_RELEASE);
+  return NULL;
+}
+
+static void read_chain(void *ctx, int tid, cancel_scope **chain, int n) {
+  (void)tid;
+  uint64_t *seen = ctx;
+  for (int i = 0; i < n; i++) {
+    cancel_reason why;
+    if (strlen(chain[i]->name) > 0 &&
+        cancel_token_reason(chain[i]->tok, &why) == 1)
+      (*seen)++;
+  }
+}
+
+static void churn(int fence) {
+  cancel__scopes_force_fence(fence);
+  struct churn c = {0, 0};
+  pthread_t t[3];
+  for (int i = 0; i < 3; i++)
+    t[i] = test_thread_start(churn_main, &c);
+  uint64_t scans = 0, seen = 0;
+  int64_t end = cancel_now() + CANCEL_MSEC(300);
+  while (cancel_now() < end) {
+    cancel__scopes_scan(read_chain, &seen);
+    scans++;
+  }
+  __atomic_store_n(&c.stop, 1, __ATOMIC_RELEASE);
+  for (int i = 0; i < 3; i++)
+    test_thread_join(t[i]);
+  cancel__scopes_force_fence(0);
+  print_message("fence=%d: %llu scans, %llu cancelled scopes seen\n", fence,
+                (unsigned long long)scans, (unsigned long long)seen);
+  assert_true(scans > 0);
+}
+
+static void test_scan_races_scope_end(void **state) {
+  (void)state;
+  churn(0);
+  churn(1);
+  cancel_metrics m;
+  cancel_metrics_get(&m);
+  assert_int_equal(m.scopes_overdue, 0);
+}
+
+/* ---- Metrics ---------------------------------------------------------------
+ */
 
 /* Every line of the text format 0.0.4, checked against its grammar:
  * comments (# HELP name text, # TYPE name type) and samples
@@ -379,6 +569,14 @@ int main(void) {
                                       teardown),
       cmocka_unit_test_setup_teardown(test_watchdog_quiet_when_work_stops,
                                       setup, teardown),
+      cmocka_unit_test_setup_teardown(test_watchdog_names_wrong_token, setup,
+                                      teardown),
+      cmocka_unit_test_setup_teardown(test_watchdog_names_no_token, setup,
+                                      teardown),
+      cmocka_unit_test_setup_teardown(test_wait_scope_is_not_an_overrun, setup,
+                                      teardown),
+      cmocka_unit_test_setup_teardown(test_scan_races_scope_end, setup,
+                                      teardown),
       cmocka_unit_test_setup_teardown(test_metrics_prometheus, setup, teardown),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);

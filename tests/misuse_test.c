@@ -229,8 +229,10 @@ static void test_destroy_storage_with_everything_attached(void **state) {
   assert_int_equal(
       cancel_source_new_shield(&sh, "sh", TOK(&mid), CANCEL_MSEC(1)), 0);
   /* Its timer must be disarmed by the destroy (it would fire on storage
-   * we scribble over). */
-  assert_int_equal(cancel_source_cancel_after(&mid, CANCEL_MSEC(5)), 0);
+   * we scribble over).  Long enough not to fire before the destroy on a
+   * slow machine (TSan). */
+  const int64_t timer = test_tol(CANCEL_MSEC(50));
+  assert_int_equal(cancel_source_cancel_after(&mid, timer), 0);
 
   int count = 0;
   cancel_reg mreg, creg, sreg;
@@ -246,7 +248,7 @@ static void test_destroy_storage_with_everything_attached(void **state) {
   assert_false(cancel_token_is_cancelled(TOK(sh)));
 
   assert_int_equal(cancel_source_cancel(root), 1);
-  test_sleep_ns(CANCEL_MSEC(5) + test_tol(CANCEL_MSEC(20)));
+  test_sleep_ns(timer + test_tol(CANCEL_MSEC(20)));
   assert_false(cancel_token_is_cancelled(TOK(child)));
   assert_false(cancel_token_is_cancelled(TOK(sh)));
   assert_int_equal(test_load(&count), 0);

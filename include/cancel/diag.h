@@ -12,31 +12,48 @@
  *
  * or CANCEL_SCOPE(tok, "load rows"); at the top of a block, which ends the
  * scope when the block is left (GCC/Clang cleanup attribute).  A scope
- * lives on the caller's stack (no allocation); begin + end cost one
- * registration on the token (measured in `make bench`: scope_begin_end).
- * When the token fires while the scope is open, the scope knows when, and
- * its end records the overrun: how long the work went on after the
- * cancel.  Scopes nest (per thread, innermost last) and MUST end in the
- * reverse order they began, on the thread that began them.  A NULL token
- * makes a scope that is never cancelled (it still names the work for the
- * scopes around it).
+ * lives on the caller's stack and is pushed on, and popped off, a chain of
+ * the thread's own with plain stores: no allocation, no lock, no atomic
+ * read-modify-write, nothing registered on the token (`make bench`:
+ * scope_begin_end).  The token MUST stay valid while the scope is open.
+ * When the token has fired by the time the scope ends, the end records the
+ * overrun: how long the work went on after the cancel (from the cancel,
+ * also when the token had fired before the scope began).  Scopes nest
+ * and MUST end in the reverse order they began, on the thread that began
+ * them.  A NULL token makes a scope that is never cancelled (it still
+ * names the work for the scopes around it).
  *
  * The library opens scopes by itself where work happens on someone's
  * behalf: the HTTP server around each handler ("GET /reports/{id}"), the
  * adapters around each call ("curl perform", "sqlite exec", "pq exec"; not
- * around each SQLite step, which its progress handler keeps in check).
- * The core's own waits need none: they are woken by the token itself; how
- * long that takes is the metric cancel_wake_latency_seconds.  The host
- * opens none around its workers: after the stop, a worker draining
- * requests or finishing a shielded commit is doing what it should, and
- * the host's own shutdown report names a worker that overruns the
- * shutdown timeout.
+ * around each SQLite step, which its progress handler keeps in check),
+ * and every blocking wait of the core, named by its function
+ * ("cancel_sleep", "cancel_poll" (which the socket, pipe and process waits
+ * go through), "cancel_cond_wait", "cancel_sem_wait",
+ * "cancel_thread_join").  A wait's scope is what makes a dropped token
+ * visible: when the work around it was cancelled and the thread still
+ * waits, the report's `inner` names the wait and marks it "[no token]" or
+ * "[token not cancelled]".  A wait's scope does not count in the overrun
+ * histogram (its wake-up has a histogram of its own).  The host opens no
+ * scope around its workers: after the stop, a worker draining requests or
+ * finishing a shielded commit is doing what it should, and the host's own
+ * shutdown report names a worker that overruns the shutdown timeout.
+ *
+ * How overdue scopes are found: a scan walks every thread's chain (the
+ * watchdog's, every interval; the gauge's, when metrics are read).  A
+ * scope's end that meets a scan waits for it (microseconds), so a scan
+ * never reads a scope whose frame is gone.  The ordering this needs costs
+ * the scan one membarrier(2) and the end nothing; where membarrier is
+ * refused, the end takes one fence.  The scan looks at the innermost 64
+ * scopes of each thread.
  *
  * The watchdog.  cancel_watchdog_start() starts a thread that looks, every
- * interval, at the scopes whose token fired while they were open.  One
- * still open `threshold` after the cancel is reported while it runs, once:
- * at warn, component "watchdog", msg="scope still running after cancel",
- * with the scope's name, the enclosing scopes, the thread (id and name),
+ * interval, at the open scopes whose token has fired.  One still open
+ * `threshold` after the cancel is reported while it runs, once: at warn,
+ * component "watchdog", msg="scope still running after cancel", with the
+ * scope's name, the enclosing scopes (`outer`, innermost first), the
+ * scopes opened inside it (`inner`, outermost first), the thread (id and
+ * name),
  * the token's reason (kind, origin, via) and the time since the cancel,
  * followed by one line per frame of that thread's stack.  When the scope
  * ends at last, one more line gives its total overrun.
@@ -73,8 +90,9 @@
  *   cancel_scope_overrun_seconds             histogram: cancel -> scope end
  *   cancel_wake_latency_seconds              histogram: cancel -> a blocked
  *                                            wait of the core returning
- *   cancel_scopes_overdue                    gauge: open scopes whose token
- *                                            fired more than the watchdog's
+ *   cancel_scopes_overdue                    gauge: open scopes (waits
+ *                                            included) whose token fired
+ *                                            more than the watchdog's
  *                                            threshold ago (or, without a
  *                                            watchdog, at all)
  *   cancel_watchdog_reports_total            scopes reported
@@ -93,34 +111,31 @@ extern "C" {
 
 /* Private layout: caller storage, touched only through the functions. */
 typedef struct cancel_scope {
-  cancel_reg reg; /* on tok: the cancel marks us overdue */
   const cancel_token *tok;
   const char *name;
-  struct cancel_scope *up;          /* the enclosing scope of this thread */
-  struct cancel_scope *next, *prev; /* the overdue list; its lock */
-  int64_t begun;
-  int64_t cancelled_at; /* 0 until tok fired while open; the list's lock */
-  int tid;
-  int reported; /* the watchdog reported it; the list's lock */
+  struct cancel_scope *up; /* the enclosing scope of this thread */
+  int flags;
+  int reported; /* the watchdog reported it; atomic */
 } cancel_scope;
 
 /* Opens scope s for work on tok's behalf, named `name` (not copied: it
- * MUST outlive the scope; a string literal usually).  s MUST stay valid
- * until cancel_scope_end(s).  Never fails; a NULL s is ignored.  A token
- * that fired already makes the scope overdue at once (its overrun counts
- * from the token's cancel). */
+ * MUST outlive the scope; a string literal usually).  s and tok MUST stay
+ * valid until cancel_scope_end(s).  Never fails; a NULL s is ignored.  A
+ * token that fired already makes the scope overdue at once (its overrun
+ * counts from the token's cancel). */
 CANCEL_API void cancel_scope_begin(cancel_scope *s, const cancel_token *tok,
                                    const char *name);
 
-/* Closes s (the innermost open scope of the calling thread).  Returns its
- * overrun in nanoseconds: the time from tok's cancel to now when tok fired
- * while s was open, else 0.  The overrun is recorded in the histogram and,
+/* Closes s (the innermost open scope of the calling thread; anything else
+ * is a misuse, reported on stderr, and s stays open).  Returns its overrun
+ * in nanoseconds: the time from tok's cancel to now when tok has fired,
+ * else 0.  The overrun is recorded in the histogram and,
  * when the watchdog reported s, logged. */
 CANCEL_API int64_t cancel_scope_end(cancel_scope *s);
 
 /* Scopes on (the default) or off for the whole process: off, a scope
- * still names the work but registers nothing and is never overdue (for
- * measuring what scopes cost).  Takes effect for scopes begun after it.
+ * still names the work but forgets its token, so it is never overdue (for
+ * measuring what watching costs).  Takes effect for scopes begun after it.
  * Thread-safe. */
 CANCEL_API void cancel_scopes_enable(int on);
 
