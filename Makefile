@@ -32,7 +32,7 @@ DEPS_CHECK := build-essential cmake pkg-config libcmocka-dev valgrind libuv1-dev
               libsqlite3-dev libcurl4-openssl-dev libpq-dev postgresql \
               libmicrohttpd-dev curl wrk perl
 # node may come from outside Debian: only ask for nodejs when none is found.
-DEPS_BENCH := golang-go g++ wrk $(if $(shell command -v node),,nodejs)
+DEPS_BENCH := golang-go g++ $(if $(shell command -v node),,nodejs)
 DEPS_FORMAT := clang-format
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)

@@ -28,15 +28,17 @@
  *     as fresh as the last scheduler tick of a thread running on another
  *     CPU: up to one tick (4 ms at HZ=250) of the query is then counted
  *     as wasted.
- *   throughput_cheap_route (req/s, impl libcancel and plain): wrk -t2
- *     -c32 against GET /health for 3 s (1 s with BENCH_QUICK), on reportd
- *     as is and on reportd --no-cancellation (the HTTP server without its
- *     per-request sources and hang-up watch), both running, alternated
- *     over 3 rounds; the best round of each.  Rows "n/a" when wrk is not
- *     installed (Debian package wrk).
+ *   throughput_cheap_route (req/s, impl libcancel and plain): GET /health
+ *     on reportd as is and on reportd --no-cancellation (the HTTP server
+ *     without its per-request sources and hang-up watch), both running,
+ *     loaded in alternating turns of 20 ms by the bench's own closed-loop
+ *     client (2 threads x 16 keep-alive connections per server, as wrk
+ *     -t2 -c32), 1000 turns (200 with BENCH_QUICK); see throughput() for
+ *     why turns and how the rows are estimated.
  *   throughput_watchdog (req/s, impl libcancel and plain): the same, on
- *     reportd as is (a work scope around every handler, the watchdog
- *     looking every 25 ms) and on reportd --no-diagnostics (neither).
+ *     reportd as is (a work scope around every handler and every wait,
+ *     the watchdog scanning every 25 ms) and on reportd --no-diagnostics
+ *     (scopes that watch no token, no watchdog).
  *
  * The abandoned request is GET /scan/{n}, not GET /reports/{id}: /scan
  * is an SQLite query, CPU in reportd's own process, stopped by the SQLite
@@ -47,7 +49,7 @@
  *
  * reportd is the executable given as the first argument, else
  * $CANCEL_BENCH_REPORTD, else the one of this build (CANCEL_BENCH_REPORTD,
- * defined by bench/CMakeLists.txt).  wrk is $WRK, else wrk on PATH.
+ * defined by bench/CMakeLists.txt).
  */
 #define _GNU_SOURCE
 #include "bench.h"
@@ -61,8 +63,10 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <sys/epoll.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -658,117 +662,216 @@ static void wasted_cpu(struct server *s, long rows) {
   free(w);
 }
 
-/* ---- throughput_cheap_route --------------------------------------------- */
+/* ---- throughput_cheap_route, throughput_watchdog ------------------------ */
 
-/* wrk's path: $WRK, else wrk on PATH; NULL when there is none. */
-static const char *find_wrk(void) {
-  static char found[4096];
-  const char *env = getenv("WRK");
-  if (env != NULL && *env != '\0')
-    return access(env, X_OK) == 0 ? env : NULL;
-  const char *path = getenv("PATH");
-  if (path == NULL)
-    path = "/usr/local/bin:/usr/bin:/bin";
-  while (*path != '\0') {
-    size_t w = strcspn(path, ":");
-    snprintf(found, sizeof found, "%.*s/wrk", (int)w, path);
-    if (w > 0 && access(found, X_OK) == 0)
-      return found;
-    path += w;
-    if (*path == ':')
-      path++;
+/* The two servers of a throughput row are loaded in turns of 20 ms, in
+ * the order ABBA ABBA ..., by LOADERS threads with LOAD_CONNS keep-alive
+ * connections each to each server: every connection has one GET /health
+ * outstanding at a time (closed loop, as wrk).  Why turns: this machine's
+ * speed drifts by 10-20 % within seconds (a shared VM), so whole runs of
+ * wrk, one server after the other, measured the drift, not the servers;
+ * in turns of 20 ms both servers run under the same drift.  The requests
+ * still in flight when a turn ends are drained, uncounted, before the
+ * other server's turn starts.
+ *
+ * Estimate: each ABBA block of four turns gives the pair of rates (A's
+ * responses over A's two turns, B's over B's); the blocks are sorted by
+ * the ratio of the pair and the 20 % at each end dropped (a block that a
+ * stall of the VM hit is an outlier either way); a server's req/s is its
+ * responses in the blocks kept over the time of its turns in them.  The
+ * same blocks are kept for both servers, so the pair stays paired.  On
+ * this machine two identical servers measured this way differed by at
+ * most 2 % over 1000 turns. */
+#define LOADERS 2
+#define LOAD_CONNS 16
+#define TURN_NS 20000000
+#define MAX_TURNS 1000
+
+struct lconn {
+  int fd;
+  size_t have;
+  char buf[2048];
+};
+
+struct loader {
+  struct server *s[2];
+  int turns;
+  uint32_t done[MAX_TURNS]; /* responses in turn i */
+  int64_t span[MAX_TURNS];  /* length of turn i, ns */
+  pthread_t thread;
+  struct lconn c[2][LOAD_CONNS];
+};
+
+static const char health_req[] =
+    "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+
+/* The server turn i belongs to: 0 1 1 0, 0 1 1 0, ... */
+static int turn_owner(int i) {
+  return ((i >> 1) ^ i) & 1;
+}
+
+static int lconn_open(const struct server *s) {
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0)
+    die("socket: %s", strerror(errno));
+  struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(s->port)};
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  if (connect(fd, (struct sockaddr *)&a, sizeof a) != 0)
+    die("%s: connect to port %u: %s", s->impl, s->port, strerror(errno));
+  return fd;
+}
+
+static void lconn_send(struct lconn *c, const struct server *s) {
+  ssize_t n = send(c->fd, health_req, sizeof health_req - 1, MSG_NOSIGNAL);
+  if (n != (ssize_t)(sizeof health_req - 1))
+    die("%s: send: %s", s->impl, n < 0 ? strerror(errno) : "short");
+}
+
+/* Reads what c has (epoll said readable); returns 1 when that completed
+ * the response (one request is outstanding at a time), else 0. */
+static int lconn_read(struct lconn *c, const struct server *s) {
+  ssize_t r = recv(c->fd, c->buf + c->have, sizeof c->buf - 1 - c->have, 0);
+  if (r < 0 && errno == EINTR)
+    return 0;
+  if (r <= 0)
+    die("%s: GET /health: %s", s->impl, r < 0 ? strerror(errno) : "closed");
+  c->have += (size_t)r;
+  c->buf[c->have] = '\0';
+  const char *end = strstr(c->buf, "\r\n\r\n");
+  if (end == NULL)
+    return 0;
+  if (strncmp(c->buf, "HTTP/1.1 200", 12) != 0)
+    die("%s: GET /health: %.40s", s->impl, c->buf);
+  const char *cl = strcasestr(c->buf, "\r\nContent-Length:");
+  if (cl == NULL || cl > end)
+    die("%s: GET /health: no Content-Length", s->impl);
+  size_t total = (size_t)(end + 4 - c->buf) + strtoul(cl + 17, NULL, 10);
+  if (c->have < total)
+    return 0;
+  if (c->have > total)
+    die("%s: GET /health: an answer nobody asked for", s->impl);
+  c->have = 0;
+  return 1;
+}
+
+/* One turn on server k: every connection busy until the turn ends, then
+ * drained. */
+static void load_turn(struct loader *l, int ep, int k, int i) {
+  const struct server *s = l->s[k];
+  int64_t start = bench_now(), end = start + TURN_NS;
+  for (int j = 0; j < LOAD_CONNS; j++)
+    lconn_send(&l->c[k][j], s);
+  int busy = LOAD_CONNS;
+  bool open = true;
+  l->done[i] = 0;
+  while (busy > 0) {
+    struct epoll_event ev[LOAD_CONNS];
+    int n = epoll_wait(ep, ev, LOAD_CONNS, 1);
+    if (n < 0 && errno != EINTR)
+      die("epoll_wait: %s", strerror(errno));
+    int64_t now = bench_now();
+    if (open && now >= end) {
+      open = false;
+      l->span[i] = now - start;
+    }
+    for (int e = 0; e < n; e++) {
+      struct lconn *c = ev[e].data.ptr;
+      if (lconn_read(c, s) == 0)
+        continue;
+      if (open) {
+        l->done[i]++;
+        lconn_send(c, s);
+      } else {
+        busy--;
+      }
+    }
+  }
+}
+
+static void *loader_main(void *arg) {
+  struct loader *l = arg;
+  int ep[2];
+  for (int k = 0; k < 2; k++) {
+    ep[k] = epoll_create1(EPOLL_CLOEXEC);
+    if (ep[k] < 0)
+      die("epoll_create1: %s", strerror(errno));
+    for (int i = 0; i < LOAD_CONNS; i++) {
+      struct lconn *c = &l->c[k][i];
+      c->fd = lconn_open(l->s[k]);
+      c->have = 0;
+      struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
+      if (epoll_ctl(ep[k], EPOLL_CTL_ADD, c->fd, &ev) != 0)
+        die("epoll_ctl: %s", strerror(errno));
+    }
+  }
+  for (int i = 0; i < l->turns; i++)
+    load_turn(l, ep[turn_owner(i)], turn_owner(i), i);
+  for (int k = 0; k < 2; k++) {
+    for (int i = 0; i < LOAD_CONNS; i++)
+      close(l->c[k][i].fd);
+    close(ep[k]);
   }
   return NULL;
 }
 
-/* Runs wrk against GET /health of s; returns its Requests/sec, or a
- * negative value (with a warning) when it failed. */
-static double wrk_run(const char *wrk, const struct server *s,
-                      const char *duration) {
-  char url[64];
-  snprintf(url, sizeof url, "http://127.0.0.1:%u/health", s->port);
-  const char *argv[] = {wrk, "-t2", "-c32", "-d", duration, url, NULL};
-  int p[2];
-  if (pipe2(p, O_CLOEXEC) != 0)
-    die("pipe: %s", strerror(errno));
-  pid_t pid = fork();
-  if (pid < 0)
-    die("fork: %s", strerror(errno));
-  if (pid == 0) {
-    prctl(PR_SET_PDEATHSIG, SIGKILL);
-    int devnull = open("/dev/null", O_RDONLY);
-    if (devnull < 0 || dup2(devnull, 0) < 0 || dup2(p[1], 1) < 0)
-      _exit(127);
-    execv(wrk, (char *const *)argv);
-    _exit(127);
-  }
-  track(pid);
-  close(p[1]);
-  char out[8192];
-  size_t n = 0;
-  ssize_t r;
-  while ((r = read(p[0], out + n, sizeof out - 1 - n)) > 0 ||
-         (r < 0 && errno == EINTR))
-    if (r > 0)
-      n += (size_t)r;
-  out[n] = '\0';
-  close(p[0]);
-  int st = reap(pid, 60000000000);
-  untrack(pid);
-  if (st == -1) {
-    kill(pid, SIGKILL);
-    (void)reap(pid, 10000000000);
-  }
-  if (st == -1 || !WIFEXITED(st) || WEXITSTATUS(st) != 0) {
-    fprintf(stderr, "reportd_bench: wrk failed on %s:\n%s", s->impl, out);
-    return -1;
-  }
-  const char *bad = strstr(out, "Non-2xx or 3xx responses:");
-  const char *err = strstr(out, "Socket errors:");
-  if (bad != NULL || err != NULL)
-    fprintf(stderr, "reportd_bench: warning: wrk on %s: %.*s\n", s->impl,
-            (int)strcspn(bad != NULL ? bad : err, "\n"),
-            bad != NULL ? bad : err);
-  const char *rps = strstr(out, "Requests/sec:");
-  if (rps == NULL) {
-    fprintf(stderr, "reportd_bench: no Requests/sec in wrk's output:\n%s", out);
-    return -1;
-  }
-  return strtod(rps + 13, NULL);
+/* One ABBA block: both servers' responses and turn time (ns), summed over
+ * the loaders (whose turns run side by side). */
+struct block {
+  double ratio; /* A's rate over B's */
+  double done[2], span[2];
+};
+
+static int block_cmp(const void *x, const void *y) {
+  double a = ((const struct block *)x)->ratio;
+  double b = ((const struct block *)y)->ratio;
+  return (a > b) - (a < b);
 }
 
 /* scenario: req/s on GET /health of ours and of plain (the same reportd
- * with something switched off), alternated. */
+ * with something switched off), in alternating turns. */
 static void throughput(const char *scenario, struct server *ours,
                        struct server *plain) {
-  const char *wrk = find_wrk();
-  if (wrk == NULL) {
-    fprintf(stderr,
-            "reportd_bench: warning: wrk not found (Debian package "
-            "wrk, or set WRK): %s skipped\n",
-            scenario);
-    bench_row_na(scenario, "libcancel", "req/s");
-    bench_row_na(scenario, "plain", "req/s");
-    return;
-  }
-  const char *duration = bench_quick() ? "1s" : "3s";
-  struct server *s[2] = {ours, plain};
-  double best[2] = {-1, -1};
-  /* A short run each first: the connections' and threads' first use. */
-  for (int k = 0; k < 2; k++)
-    (void)wrk_run(wrk, s[k], "1s");
-  /* Alternated, the order swapped each round, so that the machine's
-   * noise hits both alike; noise only ever lowers req/s: keep the best. */
-  for (int round = 0; round < 3; round++)
-    for (int j = 0; j < 2; j++) {
-      int k = (round & 1) ? 1 - j : j;
-      double v = wrk_run(wrk, s[k], duration);
-      if (v > best[k])
-        best[k] = v;
+  static struct loader l[LOADERS];
+  static struct block b[MAX_TURNS / 4];
+  int turns = bench_quick() ? 200 : MAX_TURNS;
+  /* A few turns first, unmeasured: the connections' and threads' first
+   * use. */
+  for (int pass = 0; pass < 2; pass++) {
+    for (int t = 0; t < LOADERS; t++) {
+      l[t].s[0] = ours;
+      l[t].s[1] = plain;
+      l[t].turns = pass == 0 ? 8 : turns;
+      if (pthread_create(&l[t].thread, NULL, loader_main, &l[t]) != 0)
+        die("pthread_create failed");
     }
+    for (int t = 0; t < LOADERS; t++)
+      pthread_join(l[t].thread, NULL);
+  }
+  int nb = turns / 4;
+  for (int m = 0; m < nb; m++) {
+    b[m] = (struct block){0};
+    for (int i = 4 * m; i < 4 * m + 4; i++)
+      for (int t = 0; t < LOADERS; t++) {
+        b[m].done[turn_owner(i)] += l[t].done[i];
+        b[m].span[turn_owner(i)] += (double)l[t].span[i] / LOADERS;
+      }
+    b[m].ratio = b[m].done[1] > 0 ? (b[m].done[0] / b[m].span[0]) /
+                                        (b[m].done[1] / b[m].span[1])
+                                  : 0;
+  }
+  qsort(b, (size_t)nb, sizeof *b, block_cmp);
+  double done[2] = {0, 0}, span[2] = {0, 0};
+  for (int m = nb / 5; m < nb - nb / 5; m++)
+    for (int k = 0; k < 2; k++) {
+      done[k] += b[m].done[k];
+      span[k] += b[m].span[k];
+    }
+  struct server *s[2] = {ours, plain};
   for (int k = 0; k < 2; k++) {
-    if (best[k] > 0)
-      bench_row(scenario, s[k]->impl, best[k], "req/s");
+    if (span[k] > 0 && done[k] > 0)
+      bench_row(scenario, s[k]->impl, done[k] / (span[k] / 1e9), "req/s");
     else
       bench_row_na(scenario, s[k]->impl, "req/s");
   }
