@@ -667,14 +667,24 @@ rd_scenario_fixed_route() {
     "$(rd_short "$line" status cancel_kind after_cancel_ms)"
 }
 
-# 8. /metrics: Prometheus' text format (every line a comment or a sample of
-# its grammar), and counters that match what this reportd went through.
+# 8. /metrics: Prometheus' text format, parsed and linted by Prometheus'
+# own promtool (Debian package prometheus) when it is installed, and every
+# line checked against the format's grammar in any case; counters that
+# match what this reportd went through.
 rd_scenario_metrics() {
-  local body bad gone reports samples
+  local body bad gone reports samples parser="grammar ok" lint
   rd_begin
   rd_curl "s8-metrics" "$RD_URL/metrics"
   body="$RD_TMP/s8-metrics.body"
   rd_expect "answered $RD_CODE, not 200" [ "$RD_CODE" = 200 ]
+  if command -v promtool >/dev/null 2>&1; then
+    if lint=$(promtool check metrics <"$body" 2>&1); then
+      parser="promtool ok"
+    else
+      rd_expect "promtool check metrics: $(echo "$lint" | head -n 3)" false
+      parser="promtool failed"
+    fi
+  fi
   bad=$(grep -Ev '^(# (HELP|TYPE) [a-zA-Z_:][a-zA-Z0-9_:]* .+|[a-zA-Z_:][a-zA-Z0-9_:]*(\{[a-zA-Z_][a-zA-Z0-9_]*="([^"\\]|\\.)*"(,[a-zA-Z_][a-zA-Z0-9_]*="([^"\\]|\\.)*")*\})? [-+]?([0-9.eE+-]+|Inf|NaN))$' "$body" | head -n 3)
   rd_expect "lines outside the text format: $bad" [ -z "$bad" ]
   samples=$(grep -cv '^#' "$body")
@@ -682,7 +692,7 @@ rd_scenario_metrics() {
   reports=$(sed -n 's/^cancel_watchdog_reports_total //p' "$body")
   rd_expect "client gone counted ${gone:-?} times, not 2" [ "${gone:-}" = 2 ]
   rd_expect "watchdog reports ${reports:-?}, not 1" [ "${reports:-}" = 1 ]
-  rd_row "$((RD_DIAG_N + 2)) /metrics after $RD_DIAG_N and $((RD_DIAG_N + 1))" "$RD_CODE, $samples samples, format ok" "-" \
+  rd_row "$((RD_DIAG_N + 2)) /metrics after $RD_DIAG_N and $((RD_DIAG_N + 1))" "$RD_CODE, $samples samples, $parser" "-" \
     "client gone=${gone:-?} watchdog reports=${reports:-?}"
 }
 
