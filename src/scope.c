@@ -18,7 +18,8 @@
  * membarrier() puts a full barrier on every running thread of the
  * process, which is the end's half of the pair (the scheme userspace RCU
  * uses for its readers).  Without membarrier (kernels before 4.14,
- * seccomp) the end takes a real fence.
+ * seccomp) the end's store and load are sequentially consistent (on x86
+ * the store is an xchg: a full barrier).
  */
 #define _GNU_SOURCE
 #include "internal.h"
@@ -180,12 +181,18 @@ int64_t cancel_scope_end(cancel_scope *s) {
                              "began, on the thread that began them");
     return 0;
   }
-  st_release(&t->top, s->up);
-  if (__builtin_expect(ld_relaxed(&asymmetric), 1))
+  uint32_t scan;
+  if (__builtin_expect(ld_relaxed(&asymmetric), 1)) {
+    st_release(&t->top, s->up);
     __atomic_signal_fence(__ATOMIC_SEQ_CST); /* the scan's membarrier */
-  else
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
-  if (__builtin_expect(ld_acquire(&scanning) != 0, 0))
+    scan = ld_acquire(&scanning);
+  } else {
+    /* Store then load, both in the single total order of seq_cst
+     * operations, as the scan's are: the Dekker pair in plain C11. */
+    __atomic_store_n(&t->top, s->up, __ATOMIC_SEQ_CST);
+    scan = __atomic_load_n(&scanning, __ATOMIC_SEQ_CST);
+  }
+  if (__builtin_expect(scan != 0, 0))
     wait_for_scan();
   if (__builtin_expect(!cancel_token_is_cancelled(s->tok), 1))
     return 0;
@@ -218,12 +225,10 @@ void cancel__scopes_scan(cancel__scope_visit *fn, void *ctx) {
   __atomic_store_n(&scanning, 1, __ATOMIC_SEQ_CST);
   if (ld_acquire(&asymmetric))
     (void)syscall(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0);
-  else
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
   for (struct scope_thread *t = threads; t != NULL; t = t->next) {
     cancel_scope *chain[CANCEL__SCAN_DEPTH];
     int n = 0;
-    for (cancel_scope *s = ld_acquire(&t->top);
+    for (cancel_scope *s = __atomic_load_n(&t->top, __ATOMIC_SEQ_CST);
          s != NULL && n < CANCEL__SCAN_DEPTH; s = s->up)
       chain[n++] = s;
     if (n > 0)

@@ -44,8 +44,8 @@
  * scope's end that meets a scan waits for it (microseconds), so a scan
  * never reads a scope whose frame is gone.  The ordering this needs costs
  * the scan one membarrier(2) and the end nothing; where membarrier is
- * refused, the end takes one fence.  The scan looks at the innermost 64
- * scopes of each thread.
+ * refused, the end takes one full barrier.  The scan looks at the
+ * innermost 64 scopes of each thread.
  *
  * The watchdog.  cancel_watchdog_start() starts a thread that looks, every
  * interval, at the open scopes whose token has fired.  One still open
