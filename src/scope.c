@@ -170,30 +170,49 @@ static int64_t __attribute__((noinline)) overran(cancel_scope *s) {
   return over;
 }
 
-int64_t cancel_scope_end(cancel_scope *s) {
-  if (s == NULL)
-    return 0;
-  struct scope_thread *t = &me;
-  /* Scopes end innermost first: a scope ended out of order would leave the
-   * thread's chain pointing at a dead frame. */
-  if (__builtin_expect(t->top != s, 0)) {
-    cancel__misuse(__func__, "scopes must end in the reverse order they "
-                             "began, on the thread that began them");
-    return 0;
-  }
+/* Sets the thread's innermost scope to up, so that no scan reads the
+ * scopes above it from here on (they may be gone once we return). */
+static inline void pop_to(struct scope_thread *t, cancel_scope *up) {
   uint32_t scan;
   if (__builtin_expect(ld_relaxed(&asymmetric), 1)) {
-    st_release(&t->top, s->up);
+    st_release(&t->top, up);
     __atomic_signal_fence(__ATOMIC_SEQ_CST); /* the scan's membarrier */
     scan = ld_acquire(&scanning);
   } else {
     /* Store then load, both in the single total order of seq_cst
      * operations, as the scan's are: the Dekker pair in plain C11. */
-    __atomic_store_n(&t->top, s->up, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&t->top, up, __ATOMIC_SEQ_CST);
     scan = __atomic_load_n(&scanning, __ATOMIC_SEQ_CST);
   }
   if (__builtin_expect(scan != 0, 0))
     wait_for_scan();
+}
+
+/* s is not the innermost scope: a misuse.  The chain must never point at
+ * a scope that ended (its frame may be gone), so when s is in it, s and
+ * every scope opened after it leave the chain (their own ends, later, are
+ * misuses too, and change nothing). */
+static void __attribute__((noinline))
+end_out_of_order(struct scope_thread *t, cancel_scope *s) {
+  cancel__misuse("cancel_scope_end",
+                 "scopes must end in the reverse order they began, on the "
+                 "thread that began them");
+  for (cancel_scope *u = t->top; u != NULL; u = u->up)
+    if (u == s) {
+      pop_to(t, s->up);
+      return;
+    }
+}
+
+int64_t cancel_scope_end(cancel_scope *s) {
+  if (s == NULL)
+    return 0;
+  struct scope_thread *t = &me;
+  if (__builtin_expect(t->top != s, 0)) {
+    end_out_of_order(t, s);
+    return 0;
+  }
+  pop_to(t, s->up);
   if (__builtin_expect(!cancel_token_is_cancelled(s->tok), 1))
     return 0;
   return overran(s);

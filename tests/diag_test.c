@@ -86,6 +86,28 @@ static void test_scope_overrun(void **state) {
   cancel_source_unref(s);
 }
 
+/* Misuse: ended out of order, or twice.  Reported (stderr), and the
+ * thread's chain never keeps a scope that ended: the caller may free it. */
+static void test_scope_end_out_of_order(void **state) {
+  (void)state;
+  cancel_source *s = new_src("req");
+  cancel_scope *a = malloc(sizeof *a), *b = malloc(sizeof *b);
+  cancel_scope_begin(a, TOK(s), "outer");
+  cancel_scope_begin(b, TOK(s), "inner");
+  assert_i64_eq(cancel_scope_end(a), 0); /* inner still open: misuse */
+  assert_null(cancel_scope_current());   /* a and b left the chain */
+  free(a);
+  cancel_source_cancel(s);
+  cancel_metrics m;
+  cancel_metrics_get(&m); /* a scan: must not read the freed scope */
+  assert_int_equal(m.scopes_overdue, 0);
+  assert_i64_eq(cancel_scope_end(b), 0); /* not in the chain: nothing */
+  assert_i64_eq(cancel_scope_end(b), 0); /* twice */
+  assert_null(cancel_scope_current());
+  free(b);
+  cancel_source_unref(s);
+}
+
 static int64_t scoped_block(cancel_source *s) {
   CANCEL_SCOPE(TOK(s), "block");
   assert_string_equal(cancel_scope_current()->name, "block");
@@ -563,6 +585,8 @@ int main(void) {
                                       teardown),
       cmocka_unit_test_setup_teardown(test_scope_overrun, setup, teardown),
       cmocka_unit_test_setup_teardown(test_scope_macro, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_scope_end_out_of_order, setup,
+                                      teardown),
       cmocka_unit_test_setup_teardown(test_watchdog_reports_sleeper, setup,
                                       teardown),
       cmocka_unit_test_setup_teardown(test_watchdog_reports_spinner_once, setup,

@@ -126,10 +126,12 @@ typedef struct cancel_scope {
 CANCEL_API void cancel_scope_begin(cancel_scope *s, const cancel_token *tok,
                                    const char *name);
 
-/* Closes s (the innermost open scope of the calling thread; anything else
- * is a misuse, reported on stderr, and s stays open).  Returns its overrun
- * in nanoseconds: the time from tok's cancel to now when tok has fired,
- * else 0.  The overrun is recorded in the histogram and,
+/* Closes s, the innermost open scope of the calling thread.  Anything
+ * else is a misuse, reported on stderr: s and the scopes opened after it
+ * are then dropped from the thread's chain, unmeasured (the watchdog never
+ * reads a scope that ended), and their own ends change nothing.  Returns
+ * the overrun in nanoseconds: the time from tok's cancel to now when tok
+ * has fired, else 0.  The overrun is recorded in the histogram and,
  * when the watchdog reported s, logged. */
 CANCEL_API int64_t cancel_scope_end(cancel_scope *s);
 
