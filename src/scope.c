@@ -83,6 +83,11 @@ static void atfork_parent(void) {
 }
 
 static void atfork_child(void) {
+  /* The child is one thread: the mode may change.  Register anew (a new
+   * address space), and fall back to barriers in the end if refused. */
+  can_asym = syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED,
+                     0, 0) == 0;
+  st_release(&asymmetric, can_asym);
   threads = NULL;
   if (me.listed) {
     me.next = me.prev = NULL;

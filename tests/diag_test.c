@@ -12,6 +12,7 @@
 #include "cancel/log.h"
 
 #include <regex.h>
+#include <sys/wait.h>
 
 /* log_wait(a, b, out, len, timeout): a line holding a and b (b may be
  * NULL), through test_util.h's capture. */
@@ -388,6 +389,55 @@ static void test_wait_scope_is_not_an_overrun(void **state) {
   cancel_source_unref(s);
 }
 
+/* fork(): the child is one thread, and its scans see only its own scopes
+ * (the parent's other threads' chains are copied memory, not threads). */
+struct parked {
+  const cancel_token *tok;
+  cancel_sem in, out;
+};
+
+static void *parked_main(void *p) {
+  struct parked *k = p;
+  CANCEL_SCOPE(k->tok, "parent worker");
+  cancel_sem_post(&k->in);
+  (void)cancel_sem_wait(NULL, &k->out, CANCEL_NEVER);
+  return NULL;
+}
+
+static void test_fork_child_scans_itself(void **state) {
+  (void)state;
+  cancel_source *s = new_src("req");
+  cancel_source_cancel(s);
+  struct parked k = {.tok = TOK(s)};
+  assert_int_equal(cancel_sem_init(&k.in, 0), 0);
+  assert_int_equal(cancel_sem_init(&k.out, 0), 0);
+  pthread_t t = test_thread_start(parked_main, &k);
+  assert_int_equal(cancel_sem_wait(NULL, &k.in, CANCEL_NEVER), 0);
+  cancel_metrics m;
+  cancel_metrics_get(&m);
+  assert_int_equal(m.scopes_overdue, 1); /* the worker's, not its wait's */
+  pid_t pid = fork();
+  assert_true(pid >= 0);
+  if (pid == 0) {
+    int bad = 0;
+    cancel_metrics_get(&m);
+    bad |= m.scopes_overdue != 0;
+    cancel_scope mine;
+    cancel_scope_begin(&mine, TOK(s), "child work");
+    cancel_metrics_get(&m);
+    bad |= (m.scopes_overdue != 1) << 1;
+    bad |= (cancel_scope_end(&mine) <= 0) << 2;
+    _exit(bad);
+  }
+  int st = 0;
+  assert_int_equal(waitpid(pid, &st, 0), pid);
+  assert_true(WIFEXITED(st));
+  assert_int_equal(WEXITSTATUS(st), 0);
+  assert_int_equal(cancel_sem_post(&k.out), 0);
+  test_thread_join(t);
+  cancel_source_unref(s);
+}
+
 /* ---- The scan against scopes ending: the racy path --------------------- */
 
 void cancel__scopes_force_fence(int on); /* internal: the fallback path */
@@ -598,6 +648,8 @@ int main(void) {
       cmocka_unit_test_setup_teardown(test_watchdog_names_no_token, setup,
                                       teardown),
       cmocka_unit_test_setup_teardown(test_wait_scope_is_not_an_overrun, setup,
+                                      teardown),
+      cmocka_unit_test_setup_teardown(test_fork_child_scans_itself, setup,
                                       teardown),
       cmocka_unit_test_setup_teardown(test_scan_races_scope_end, setup,
                                       teardown),
