@@ -945,6 +945,12 @@ int main(int argc, char **argv) {
     wasted_cpu(&servers[1], rows);
     server_stop(&servers[1], false);
   }
+  if ((tput || tput_wd) && (latency || wasted)) {
+    /* The throughput rows compare two servers with the same history: a
+     * fresh one, not the one that ran the scans above. */
+    server_stop(ours, false);
+    server_start(ours, "libcancel", none);
+  }
   if (tput) {
     server_start(&servers[2], "plain", plain);
     throughput("throughput_cheap_route", ours, &servers[2]);

@@ -47,6 +47,7 @@ static __thread struct scope_thread me
 static pthread_mutex_t threads_mu = PTHREAD_MUTEX_INITIALIZER;
 static struct scope_thread *threads; /* threads_mu */
 static pthread_key_t exit_key;
+static bool have_key; /* exit_key was created (setup) */
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 
 static int scopes_on = 1; /* atomic */
@@ -98,7 +99,7 @@ static void atfork_child(void) {
 }
 
 static void setup(void) {
-  pthread_key_create(&exit_key, thread_exit);
+  have_key = pthread_key_create(&exit_key, thread_exit) == 0;
   pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
   if (syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0,
               0) == 0)
@@ -110,7 +111,11 @@ static void setup(void) {
 static void __attribute__((noinline)) enlist(struct scope_thread *t) {
   pthread_once(&once, setup);
   t->tid = (int)syscall(SYS_gettid);
-  pthread_setspecific(exit_key, t);
+  /* Without the exit hook the list would keep the thread's storage after
+   * it ends: then the thread's scopes go unwatched (and this is tried
+   * again at its next scope). */
+  if (!have_key || pthread_setspecific(exit_key, t) != 0)
+    return;
   pthread_mutex_lock(&threads_mu);
   t->prev = NULL;
   t->next = threads;

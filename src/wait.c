@@ -24,6 +24,7 @@
 
 static __thread struct cancel__waiter self = {.efd = -1};
 static pthread_key_t exit_key;
+static bool have_key; /* exit_key was created (exit_setup) */
 static pthread_once_t exit_once = PTHREAD_ONCE_INIT;
 
 struct cancel__waiter *cancel__waiter_self(void) {
@@ -66,7 +67,7 @@ static void waiter_atfork_child(void) {
 }
 
 static void exit_setup(void) {
-  pthread_key_create(&exit_key, waiter_exit);
+  have_key = pthread_key_create(&exit_key, waiter_exit) == 0;
   pthread_atfork(NULL, NULL, waiter_atfork_child);
 }
 
@@ -84,7 +85,9 @@ int cancel__wait_begin(struct cancel__waiter *w, const cancel_token *tok,
                        cancel_fn *fn, const char *name) {
   if (!w->keyed) {
     pthread_once(&exit_once, exit_setup);
-    pthread_setspecific(exit_key, w);
+    /* Without a key (none left) the thread's eventfd outlives it. */
+    if (have_key)
+      pthread_setspecific(exit_key, w);
     w->keyed = true;
   }
   settle(w);
