@@ -15,7 +15,8 @@
 # better, except for the units in HIGHER_IS_BETTER (throughputs).
 #
 # Environment: BENCH_QUICK=1 (batches ~10x smaller: a smoke test),
-# BENCH_ROUNDS=3 (interleaved runs of the whole list; best round kept),
+# BENCH_ROUNDS=3 (interleaved runs of the whole list; best round kept, or
+# for a throughput against its baseline the round of the median ratio),
 # BENCH_ONLY=check,chain_100 (run only those scenarios), BENCH_TIMEOUT
 # (seconds allowed per program, default 300), CXX (for the C++ fallback),
 # BENCH_RESULTS_COPY (where the copy goes instead of build/bench/results.tsv).
@@ -172,8 +173,8 @@ for ((round = 1; round <= ROUNDS; round++)); do
     run_limited "${argv[@]}" </dev/null >"$out"
     rc=$?
     # Keep the well-formed rows even from a program that failed half-way.
-    awk -F'\t' -v prog="$name" '
-      NF == 4 && $1 != "" && $2 != "" && $3 != "" { print; next }
+    awk -F'\t' -v OFS='\t' -v prog="$name" -v round="$round" '
+      NF == 4 && $1 != "" && $2 != "" && $3 != "" { print $0, round; next }
       {
         printf "bench: warning: %s: ignored line: %s\n", prog, $0 > "/dev/stderr"
       }
@@ -185,17 +186,51 @@ for ((round = 1; round <= ROUNDS; round++)); do
 done
 
 # One row per (scenario, impl): the best round, in order of first appearance.
-awk -F'\t' -v OFS='\t' -v higher="$HIGHER_IS_BETTER" '
+# Except for a throughput (a unit in HIGHER_IS_BETTER) measured against a
+# baseline in the same process: those rows are a pair, and the best of each
+# taken from different rounds would compare two moments of this machine.
+# There the table keeps one round for the whole scenario: the round whose
+# ratio (REF_IMPL over the baseline) is the median of the rounds.
+awk -F'\t' -v OFS='\t' -v higher="$HIGHER_IS_BETTER" -v ref="$REF_IMPL" \
+  -v bases="$BASELINE_IMPLS" '
   function numeric(v) { return v ~ /^[0-9]+(\.[0-9]*)?([eE][-+]?[0-9]+)?$/ }
-  BEGIN { nh = split(higher, h, " "); for (k = 1; k <= nh; k++) up[h[k]] = 1 }
+  BEGIN {
+    nh = split(higher, h, " "); for (k = 1; k <= nh; k++) up[h[k]] = 1
+    nb = split(bases, b, " "); for (k = 1; k <= nb; k++) isbase[b[k]] = 1
+  }
   {
     k = $1 SUBSEP $2
+    if (numeric($3)) { rv[k, $5] = $3; rounds[$5] = 1 }
     if (!(k in val)) { order[++n] = k; val[k] = $3; unit[k] = $4; s[k] = $1; i[k] = $2; next }
     if (!numeric($3)) next
     if (!numeric(val[k]) || ($4 in up ? $3 + 0 > val[k] + 0 : $3 + 0 < val[k] + 0))
       val[k] = $3
   }
-  END { for (r = 1; r <= n; r++) print s[order[r]], i[order[r]], val[order[r]], unit[order[r]] }
+  END {
+    # Paired throughputs: the median round of ref / baseline.
+    for (r = 1; r <= n; r++) {
+      k = order[r]
+      if (i[k] != ref || !(unit[k] in up)) continue
+      for (q = 1; q <= n; q++) {
+        o = order[q]
+        if (s[o] != s[k] || !(i[o] in isbase)) continue
+        m = 0
+        for (rd in rounds)
+          if (((k, rd) in rv) && ((o, rd) in rv) && rv[o, rd] + 0 > 0) {
+            m++; ratio[m] = rv[k, rd] / rv[o, rd]; rr[m] = rd
+          }
+        if (m == 0) continue
+        for (x = 2; x <= m; x++)          # insertion sort, m is small
+          for (y = x; y > 1 && ratio[y] < ratio[y - 1]; y--) {
+            t = ratio[y]; ratio[y] = ratio[y - 1]; ratio[y - 1] = t
+            t = rr[y]; rr[y] = rr[y - 1]; rr[y - 1] = t
+          }
+        pick = rr[int((m + 1) / 2)]
+        val[k] = rv[k, pick]; val[o] = rv[o, pick]
+      }
+    }
+    for (r = 1; r <= n; r++) print s[order[r]], i[order[r]], val[order[r]], unit[order[r]]
+  }
 ' "$ROWS" >"$ROWS.best" && mv "$ROWS.best" "$ROWS"
 
 {
