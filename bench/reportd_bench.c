@@ -39,6 +39,9 @@
  *     reportd as is (a work scope around every handler and every wait,
  *     the watchdog scanning every 25 ms) and on reportd --no-diagnostics
  *     (scopes that watch no token, no watchdog).
+ *   throughput_watchdog_thread_cpu (%, impl libcancel): over those turns,
+ *     the CPU time of reportd's watchdog thread ("cancel-watchdog") as a
+ *     share of the whole process's (task clocks; n/a without them).
  *
  * The abandoned request is GET /scan/{n}, not GET /reports/{id}: /scan
  * is an SQLite query, CPU in reportd's own process, stopped by the SQLite
@@ -829,16 +832,46 @@ static int block_cmp(const void *x, const void *y) {
   return (a > b) - (a < b);
 }
 
+/* The task clock of s's thread named comm, in ns; -1 without one (or
+ * without task-clock events). */
+static int64_t thread_cpu(const struct server *s, const char *comm) {
+  for (size_t i = 0; s->perf && i < s->nev; i++) {
+    char path[96], name[32] = "";
+    snprintf(path, sizeof path, "/proc/%d/task/%d/comm", (int)s->pid,
+             (int)s->tid[i]);
+    FILE *f = fopen(path, "r");
+    if (f == NULL)
+      continue;
+    if (fgets(name, sizeof name, f) != NULL)
+      name[strcspn(name, "\n")] = '\0';
+    fclose(f);
+    uint64_t v;
+    if (strcmp(name, comm) == 0 &&
+        read(s->ev[i], &v, sizeof v) == (ssize_t)sizeof v)
+      return (int64_t)v;
+  }
+  return -1;
+}
+
 /* scenario: req/s on GET /health of ours and of plain (the same reportd
- * with something switched off), in alternating turns. */
+ * with something switched off), in alternating turns.  With watchdog,
+ * also the row <scenario>_thread_cpu: the watchdog thread's share of
+ * ours's CPU time over the measured turns (what the watchdog itself
+ * costs, apart from the scopes, which core_bench measures). */
 static void throughput(const char *scenario, struct server *ours,
-                       struct server *plain) {
+                       struct server *plain, bool watchdog) {
   static struct loader l[LOADERS];
   static struct block b[MAX_TURNS / 4];
   int turns = bench_quick() ? 200 : MAX_TURNS;
   /* A few turns first, unmeasured: the connections' and threads' first
    * use. */
+  int64_t wd0 = -1, cpu0 = 0;
   for (int pass = 0; pass < 2; pass++) {
+    if (pass == 1 && watchdog) {
+      server_cpu_sync(ours);
+      wd0 = thread_cpu(ours, "cancel-watchdog");
+      cpu0 = server_cpu(ours);
+    }
     for (int t = 0; t < LOADERS; t++) {
       l[t].s[0] = ours;
       l[t].s[1] = plain;
@@ -848,6 +881,17 @@ static void throughput(const char *scenario, struct server *ours,
     }
     for (int t = 0; t < LOADERS; t++)
       pthread_join(l[t].thread, NULL);
+  }
+  if (watchdog) {
+    char row[96];
+    snprintf(row, sizeof row, "%s_thread_cpu", scenario);
+    int64_t wd1 = thread_cpu(ours, "cancel-watchdog");
+    int64_t cpu = server_cpu(ours) - cpu0;
+    if (wd0 >= 0 && wd1 >= wd0 && cpu > 0)
+      bench_row(row, ours->impl, 100.0 * (double)(wd1 - wd0) / (double)cpu,
+                "%");
+    else
+      bench_row_na(row, ours->impl, "%");
   }
   int nb = turns / 4;
   for (int m = 0; m < nb; m++) {
@@ -953,14 +997,14 @@ int main(int argc, char **argv) {
   }
   if (tput) {
     server_start(&servers[2], "plain", plain);
-    throughput("throughput_cheap_route", ours, &servers[2]);
+    throughput("throughput_cheap_route", ours, &servers[2], false);
     server_stop(&servers[2], false);
   }
   if (tput_wd) {
     /* Scopes (one per handler) and the watchdog on, as reportd runs by
      * default, against both off. */
     server_start(&servers[3], "plain", nodiag);
-    throughput("throughput_watchdog", ours, &servers[3]);
+    throughput("throughput_watchdog", ours, &servers[3], true);
     server_stop(&servers[3], false);
   }
   server_stop(ours, false);
