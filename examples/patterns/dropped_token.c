@@ -57,15 +57,15 @@ static void sink(int level, const char *line, size_t len, void *arg) {
  * a helper that predates cancellation).  Not a tail call, so that this
  * frame is on the stack when the watchdog looks. */
 __attribute__((noinline)) int fetch_page(const cancel_token *tok, int page) {
-  (void)tok;                                     /* dropped */
-  int rc = cancel_sleep(NULL, CANCEL_MSEC(400)); /* the page "arrives" */
+  (void)tok;                                  /* dropped */
+  int rc = cancel_sleep(NULL, CANCEL_SEC(1)); /* the page "arrives" */
   return rc < 0 ? rc : page;
 }
 
 /* The fix: the wait watches the token it was given. */
 __attribute__((noinline)) int fetch_page_fixed(const cancel_token *tok,
                                                int page) {
-  int rc = cancel_sleep(tok, CANCEL_MSEC(400));
+  int rc = cancel_sleep(tok, CANCEL_SEC(1));
   return rc < 0 ? rc : page;
 }
 
