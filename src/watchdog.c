@@ -11,6 +11,7 @@
 
 #include <errno.h>
 #include <execinfo.h>
+#include <linux/futex.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -32,8 +33,8 @@ static int64_t threshold;           /* atomic: read by the metrics */
 
 /* The stack being captured: one at a time, by the watchdog's thread. */
 static struct {
-  int tid;  /* atomic: the thread asked; the handler claims it (-> 0) */
-  int done; /* atomic */
+  int tid;       /* atomic: the thread asked; the handler claims it (-> 0) */
+  uint32_t done; /* atomic; a futex word */
   int n;
   void *frames[MAX_FRAMES];
 } cap;
@@ -51,6 +52,7 @@ static void on_stack_signal(int sig, siginfo_t *si, void *uc) {
     int max = opt.max_frames < MAX_FRAMES ? opt.max_frames : MAX_FRAMES;
     cap.n = backtrace(cap.frames, max);
     __atomic_store_n(&cap.done, 1, __ATOMIC_RELEASE);
+    cancel__futex_wake_all(&cap.done); /* a syscall: safe here */
   }
   errno = saved;
 }
@@ -76,7 +78,10 @@ static int capture(int tid) {
         return -1;             /* withdrawn before the handler took it */
       end += CANCEL_MSEC(100); /* taken: it is writing, wait for it */
     }
-    (void)cancel_sleep(NULL, CANCEL_USEC(200));
+    /* Woken by the handler's store, else at the deadline. */
+    struct timespec ts = cancel__abs_timespec(end);
+    syscall(SYS_futex, &cap.done, FUTEX_WAIT_BITSET | FUTEX_PRIVATE_FLAG, 0,
+            &ts, NULL, FUTEX_BITSET_MATCH_ANY);
   }
 }
 
