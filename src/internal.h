@@ -323,4 +323,12 @@ void cancel__metrics_overrun(int64_t ns);
 void cancel__metrics_wake(int64_t ns);
 void cancel__metrics_reported(void);
 
+/* ---- UTF-8 (utf8.c) ---------------------------------------------------- */
+
+/* The length (1-4) of the well-formed UTF-8 sequence at s, or 0 when the
+ * byte at s does not start one (a stray continuation byte, an overlong
+ * form, a surrogate, a cut sequence).  s is NUL-terminated: a NUL is
+ * ASCII (length 1) and ends any sequence it interrupts. */
+size_t cancel__utf8_seq(const unsigned char *s);
+
 #endif /* CANCEL_INTERNAL_H */

@@ -5,15 +5,17 @@
 #include "cancel/log.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
 
-#define LINE_MAX_BYTES 2048
+#define LINE_MAX_BYTES (CANCEL_LOG_LINE_MAX + 1)
 
 /* The sink and its level.  The mutex also serialises the sink's calls, so
  * a sink needs no lock of its own and lines never interleave. */
@@ -67,126 +69,336 @@ const char *cancel_log_level_name(int level) {
   }
 }
 
-static bool needs_quotes(const char *s) {
+/* ---- Values -------------------------------------------------------------- *
+ * The grammar is go-logfmt's: key=value pairs separated by spaces; a value
+ * is bare (printable ASCII, no '=', '"', '\'' or '\\') or a double-quoted
+ * string that a decoder unquotes like a JSON string.  So a quoted value
+ * uses only the escapes JSON has: \" \\ \n \r \t, \u00XX for the other
+ * control bytes and DEL, and \ufffd for a byte that is not UTF-8 (what
+ * go-logfmt's own encoder writes).  The line stays valid UTF-8, and no
+ * byte a client sent can end a value, a field or the line. */
+
+/* The marker of a value cut short, inside its quotes. */
+#define CUT_MARK "..."
+#define CUT_MARK_LEN 3
+
+/* A value written bare needs no decoding at all; anything else is quoted.
+ * Non-ASCII text is quoted too: it keeps bare values to the bytes every
+ * logfmt reader agrees on. */
+static bool bare_ok(const char *s) {
   if (*s == '\0')
-    return true;
-  for (; *s != '\0'; s++)
-    if (*s == ' ' || *s == '=' || *s == '"' || *s == '\\' ||
-        (unsigned char)*s < 0x20 || *s == 0x7f)
-      return true;
-  return false;
+    return false;
+  for (; *s != '\0'; s++) {
+    unsigned char c = (unsigned char)*s;
+    if (c <= 0x20 || c >= 0x7f || c == '=' || c == '"' || c == '\'' ||
+        c == '\\')
+      return false;
+  }
+  return true;
+}
+
+static const char hexd[] = "0123456789abcdef";
+
+/* The escaped form of the character at *s (1-6 bytes into e) and its
+ * length; *s moves past it.  A character is the unit a cut respects: an
+ * escape or a UTF-8 sequence is written whole or not at all. */
+static size_t next_unit(const unsigned char **s, char e[6]) {
+  unsigned char c = **s;
+  if (c < 0x80) {
+    (*s)++;
+    switch (c) {
+    case '"':
+    case '\\':
+      e[0] = '\\';
+      e[1] = (char)c;
+      return 2;
+    case '\n':
+      memcpy(e, "\\n", 2);
+      return 2;
+    case '\r':
+      memcpy(e, "\\r", 2);
+      return 2;
+    case '\t':
+      memcpy(e, "\\t", 2);
+      return 2;
+    default:
+      break;
+    }
+    if (c < 0x20 || c == 0x7f) {
+      memcpy(e, "\\u00", 4);
+      e[4] = hexd[c >> 4];
+      e[5] = hexd[c & 0xf];
+      return 6;
+    }
+    e[0] = (char)c;
+    return 1;
+  }
+  size_t n = cancel__utf8_seq(*s);
+  if (n == 0) {
+    (*s)++;
+    memcpy(e, "\\ufffd", 6);
+    return 6;
+  }
+  memcpy(e, *s, n);
+  *s += n;
+  return n;
+}
+
+/* Writes v as one logfmt value into out, which has room bytes (the NUL
+ * included); out NULL only measures.  A value that does not fit is cut
+ * inside its quotes on a character boundary and ends with CUT_MARK, so the
+ * closing quote is always there; with room for less than `"..."` it is
+ * written as "" (or as nothing when even that does not fit: `key=` reads
+ * as an empty value).  Returns the bytes written (or that would be);
+ * *need (may be NULL) gets the length of the whole value. */
+static size_t put_value(char *out, size_t room, const char *v,
+                        size_t *need) {
+  if (v == NULL)
+    v = "";
+  bool bare = bare_ok(v);
+  size_t full = 0;
+  char e[6];
+  if (bare) {
+    full = strlen(v);
+  } else {
+    full = 2;
+    for (const unsigned char *s = (const unsigned char *)v; *s != '\0';)
+      full += next_unit(&s, e);
+  }
+  if (need != NULL)
+    *need = full;
+  if (room == 0)
+    return 0;
+  size_t w = 0;
+#define PUT(p, n)                                                              \
+  do {                                                                         \
+    if (out != NULL)                                                           \
+      memcpy(out + w, (p), (n));                                               \
+    w += (n);                                                                  \
+  } while (0)
+  if (full < room && bare) {
+    PUT(v, full);
+  } else if (full < room) {
+    PUT("\"", 1);
+    for (const unsigned char *s = (const unsigned char *)v; *s != '\0';) {
+      size_t n = next_unit(&s, e);
+      PUT(e, n);
+    }
+    PUT("\"", 1);
+  } else if (room >= 2 + CUT_MARK_LEN + 1) {
+    PUT("\"", 1);
+    for (const unsigned char *s = (const unsigned char *)v; *s != '\0';) {
+      size_t n = next_unit(&s, e);
+      if (w + n + CUT_MARK_LEN + 1 + 1 > room)
+        break;
+      PUT(e, n);
+    }
+    PUT(CUT_MARK "\"", CUT_MARK_LEN + 1);
+  } else if (room >= 3) {
+    PUT("\"\"", 2);
+  }
+#undef PUT
+  if (out != NULL)
+    out[w] = '\0';
+  return w;
 }
 
 int cancel_logfmt_quote(char *buf, size_t len, const char *value) {
-  if (value == NULL)
-    value = "";
-  if (!needs_quotes(value))
-    return snprintf(buf, len, "%s", value);
-  /* Count the whole escaped length, write what fits. */
-  size_t need = 0;
-  char esc[8];
-#define PUT(c)                                                                 \
-  do {                                                                         \
-    if (need + 1 < len)                                                        \
-      buf[need] = (c);                                                         \
-    need++;                                                                    \
-  } while (0)
-  PUT('"');
-  for (const char *s = value; *s != '\0'; s++) {
-    unsigned char c = (unsigned char)*s;
-    const char *e = NULL;
-    if (c == '"')
-      e = "\\\"";
-    else if (c == '\\')
-      e = "\\\\";
-    else if (c == '\n')
-      e = "\\n";
-    else if (c == '\t')
-      e = "\\t";
-    else if (c < 0x20 || c == 0x7f) {
-      snprintf(esc, sizeof esc, "\\x%02x", c);
-      e = esc;
-    }
-    if (e != NULL)
-      for (; *e != '\0'; e++)
-        PUT(*e);
-    else
-      PUT((char)c);
-  }
-  PUT('"');
-#undef PUT
-  if (len > 0)
-    buf[need < len ? need : len - 1] = '\0';
-  return (int)need;
+  size_t need;
+  put_value(buf, buf != NULL ? len : 0, value, &need);
+  return need > INT_MAX ? INT_MAX : (int)need;
 }
 
+/* ---- Fields ---------------------------------------------------------------
+ * A writer of whole fields into a caller's buffer, snprintf style: `need`
+ * counts what the unlimited output takes, `used` what was written.  Once a
+ * field does not fit, no later one is written either, so what the buffer
+ * holds always ends at a field boundary. */
+
+struct fields {
+  char *buf;
+  size_t cap; /* bytes for text, the NUL not counted */
+  size_t used;
+  size_t need;
+  bool full;
+};
+
+static void fields_init(struct fields *f, char *buf, size_t len) {
+  f->buf = buf;
+  f->cap = buf != NULL && len > 0 ? len - 1 : 0;
+  f->used = f->need = 0;
+  f->full = buf == NULL || len == 0;
+  if (!f->full)
+    buf[0] = '\0';
+}
+
+/* A key is the caller's identifier; a byte no logfmt key may hold (space,
+ * '=', '"', control, non-ASCII) is written as '_' so a wrong key can
+ * never split the line into other fields. */
+static size_t put_key(char *out, const char *key) {
+  size_t n = 0;
+  if (key == NULL || *key == '\0')
+    key = "_";
+  for (; key[n] != '\0'; n++) {
+    unsigned char c = (unsigned char)key[n];
+    if (out != NULL)
+      out[n] = c <= 0x20 || c >= 0x7f || c == '=' || c == '"' || c == '\''
+                   ? '_'
+                   : (char)c;
+  }
+  return n;
+}
+
+/* Adds " key=value" (no space before the first field), the value quoted
+ * and cut to at most max bytes. */
+static void fields_add(struct fields *f, const char *key, const char *value,
+                       size_t max) {
+  size_t sep = f->need > 0 ? 1 : 0;
+  size_t klen = put_key(NULL, key);
+  size_t vlen = put_value(NULL, max + 1, value, NULL);
+  f->need += sep + klen + 1 + vlen;
+  if (f->full)
+    return;
+  /* The value written is exactly vlen bytes: it is cut only to max,
+   * never to what happens to be left in the buffer. */
+  if (f->used + sep + klen + 1 + vlen > f->cap) {
+    f->full = true;
+    return;
+  }
+  char *p = f->buf + f->used;
+  if (sep)
+    *p++ = ' ';
+  p += put_key(p, key);
+  *p++ = '=';
+  put_value(p, max + 1, value, NULL);
+  f->used += sep + klen + 1 + vlen;
+  f->buf[f->used] = '\0';
+}
+
+/* The longest value of a reason's field: a long origin leaves room for the
+ * via path after it. */
+#define REASON_VALUE_MAX 256
+
 int cancel_logfmt_reason(char *buf, size_t len, const cancel_reason *r) {
-  if (len > 0)
+  if (buf != NULL && len > 0)
     buf[0] = '\0';
   if (r == NULL || r->kind == CANCEL_NONE)
     return 0;
-  char q[256], via[512] = "";
-  size_t vl = 0;
-  for (size_t i = 0; i < r->via_len && vl < sizeof via; i++) {
-    int n = snprintf(via + vl, sizeof via - vl, "%s%s", i > 0 ? ">" : "",
-                     r->via[i].name);
-    if (n < 0)
-      break;
-    vl += (size_t)n;
+  struct fields f;
+  fields_init(&f, buf, len);
+  fields_add(&f, "cancel_kind", cancel_kind_name(r->kind), REASON_VALUE_MAX);
+  fields_add(&f, "cancel_origin", r->origin != NULL ? r->origin : "",
+             REASON_VALUE_MAX);
+  if (r->detail != NULL && r->detail[0] != '\0')
+    fields_add(&f, "cancel_detail", r->detail, REASON_VALUE_MAX);
+  if (r->via_len > 0) {
+    /* The hops' names joined by '>', each name's own bytes as they are:
+     * the quoting below escapes them once, for the whole path. */
+    size_t vl = 0;
+    for (size_t i = 0; i < r->via_len && i < CANCEL_VIA_MAX; i++)
+      vl += (i > 0) + strlen(r->via[i].name != NULL ? r->via[i].name : "");
+    char stack[512];
+    char *via = vl < sizeof stack ? stack : malloc(vl + 1);
+    if (via != NULL) {
+      size_t o = 0;
+      for (size_t i = 0; i < r->via_len && i < CANCEL_VIA_MAX; i++) {
+        const char *nm = r->via[i].name != NULL ? r->via[i].name : "";
+        if (i > 0)
+          via[o++] = '>';
+        size_t n = strlen(nm);
+        memcpy(via + o, nm, n);
+        o += n;
+      }
+      via[o] = '\0';
+      fields_add(&f, "cancel_via", via, 2 * REASON_VALUE_MAX);
+      if (via != stack)
+        free(via);
+    }
   }
-  cancel_logfmt_quote(q, sizeof q, r->origin);
-  char kind[64];
-  cancel_logfmt_quote(kind, sizeof kind, cancel_kind_name(r->kind));
-  int n = snprintf(buf, len, "cancel_kind=%s cancel_origin=%s", kind, q);
-  size_t used = n > 0 ? (size_t)n : 0;
-  if (r->detail != NULL && r->detail[0] != '\0') {
-    cancel_logfmt_quote(q, sizeof q, r->detail);
-    n = snprintf(used < len ? buf + used : NULL, used < len ? len - used : 0,
-                 " cancel_detail=%s", q);
-    used += n > 0 ? (size_t)n : 0;
-  }
-  if (via[0] != '\0') {
-    char vq[600];
-    cancel_logfmt_quote(vq, sizeof vq, via);
-    n = snprintf(used < len ? buf + used : NULL, used < len ? len - used : 0,
-                 " cancel_via=%s", vq);
-    used += n > 0 ? (size_t)n : 0;
-  }
-  return (int)used;
+  return f.need > INT_MAX ? INT_MAX : (int)f.need;
 }
 
-void cancel_log(int level, const char *component, const char *msg,
-                const char *fields_fmt, ...) {
-  if (!cancel_log_enabled(level))
-    return;
-  char line[LINE_MAX_BYTES + 1]; /* +1: room for the sink's newline */
+/* ---- Lines ---------------------------------------------------------------- */
+
+/* The field a line cut short ends with. */
+#define TRUNC_FIELD " truncated=true"
+#define TRUNC_LEN (sizeof TRUNC_FIELD - 1)
+
+/* The caller's fields are text it formatted, with values it quoted: make
+ * sure no byte of theirs breaks the line.  A control byte or a byte that is
+ * not UTF-8 (both impossible in a value cancel_logfmt_quote wrote) becomes
+ * '?', in place: the line is one line of valid UTF-8 whatever was passed. */
+static void scrub(char *s, size_t n) {
+  size_t i = 0;
+  while (i < n) {
+    unsigned char c = (unsigned char)s[i];
+    if (c < 0x80) {
+      if (c < 0x20 || c == 0x7f)
+        s[i] = '?';
+      i++;
+      continue;
+    }
+    size_t k = cancel__utf8_seq((const unsigned char *)s + i);
+    if (k == 0 || i + k > n) {
+      s[i++] = '?';
+      continue;
+    }
+    i += k;
+  }
+}
+
+/* The end of the last field of s[0..n) that is whole: followed by a space
+ * inside s (the text went on after n, so a field that reaches n may be cut).
+ * Fields are read as a decoder reads them: a quoted value runs to its
+ * closing unescaped quote, whatever spaces it holds. */
+static size_t last_whole_field(const char *s, size_t n) {
+  size_t i = 0, end = 0;
+  while (i < n) {
+    while (i < n && s[i] == ' ')
+      i++;
+    while (i < n && s[i] != ' ' && s[i] != '=')
+      i++;
+    if (i < n && s[i] == '=') {
+      i++;
+      if (i < n && s[i] == '"') {
+        i++;
+        while (i < n && s[i] != '"')
+          i += s[i] == '\\' ? 2 : 1;
+        if (i >= n)
+          break;
+        i++;
+      }
+      while (i < n && s[i] != ' ')
+        i++;
+    }
+    if (i >= n)
+      break;
+    end = i; /* s[i] == ' ': the field before it is whole */
+  }
+  return end;
+}
+
+/* The line's head: ts, level, component and msg.  Returns its length. */
+static size_t line_head(char *line, size_t cap, int level,
+                        const char *component, const char *msg) {
   struct timespec ts;
   clock_gettime(CLOCK_REALTIME, &ts);
   struct tm tm;
   gmtime_r(&ts.tv_sec, &tm);
-  char m[512], c[128];
-  cancel_logfmt_quote(m, sizeof m, msg);
-  cancel_logfmt_quote(c, sizeof c, component);
-  int n = snprintf(line, LINE_MAX_BYTES,
-                   "ts=%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ level=%s "
-                   "component=%s msg=%s",
+  int n = snprintf(line, cap + 1,
+                   "ts=%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ level=%s",
                    tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour,
                    tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000,
-                   cancel_log_level_name(level), c, m);
-  size_t used = n < 0                        ? 0
-                : (size_t)n < LINE_MAX_BYTES ? (size_t)n
-                                             : LINE_MAX_BYTES - 1;
-  if (fields_fmt != NULL && fields_fmt[0] != '\0' &&
-      used + 1 < LINE_MAX_BYTES) {
-    line[used++] = ' ';
-    va_list ap;
-    va_start(ap, fields_fmt);
-    n = vsnprintf(line + used, LINE_MAX_BYTES - used, fields_fmt, ap);
-    va_end(ap);
-    if (n > 0)
-      used += (size_t)n < LINE_MAX_BYTES - used ? (size_t)n
-                                                : LINE_MAX_BYTES - used - 1;
-  }
+                   cancel_log_level_name(level));
+  struct fields f;
+  fields_init(&f, line + n, cap + 1 - (size_t)n);
+  f.need = 1; /* a space before the first field too */
+  fields_add(&f, "component", component, 128);
+  fields_add(&f, "msg", msg, 512);
+  return (size_t)n + f.used;
+}
+
+static void line_emit(int level, char *line, size_t used) {
   line[used] = '\0';
   pthread_mutex_lock(&sink_mu);
   if (sink_fn != NULL)
@@ -194,4 +406,59 @@ void cancel_log(int level, const char *component, const char *msg,
   else
     stderr_sink(level, line, used, NULL);
   pthread_mutex_unlock(&sink_mu);
+}
+
+void cancel_log(int level, const char *component, const char *msg,
+                const char *fields_fmt, ...) {
+  if (!cancel_log_enabled(level))
+    return;
+  char line[LINE_MAX_BYTES + 1]; /* +1: room for the sink's newline */
+  const size_t cap = LINE_MAX_BYTES - 1;
+  size_t used = line_head(line, cap, level, component, msg);
+  if (fields_fmt != NULL && fields_fmt[0] != '\0' && used + 1 < cap) {
+    line[used++] = ' ';
+    va_list ap;
+    va_start(ap, fields_fmt);
+    int n = vsnprintf(line + used, cap + 1 - used, fields_fmt, ap);
+    va_end(ap);
+    size_t got = n < 0 ? 0 : (size_t)n;
+    if (used + got <= cap) {
+      scrub(line + used, got);
+      used += got;
+    } else {
+      /* Too long: keep the whole fields that leave room for the marker
+       * (a field boundary, never inside a value or an escape). */
+      size_t room = cap - used;
+      size_t keep = room > TRUNC_LEN
+                        ? last_whole_field(line + used, room - TRUNC_LEN)
+                        : 0;
+      scrub(line + used, keep);
+      used += keep;
+      if (keep == 0)
+        used--; /* no field of the caller's: drop the space too */
+      memcpy(line + used, TRUNC_FIELD, TRUNC_LEN);
+      used += TRUNC_LEN;
+    }
+  }
+  line_emit(level, line, used);
+}
+
+void cancel_log_fields(int level, const char *component, const char *msg,
+                       const cancel_log_field *fields, size_t nfields) {
+  if (!cancel_log_enabled(level))
+    return;
+  char line[LINE_MAX_BYTES + 1];
+  const size_t cap = LINE_MAX_BYTES - 1;
+  size_t used = line_head(line, cap, level, component, msg);
+  struct fields f;
+  fields_init(&f, line + used, cap - TRUNC_LEN - used + 1);
+  f.need = 1;
+  for (size_t i = 0; i < nfields && fields != NULL; i++)
+    fields_add(&f, fields[i].key, fields[i].value, CANCEL_LOG_VALUE_MAX);
+  used += f.used;
+  if (f.full) {
+    memcpy(line + used, TRUNC_FIELD, TRUNC_LEN);
+    used += TRUNC_LEN;
+  }
+  line_emit(level, line, used);
 }
