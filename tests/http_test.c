@@ -8,6 +8,7 @@
 #include "cancel/diag.h"
 #include "cancel/http.h"
 #include "cancel/log.h"
+#include "logfmt.h"
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -626,6 +627,69 @@ static void test_bad_arguments(void **state) {
   stop(a);
 }
 
+/* The access line of a hostile request, read back by a logfmt decoder
+ * (tests/logfmt.h): a method with TABs that spell fields of their own, a
+ * path of 300 quotes, a deadline header holding a quote and '=': each
+ * line has exactly the fields the server wrote, the client's bytes only
+ * inside values (whole, or cut inside the quotes with "..."). */
+static void test_access_line_hostile(void **state) {
+  (void)state;
+  cancel_http_server *s = start(NULL, NULL);
+  uint16_t port = cancel_http_server_port(s);
+  static const char *const access_keys[] = {
+      "ts",     "level", "component", "msg",    "server", "id",
+      "method", "path",  "route",     "status", "dur_ms", NULL};
+  char resp[4096], line[4096];
+  struct lf_record r;
+
+  const char *method = "GET\tlevel=error\tstatus=200";
+  char req[1024];
+  snprintf(req, sizeof req,
+           "%s /hello/1 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+           method);
+  (void)request(port, req, resp, sizeof resp);
+  assert_true(log_find(line, sizeof line, "msg=request", "/hello/1", NULL));
+  const char *text = strchr(line, ' ') + 1; /* after the captured level */
+  if (lf_decode(text, &r) != 0)
+    fail_msg("not logfmt (%s): %s", r.error, text);
+  if (!lf_keys_are(&r, access_keys))
+    fail_msg("fields added or lost: %s", text);
+  assert_string_equal(lf_get(&r, "method"), method);
+  assert_string_equal(lf_get(&r, "path"), "/hello/1");
+  lf_free(&r);
+
+  char path[302];
+  path[0] = '/';
+  memset(path + 1, '"', 300);
+  path[301] = '\0';
+  assert_int_equal(get(port, path, NULL, resp, sizeof resp), 404);
+  assert_true(log_find(line, sizeof line, "msg=request", "path=\"/\\\"", NULL));
+  text = strchr(line, ' ') + 1;
+  if (lf_decode(text, &r) != 0)
+    fail_msg("not logfmt (%s): %s", r.error, text);
+  if (!lf_keys_are(&r, access_keys))
+    fail_msg("fields added or lost: %s", text);
+  /* 602 bytes quoted: cut inside the quotes, the fields after it kept. */
+  assert_true(lf_value_cut(lf_get(&r, "path"), path));
+  assert_string_equal(lf_get(&r, "status"), "404");
+  lf_free(&r);
+
+  const char *hv = "\"5\" level=error x=\\";
+  char hdr[128];
+  snprintf(hdr, sizeof hdr, "X-Request-Timeout-Ms: %s\r\n", hv);
+  assert_int_equal(get(port, "/hello/2", hdr, resp, sizeof resp), 200);
+  assert_true(log_find(line, sizeof line, "malformed deadline header", NULL));
+  text = strchr(line, ' ') + 1;
+  if (lf_decode(text, &r) != 0)
+    fail_msg("not logfmt (%s): %s", r.error, text);
+  assert_true(lf_keys_are(&r, (const char *const[]){"ts", "level",
+                                                    "component", "msg", "id",
+                                                    "header", "value", NULL}));
+  assert_string_equal(lf_get(&r, "value"), hv);
+  lf_free(&r);
+  stop(s);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test_setup_teardown(test_request_completes, setup, teardown),
@@ -645,6 +709,8 @@ int main(void) {
                                       teardown),
       cmocka_unit_test_setup_teardown(test_no_cancellation, setup, teardown),
       cmocka_unit_test_setup_teardown(test_bad_arguments, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_access_line_hostile, setup,
+                                      teardown),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -722,8 +722,16 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
       r->state == REQ_DONE)
     r->log_status = 499; /* the answer could not be delivered */
   if (cancel_log_enabled(r->level)) {
-    char path[256], err[160] = "", after[96] = "";
+    /* Method and path are the client's bytes: quoted (a TAB or a quote in
+     * them cannot make fields of its own), and cut inside their quotes so
+     * the line keeps room for the reason after them. */
+    char srv[64], method[64], path[512], route[128], err[160] = "",
+        after[96] = "";
+    cancel_logfmt_quote(srv, sizeof srv, s->o.name);
+    cancel_logfmt_quote(method, sizeof method, r->method);
     cancel_logfmt_quote(path, sizeof path, r->url);
+    cancel_logfmt_quote(route, sizeof route,
+                        r->route != NULL ? r->route->pattern : "-");
     if (r->error[0] != '\0') {
       char q[140];
       cancel_logfmt_quote(q, sizeof q, r->error);
@@ -736,8 +744,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     cancel_log(r->level, "http", "request",
                "server=%s id=%" PRIu64
                " method=%s path=%s route=%s status=%u dur_ms=%.3f%s%s%s%s",
-               s->o.name, r->id, r->method, path,
-               r->route != NULL ? r->route->pattern : "-", r->log_status,
+               srv, r->id, method, path, route, r->log_status,
                (double)(cancel_now() - r->t0) / 1e6,
                r->cancel_fields[0] ? " " : "", r->cancel_fields, after, err);
   }
@@ -946,9 +953,12 @@ int cancel_http_server_start(cancel_http_server *s,
       MHD_get_daemon_info(s->d, MHD_DAEMON_INFO_BIND_PORT);
   s->port = di != NULL ? di->port : s->o.port;
   s->state = SRV_RUNNING;
+  char srv[64], addr[64];
+  cancel_logfmt_quote(srv, sizeof srv, s->o.name);
+  cancel_logfmt_quote(addr, sizeof addr, s->o.bind_address);
   cancel_log(CANCEL_LOG_INFO, "http", "listening",
-             "server=%s address=%s port=%u threads=%u", s->o.name,
-             s->o.bind_address, (unsigned)s->port, s->nthreads);
+             "server=%s address=%s port=%u threads=%u", srv, addr,
+             (unsigned)s->port, s->nthreads);
   return 0;
 }
 
@@ -993,8 +1003,10 @@ int cancel_http_server_stop(cancel_http_server *s, int64_t deadline) {
   size_t at_stop = cancel_http_server_in_flight(s);
   if (!cancel_token_is_cancelled(s->stopping))
     cancel_source_cancel_with(s->drain, CANCEL_SHUTDOWN, "server stop");
+  char srv[64];
+  cancel_logfmt_quote(srv, sizeof srv, s->o.name);
   cancel_log(CANCEL_LOG_INFO, "http", "stopping",
-             "server=%s in_flight=%zu drain_ms=%.0f", s->o.name, at_stop,
+             "server=%s in_flight=%zu drain_ms=%.0f", srv, at_stop,
              cancel_token_is_cancelled(cancel_source_token(s->drain))
                  ? 0.0
                  : (double)s->o.drain_timeout_ns / 1e6);
@@ -1025,7 +1037,7 @@ int cancel_http_server_stop(cancel_http_server *s, int64_t deadline) {
     s->state = SRV_STUCK;
     cancel_log(CANCEL_LOG_ERROR, "http", "stop timed out",
                "server=%s handlers_running=%zu in_flight=%zu waited_ms=%.0f",
-               s->o.name, running, left, (double)(cancel_now() - t0) / 1e6);
+               srv, running, left, (double)(cancel_now() - t0) / 1e6);
     return -ETIMEDOUT;
   }
   pool_stop(s);
@@ -1037,7 +1049,7 @@ int cancel_http_server_stop(cancel_http_server *s, int64_t deadline) {
   release_start(s);
   s->state = SRV_STOPPED;
   cancel_log(CANCEL_LOG_INFO, "http", "stopped", "server=%s waited_ms=%.1f",
-             s->o.name, (double)(cancel_now() - t0) / 1e6);
+             srv, (double)(cancel_now() - t0) / 1e6);
   return 0;
 }
 
