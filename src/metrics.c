@@ -31,15 +31,27 @@ static uint64_t origin_other;
 static pthread_mutex_t origin_mu = PTHREAD_MUTEX_INITIALIZER;
 
 /* The origin's name up to its first digit, trailing spaces and ':' cut:
- * "client 10.0.0.7:5123" -> "client", "request 17" -> "request". */
+ * "client 10.0.0.7:5123" -> "client", "request 17" -> "request".  Names
+ * may come from clients, so the label is made valid UTF-8 here, once, for
+ * the page: a byte that is not part of a well-formed sequence becomes
+ * U+FFFD, and the cut at ORIGIN_LEN - 1 bytes falls between characters.
+ * Names that differ only in such bytes share a label (and a series). */
 static size_t label_of(const char *name, char *out) {
+  static const char repl[] = "\xef\xbf\xbd"; /* U+FFFD */
+  const unsigned char *s = (const unsigned char *)name;
   size_t n = 0;
-  for (; name[n] != '\0' && n < ORIGIN_LEN - 1; n++)
-    if (name[n] >= '0' && name[n] <= '9')
+  while (*s != '\0' && !(*s >= '0' && *s <= '9')) {
+    size_t k = cancel__utf8_seq(s);
+    const char *from = k > 0 ? (const char *)s : repl;
+    size_t w = k > 0 ? k : 3;
+    if (n + w > ORIGIN_LEN - 1)
       break;
-  while (n > 0 && (name[n - 1] == ' ' || name[n - 1] == ':'))
+    memcpy(out + n, from, w);
+    n += w;
+    s += k > 0 ? k : 1;
+  }
+  while (n > 0 && (out[n - 1] == ' ' || out[n - 1] == ':'))
     n--;
-  memcpy(out, name, n);
   out[n] = '\0';
   return n;
 }
@@ -148,7 +160,8 @@ void cancel_metrics_get(cancel_metrics *m) {
 
 /* ---- The text format ---------------------------------------------------- */
 
-/* A label value: backslash, double quote and newline escaped. */
+/* A label value: backslash, double quote and newline escaped, the escapes
+ * of the exposition format.  The value is valid UTF-8 already (label_of). */
 static void put_label(FILE *f, const char *s) {
   for (; *s != '\0'; s++) {
     if (*s == '\\' || *s == '"')
@@ -196,8 +209,13 @@ int cancel_metrics_write_prometheus(FILE *f) {
     put_label(f, origins[i].name);
     fprintf(f, "\"} %llu\n", (unsigned long long)get(&origins[i].count));
   }
+  /* Origins beyond the table: a label set no origin's series has (those
+   * never carry `overflow`), so it cannot collide with a source named
+   * "other" or "" (diag.h). */
   if (get(&origin_other) > 0)
-    fprintf(f, "cancel_cancellations_by_origin_total{origin=\"other\"} %llu\n",
+    fprintf(f,
+            "cancel_cancellations_by_origin_total{origin=\"\","
+            "overflow=\"true\"} %llu\n",
             (unsigned long long)get(&origin_other));
   put_histogram(f, "cancel_scope_overrun_seconds",
                 "Time from a token's cancel to the end of a scope open on "

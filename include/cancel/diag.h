@@ -84,9 +84,21 @@
  *                                            cut at its first digit so that
  *                                            per-request names ("client
  *                                            10.0.0.7:5123") do not make a
- *                                            series each (at most 128
- *                                            names; later ones count as
- *                                            "other")
+ *                                            series each; at most 47
+ *                                            bytes, cut between UTF-8
+ *                                            characters, each byte that is
+ *                                            not well-formed UTF-8 written
+ *                                            as U+FFFD, so a label is valid
+ *                                            UTF-8 whatever the name holds
+ *                                            (names that differ only there
+ *                                            share a series).  At most 128
+ *                                            labels; cancellations of later
+ *                                            ones count in the series
+ *                                            {origin="",overflow="true"}:
+ *                                            no origin's series carries an
+ *                                            `overflow` label, so it cannot
+ *                                            collide with a source named
+ *                                            "other" (or "")
  *   cancel_scope_overrun_seconds             histogram: cancel -> scope end
  *   cancel_wake_latency_seconds              histogram: cancel -> a blocked
  *                                            wait of the core returning
