@@ -674,8 +674,12 @@ static void test_access_line_hostile(void **state) {
   assert_string_equal(lf_get(&r, "status"), "404");
   lf_free(&r);
 
-  const char *hv = "\"5\" level=error x=\\";
-  char hdr[128];
+  /* 100 quotes, then fields of the client's own: 200 bytes escaped, more
+   * than the line gives a header value. */
+  char hv[128];
+  memset(hv, '"', 100);
+  strcpy(hv + 100, " level=error x=\\");
+  char hdr[192];
   snprintf(hdr, sizeof hdr, "X-Request-Timeout-Ms: %s\r\n", hv);
   assert_int_equal(get(port, "/hello/2", hdr, resp, sizeof resp), 200);
   assert_true(log_find(line, sizeof line, "malformed deadline header", NULL));
@@ -685,7 +689,7 @@ static void test_access_line_hostile(void **state) {
   assert_true(lf_keys_are(&r, (const char *const[]){"ts", "level",
                                                     "component", "msg", "id",
                                                     "header", "value", NULL}));
-  assert_string_equal(lf_get(&r, "value"), hv);
+  assert_true(lf_value_cut(lf_get(&r, "value"), hv));
   lf_free(&r);
   stop(s);
 }
