@@ -151,8 +151,7 @@ static size_t next_unit(const unsigned char **s, char e[6]) {
  * written as "" (or as nothing when even that does not fit: `key=` reads
  * as an empty value).  Returns the bytes written (or that would be);
  * *need (may be NULL) gets the length of the whole value. */
-static size_t put_value(char *out, size_t room, const char *v,
-                        size_t *need) {
+static size_t put_value(char *out, size_t room, const char *v, size_t *need) {
   if (v == NULL)
     v = "";
   bool bare = bare_ok(v);
@@ -318,7 +317,8 @@ int cancel_logfmt_reason(char *buf, size_t len, const cancel_reason *r) {
   return f.need > INT_MAX ? INT_MAX : (int)f.need;
 }
 
-/* ---- Lines ---------------------------------------------------------------- */
+/* ---- Lines ----------------------------------------------------------------
+ */
 
 /* The field a line cut short ends with. */
 #define TRUNC_FIELD " truncated=true"
@@ -385,11 +385,10 @@ static size_t line_head(char *line, size_t cap, int level,
   clock_gettime(CLOCK_REALTIME, &ts);
   struct tm tm;
   gmtime_r(&ts.tv_sec, &tm);
-  int n = snprintf(line, cap + 1,
-                   "ts=%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ level=%s",
-                   tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour,
-                   tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000,
-                   cancel_log_level_name(level));
+  int n = snprintf(
+      line, cap + 1, "ts=%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ level=%s",
+      tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min,
+      tm.tm_sec, ts.tv_nsec / 1000000, cancel_log_level_name(level));
   struct fields f;
   fields_init(&f, line + n, cap + 1 - (size_t)n);
   f.need = 1; /* a space before the first field too */

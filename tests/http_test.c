@@ -686,9 +686,9 @@ static void test_access_line_hostile(void **state) {
   text = strchr(line, ' ') + 1;
   if (lf_decode(text, &r) != 0)
     fail_msg("not logfmt (%s): %s", r.error, text);
-  assert_true(lf_keys_are(&r, (const char *const[]){"ts", "level",
-                                                    "component", "msg", "id",
-                                                    "header", "value", NULL}));
+  assert_true(
+      lf_keys_are(&r, (const char *const[]){"ts", "level", "component", "msg",
+                                            "id", "header", "value", NULL}));
   assert_true(lf_value_cut(lf_get(&r, "value"), hv));
   lf_free(&r);
   stop(s);

@@ -133,7 +133,8 @@ static void hostile_init(void) {
   ctl[k++] = 0x7f;
   ctl[k] = '\0';
   /* 10 KB of everything at once. */
-  static const char piece[] = "a\t\"b\\=\n\x01\xff\xe2\x9c\x93 \xf0\x9f\x98\x80";
+  static const char piece[] =
+      "a\t\"b\\=\n\x01\xff\xe2\x9c\x93 \xf0\x9f\x98\x80";
   size_t o = 0;
   while (o + sizeof piece < sizeof big) {
     memcpy(big + o, piece, sizeof piece - 1);
@@ -207,8 +208,7 @@ static void test_quote_hostile(void **state) {
       if ((size_t)need < room)
         assert_string_equal(small, b);
       else if (!lf_value_cut(r.f[0].value, v))
-        fail_msg("value %d in %zu bytes: not a marked cut: %s", h, room,
-                 small);
+        fail_msg("value %d in %zu bytes: not a marked cut: %s", h, room, small);
       lf_free(&r);
       free(small);
     }
@@ -252,9 +252,9 @@ static void test_log_hostile(void **state) {
     cancel_log(CANCEL_LOG_WARN, v, v, "id=7 path=%s status=200", q);
     struct lf_record r;
     decode_ok(cap.line, &r);
-    assert_true(lf_keys_are(&r, (const char *const[]){
-                                    "ts", "level", "component", "msg", "id",
-                                    "path", "status", NULL}));
+    assert_true(
+        lf_keys_are(&r, (const char *const[]){"ts", "level", "component", "msg",
+                                              "id", "path", "status", NULL}));
     assert_string_equal(lf_get(&r, "level"), "warn");
     assert_true(lf_value_ok(lf_get(&r, "component"), v));
     assert_true(lf_value_ok(lf_get(&r, "msg"), v));
@@ -277,14 +277,13 @@ static void test_log_line_cut(void **state) {
   cancel_logfmt_quote(b, sizeof b, v);
   cancel_logfmt_quote(c, sizeof c, v);
   /* Three 1 KB fields: the third cannot fit in 2047 bytes. */
-  cancel_log(CANCEL_LOG_ERROR, "test", "big", "a=%s b=%s c=%s end=1", a, b,
-             c);
+  cancel_log(CANCEL_LOG_ERROR, "test", "big", "a=%s b=%s c=%s end=1", a, b, c);
   assert_true(strlen(cap.line) <= CANCEL_LOG_LINE_MAX);
   struct lf_record r;
   decode_ok(cap.line, &r);
-  assert_true(lf_keys_are(&r, (const char *const[]){"ts", "level", "component",
-                                                    "msg", "a", "truncated",
-                                                    NULL}));
+  assert_true(
+      lf_keys_are(&r, (const char *const[]){"ts", "level", "component", "msg",
+                                            "a", "truncated", NULL}));
   assert_true(lf_value_cut(lf_get(&r, "a"), v));
   assert_string_equal(lf_get(&r, "truncated"), "true");
   lf_free(&r);
@@ -326,18 +325,17 @@ static void test_log_fields(void **state) {
     if (strlen(v) > CANCEL_LOG_VALUE_MAX) {
       /* Two values of 1 KB do not fit in one line: the second is left
        * out, with every later field. */
-      assert_true(lf_keys_are(&r, (const char *const[]){
-                                      "ts", "level", "component", "msg",
-                                      "method", "truncated", NULL}));
+      assert_true(lf_keys_are(
+          &r, (const char *const[]){"ts", "level", "component", "msg", "method",
+                                    "truncated", NULL}));
       assert_true(lf_value_cut(lf_get(&r, "method"), v));
       assert_true(strlen(cap.line) <= CANCEL_LOG_LINE_MAX);
       lf_free(&r);
       continue;
     }
-    assert_true(lf_keys_are(&r, (const char *const[]){
-                                    "ts", "level", "component", "msg",
-                                    "method", "path", "bad_key_x_", "n",
-                                    NULL}));
+    assert_true(lf_keys_are(
+        &r, (const char *const[]){"ts", "level", "component", "msg", "method",
+                                  "path", "bad_key_x_", "n", NULL}));
     assert_true(lf_value_ok(lf_get(&r, "method"), v));
     assert_true(lf_value_ok(lf_get(&r, "path"), v));
     assert_string_equal(lf_get(&r, "n"), "");
@@ -348,9 +346,9 @@ static void test_log_fields(void **state) {
   cancel_log_fields(CANCEL_LOG_INFO, "http", "request", f, 3);
   struct lf_record r;
   decode_ok(cap.line, &r);
-  assert_true(lf_keys_are(&r, (const char *const[]){"ts", "level", "component",
-                                                    "msg", "a", "truncated",
-                                                    NULL}));
+  assert_true(
+      lf_keys_are(&r, (const char *const[]){"ts", "level", "component", "msg",
+                                            "a", "truncated", NULL}));
   lf_free(&r);
   cancel_log_set_sink(NULL, NULL, CANCEL_LOG_INFO);
 }
@@ -379,10 +377,10 @@ static void test_reason_hostile(void **state) {
     snprintf(line, sizeof line, "%s after=1", b);
     struct lf_record r;
     decode_ok(line, &r);
-    assert_true(lf_keys_are(&r, (const char *const[]){
-                                    "cancel_kind", "cancel_origin",
-                                    "cancel_detail", "cancel_via", "after",
-                                    NULL}));
+    assert_true(
+        lf_keys_are(&r, (const char *const[]){"cancel_kind", "cancel_origin",
+                                              "cancel_detail", "cancel_via",
+                                              "after", NULL}));
     assert_string_equal(lf_get(&r, "cancel_kind"), "timeout");
     assert_true(lf_value_ok(lf_get(&r, "cancel_origin"), v));
     assert_true(lf_value_ok(lf_get(&r, "cancel_detail"), v));

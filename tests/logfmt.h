@@ -287,8 +287,8 @@ static inline int lf_decode(const char *line, struct lf_record *r) {
       while (i < n && line[i] != '"')
         i += line[i] == '\\' ? 2 : 1;
       if (i >= n) {
-        snprintf(r->error, sizeof r->error,
-                 "unterminated quoted value of %s", f->key);
+        snprintf(r->error, sizeof r->error, "unterminated quoted value of %s",
+                 f->key);
         goto fail;
       }
       f->value = lf_unquote(line + q0, i - q0, r->error, sizeof r->error);

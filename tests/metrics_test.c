@@ -247,9 +247,9 @@ static void test_hostile_origin_names(void **state) {
   assert_int_equal(
       series_value(&s, "cancel_cancellations_by_origin_total{origin=other}"),
       1);
-  assert_true(series_value(
-                  &s, "cancel_cancellations_by_origin_total{overflow=true}") >
-              0);
+  assert_true(
+      series_value(&s, "cancel_cancellations_by_origin_total{overflow=true}") >
+      0);
   /* The cut fell before the character, not through it. */
   char want[128];
   snprintf(want, sizeof want,
@@ -264,10 +264,10 @@ static void test_hostile_origin_names(void **state) {
                                     "origin=bad \xef\xbf\xbd\xef\xbf\xbd "
                                     "utf-}"),
                    1);
-  assert_int_equal(series_value(
-                       &s, "cancel_cancellations_by_origin_total{origin=two\n"
-                           "lines}"),
-                   1);
+  assert_int_equal(
+      series_value(&s, "cancel_cancellations_by_origin_total{origin=two\n"
+                       "lines}"),
+      1);
   series_free(&s);
   unlink(path);
   free(text);

@@ -725,8 +725,8 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     /* Method and path are the client's bytes: quoted (a TAB or a quote in
      * them cannot make fields of its own), and cut inside their quotes so
      * the line keeps room for the reason after them. */
-    char srv[64], method[64], path[512], route[128], err[160] = "",
-        after[96] = "";
+    char srv[64], method[64], path[512], route[128];
+    char err[160] = "", after[96] = "";
     cancel_logfmt_quote(srv, sizeof srv, s->o.name);
     cancel_logfmt_quote(method, sizeof method, r->method);
     cancel_logfmt_quote(path, sizeof path, r->url);
