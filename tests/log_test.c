@@ -265,6 +265,20 @@ static void test_log_hostile(void **state) {
   cancel_log_set_sink(NULL, NULL, CANCEL_LOG_INFO);
 }
 
+/* A caller that forgot to quote cannot end the line: its control bytes and
+ * bytes that are not UTF-8 reach the sink as '?'. */
+static void test_log_unquoted_scrubbed(void **state) {
+  (void)state;
+  log_capture();
+  cancel_log(CANCEL_LOG_WARN, "test", "careless", "k=%s z=1",
+             "a\nts=x\rb\x01\xff\xe2\x82");
+  assert_string_equal(strstr(cap.line, " k="), " k=a?ts=x?b???? z=1");
+  struct lf_record r;
+  decode_ok(strstr(cap.line, " z="), &r);
+  lf_free(&r);
+  cancel_log_set_sink(NULL, NULL, CANCEL_LOG_INFO);
+}
+
 /* A line longer than the sink's buffer is cut at a field boundary, with
  * truncated=true: never inside a quoted value or an escape. */
 static void test_log_line_cut(void **state) {
@@ -414,6 +428,7 @@ int main(void) {
       cmocka_unit_test(test_quote_cut_utf8),
       cmocka_unit_test(test_log_hostile),
       cmocka_unit_test(test_log_line_cut),
+      cmocka_unit_test(test_log_unquoted_scrubbed),
       cmocka_unit_test(test_log_fields),
       cmocka_unit_test(test_reason_hostile),
   };
