@@ -20,6 +20,7 @@
 
 #include <limits.h>
 #include <stdint.h>
+#include <time.h>
 
 /* a + b, clamped to [INT64_MIN, INT64_MAX]. */
 static inline int64_t cancel__add_sat(int64_t a, int64_t b) {
@@ -64,6 +65,18 @@ static inline int64_t cancel__ns_to_ms_ceil(int64_t ns, int64_t max) {
     return 0;
   int64_t ms = ns / 1000000 + (ns % 1000000 != 0);
   return ms > max ? max : ms;
+}
+
+/* An absolute deadline as a timespec for the calls that take one (futex,
+ * pthread_cond_clockwait): one that has passed is the clock's origin (a
+ * negative tv_nsec is EINVAL, which would make a wait loop spin). */
+static inline struct timespec cancel__timespec_at(int64_t deadline) {
+  struct timespec ts;
+  if (deadline < 0)
+    deadline = 0;
+  ts.tv_sec = (time_t)(deadline / 1000000000);
+  ts.tv_nsec = (long)(deadline % 1000000000);
+  return ts;
 }
 
 #endif /* CANCEL_DEADLINE_H */
