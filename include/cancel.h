@@ -452,7 +452,11 @@ CANCEL_API int cancel_sleep_until(const cancel_token *tok, int64_t deadline);
  * (> 0; POLLNVAL for an invalid descriptor counts, as in poll), -ETIMEDOUT,
  * -ECANCELED, -EINVAL (fds NULL with nfds > 0), -ENOMEM (more than 64
  * entries need a copy with the wake descriptor appended: made once per
- * thread, grown when needed, kept until the thread exits). */
+ * thread, grown when needed, kept until the thread exits), -EMFILE,
+ * -ENFILE, -ENOMEM (with a token: the thread's wake eventfd, made on its
+ * first descriptor wait, could not be created).  Every call below that
+ * waits for a descriptor (cancel_wait_fd, cancel_read, ..., cancel_connect)
+ * can return these three too. */
 CANCEL_API int cancel_poll(const cancel_token *tok, struct pollfd *fds,
                            nfds_t nfds, int64_t deadline);
 
@@ -583,7 +587,7 @@ CANCEL_API int cancel_thread_join(const cancel_token *tok, cancel_thread *t,
  * extra_fds.  Created on first call (an eventfd), the same one for later
  * calls; owned by the source: do not close it; it is closed when the source
  * is torn down.  Returns the descriptor, -EINVAL (NULL token: it never
- * fires, there is nothing to poll), -EMFILE / -ENOMEM. */
+ * fires, there is nothing to poll), -EMFILE, -ENFILE, -ENOMEM. */
 CANCEL_API int cancel_token_fd(const cancel_token *tok);
 
 #ifdef __cplusplus
