@@ -183,12 +183,12 @@ struct cancel_source {
   struct cancel__link *links;    /* one per parent */
   struct cancel__shield *shield; /* shields only */
   struct cancel__tokenfd *fdrec; /* cancel_token_fd(), once SEEN_FD */
-  int64_t deadline; /* own deadline, CANCEL_NEVER if none; atomic */
-  int64_t eff_deadline;     /* earliest of own and ancestry's; atomic */
-  cancel_source *dl_next;   /* deadline propagation work list */
-  int64_t timeout;  /* duration behind the deadline, for the detail */
-  int64_t timer_at; /* key in the timer heap; timer lock */
-  int64_t heap_idx; /* position in the timer heap or -1; timer lock */
+  int64_t deadline;       /* own deadline, CANCEL_NEVER if none; atomic */
+  int64_t eff_deadline;   /* earliest of own and ancestry's; atomic */
+  cancel_source *dl_next; /* deadline propagation work list */
+  int64_t timeout;        /* duration behind the deadline, for the detail */
+  int64_t timer_at;       /* key in the timer heap; timer lock */
+  int64_t heap_idx;       /* position in the timer heap or -1; timer lock */
   char name_buf[CANCEL__NAME_INLINE];
   char detail_buf[CANCEL__DETAIL_INLINE];
 };

@@ -34,10 +34,10 @@
 #define SF_DETAIL_OWNED 0x004u
 #define SF_LINKS_OWNED 0x008u /* links array allocated apart (init_linked) */
 #define SF_SHIELD_OWNED 0x010u
-#define SF_FIRING 0x020u  /* cancel() is running the callbacks */
-#define SF_ZOMBIE 0x040u  /* no references left, children keep it */
-#define SF_PENDING 0x080u /* torn down while firing: finish after */
-#define SF_DEAD 0x100u    /* teardown started */
+#define SF_FIRING 0x020u    /* cancel() is running the callbacks */
+#define SF_ZOMBIE 0x040u    /* no references left, children keep it */
+#define SF_PENDING 0x080u   /* torn down while firing: finish after */
+#define SF_DEAD 0x100u      /* teardown started */
 #define SF_DL_QUEUED 0x200u /* on the deadline work list (link.c) */
 #define SF_OWNED_MASK                                                          \
   (SF_NAME_OWNED | SF_DETAIL_OWNED | SF_LINKS_OWNED | SF_SHIELD_OWNED)

@@ -671,7 +671,7 @@ static void *rearm_thread(void *arg) {
     x = x * 1103515245u + 12345u;
     cancel_source *s = r->root[(x >> 8) & 1];
     int64_t at = (x >> 9) % 7 == 0 ? CANCEL_NEVER
-                                    : r->base + CANCEL_SEC((x >> 12) % 100);
+                                   : r->base + CANCEL_SEC((x >> 12) % 100);
     if (cancel_source_cancel_at(s, at) < 0)
       __atomic_add_fetch(&r->bad, 1, __ATOMIC_RELAXED);
   }

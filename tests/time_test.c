@@ -20,9 +20,8 @@
 
 #include "cancel/process.h"
 
-static const int64_t extremes[] = {INT64_MIN,        INT64_MIN + 1,
-                                   -1,               0,
-                                   INT64_MAX - 1,    CANCEL_NEVER - 1,
+static const int64_t extremes[] = {INT64_MIN,   INT64_MIN + 1, -1,
+                                   0,           INT64_MAX - 1, CANCEL_NEVER - 1,
                                    CANCEL_NEVER};
 #define N_EXTREMES (sizeof extremes / sizeof extremes[0])
 
@@ -36,8 +35,8 @@ static bool passed(int64_t d) {
  * far deadline leaves blocked. */
 static cancel_source *soon(void) {
   cancel_source *s = NULL;
-  assert_int_equal(
-      cancel_source_new_timeout(&s, "soon", NULL, CANCEL_MSEC(20)), 0);
+  assert_int_equal(cancel_source_new_timeout(&s, "soon", NULL, CANCEL_MSEC(20)),
+                   0);
   return s;
 }
 
@@ -205,8 +204,7 @@ static void test_shield_grace_extremes(void **state) {
 
 /* ---- Waits ------------------------------------------------------------ */
 
-static int64_t call_sleep_until(void *ctx, const cancel_token *tok,
-                                int64_t d) {
+static int64_t call_sleep_until(void *ctx, const cancel_token *tok, int64_t d) {
   (void)ctx;
   return cancel_sleep_until(tok, d);
 }
@@ -317,8 +315,8 @@ static void test_fd_waits_extremes(void **state) {
   for (size_t i = 0; i < N_EXTREMES; i++) {
     int c = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     assert_true(c >= 0);
-    int rc = cancel_connect(NULL, c, (struct sockaddr *)&a, sizeof a,
-                            extremes[i]);
+    int rc =
+        cancel_connect(NULL, c, (struct sockaddr *)&a, sizeof a, extremes[i]);
     if (passed(extremes[i]))
       assert_true(rc == 0 || rc == -ETIMEDOUT);
     else
@@ -381,8 +379,7 @@ static void test_sync_waits_extremes(void **state) {
   sem_destroy(&release);
 }
 
-static int64_t call_child_wait(void *ctx, const cancel_token *tok,
-                               int64_t d) {
+static int64_t call_child_wait(void *ctx, const cancel_token *tok, int64_t d) {
   (void)ctx;
   cancel_child c;
   char *argv[] = {"sleep", "10", NULL};

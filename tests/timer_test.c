@@ -34,9 +34,9 @@ int timerfd_settime(int fd, int flags, const struct itimerspec *new_value,
   }
   int f = __atomic_load_n(&settime_fail, __ATOMIC_SEQ_CST);
   while (f != 0) {
-    if (f < 0 || __atomic_compare_exchange_n(&settime_fail, &f, f - 1, false,
-                                             __ATOMIC_SEQ_CST,
-                                             __ATOMIC_SEQ_CST)) {
+    if (f < 0 ||
+        __atomic_compare_exchange_n(&settime_fail, &f, f - 1, false,
+                                    __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
       __atomic_add_fetch(&settime_failed, 1, __ATOMIC_SEQ_CST);
       errno = ENOMEM;
       return -1;

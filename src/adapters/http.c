@@ -1045,7 +1045,8 @@ int cancel_http_server_run(const cancel_token *stopping, void *arg) {
     return rc;
   (void)cancel_sleep_until(stopping, CANCEL_NEVER);
   rc = cancel_http_server_stop(
-      s, cancel__add_sat(cancel_now(), cancel__add_sat(s->o.drain_timeout_ns, CANCEL_SEC(1))));
+      s, cancel__add_sat(cancel_now(), cancel__add_sat(s->o.drain_timeout_ns,
+                                                       CANCEL_SEC(1))));
   return rc < 0 ? rc : -ECANCELED;
 }
 
