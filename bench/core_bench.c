@@ -294,6 +294,55 @@ static int64_t b_chain(void *ctx, uint64_t n) {
   return timed;
 }
 
+/* deadline_chain_100: cancel_token_deadline() at the leaf of a chain of
+ * 100 linked sources below an armed root (the effective deadline is kept
+ * in each source, so this is one load however deep).  deadline_rearm_
+ * chain_100: re-arming that root, alternately earlier and later, which
+ * passes the new value down all 100 (per re-arm).  The chain is built
+ * once, outside the timed region. */
+static int64_t b_deadline_query(void *ctx, uint64_t n) {
+  cancel_source **chain = ctx;
+  const cancel_token *leaf = cancel_source_token(chain[CHAIN]);
+  int64_t t0 = bench_now();
+  for (uint64_t i = 0; i < n; i++) {
+    sink += (uint64_t)cancel_token_deadline(leaf);
+    BENCH_CLOBBER();
+  }
+  return bench_now() - t0;
+}
+
+static int64_t b_deadline_rearm(void *ctx, uint64_t n) {
+  cancel_source **chain = ctx;
+  int64_t base = cancel_now() + CANCEL_SEC(3600);
+  int rc;
+  int64_t t0 = bench_now();
+  for (uint64_t i = 0; i < n; i++)
+    if ((rc = cancel_source_cancel_at(chain[0], base + (int64_t)(i & 1))) != 0)
+      bench_die("cancel_source_cancel_at", rc);
+  int64_t timed = bench_now() - t0;
+  if (cancel_token_deadline(cancel_source_token(chain[CHAIN])) !=
+      base + (int64_t)((n - 1) & 1))
+    bench_die("deadline_rearm_chain_100: leaf has the wrong deadline", 0);
+  return timed;
+}
+
+static void deadline_chain(cancel_source **chain, bool build) {
+  int rc;
+  if (!build) {
+    for (int k = CHAIN; k >= 0; k--)
+      cancel_source_unref(chain[k]);
+    return;
+  }
+  if ((rc = cancel_source_new(&chain[0], "deadline-root")) != 0 ||
+      (rc = cancel_source_cancel_after(chain[0], CANCEL_SEC(3600))) != 0)
+    bench_die("deadline root", rc);
+  for (int k = 1; k <= CHAIN; k++) {
+    const cancel_token *parent = cancel_source_token(chain[k - 1]);
+    if ((rc = cancel_source_new_linked(&chain[k], NULL, &parent, 1)) != 0)
+      bench_die("cancel_source_new_linked", rc);
+  }
+}
+
 /* register_unregister_contended: 2 threads on one shared live token, each
  * doing n register/unregister pairs.  Reported per pair of one thread:
  * wall time (first thread's start to last thread's end) / n.  With no
@@ -408,6 +457,13 @@ int main(void) {
   run("create_register_cancel", b_create_register_cancel, NULL, 1);
   run("cancel_fanout_1000", b_fanout, regs, FANOUT);
   run("chain_100", b_chain, chain, CHAIN);
+  if (bench_wanted("deadline_chain_100") ||
+      bench_wanted("deadline_rearm_chain_100")) {
+    deadline_chain(chain, true);
+    run("deadline_chain_100", b_deadline_query, chain, 1);
+    run("deadline_rearm_chain_100", b_deadline_rearm, chain, 1);
+    deadline_chain(chain, false);
+  }
   run("register_unregister_contended", b_contended, (void *)tok, 1);
   run("scope_begin_end", b_scope, (void *)tok, 1);
 

@@ -183,10 +183,12 @@ struct cancel_source {
   struct cancel__link *links;    /* one per parent */
   struct cancel__shield *shield; /* shields only */
   struct cancel__tokenfd *fdrec; /* cancel_token_fd(), once SEEN_FD */
-  int64_t deadline; /* own deadline, CANCEL_NEVER if none; atomic */
-  int64_t timeout;  /* duration behind the deadline, for the detail */
-  int64_t timer_at; /* key in the timer heap; timer lock */
-  int64_t heap_idx; /* position in the timer heap or -1; timer lock */
+  int64_t deadline;       /* own deadline, CANCEL_NEVER if none; atomic */
+  int64_t eff_deadline;   /* earliest of own and ancestry's; atomic */
+  cancel_source *dl_next; /* deadline propagation work list */
+  int64_t timeout;        /* duration behind the deadline, for the detail */
+  int64_t timer_at;       /* key in the timer heap; timer lock */
+  int64_t heap_idx;       /* position in the timer heap or -1; timer lock */
   char name_buf[CANCEL__NAME_INLINE];
   char detail_buf[CANCEL__DETAIL_INLINE];
 };
@@ -331,11 +333,18 @@ CANCEL_API int cancel_source_init_linked(cancel_source *src, const char *name,
 
 /* The effective deadline of tok: the earliest deadline armed on its source
  * or any ancestor, CANCEL_NEVER when none (and for NULL).  Use it to
- * propagate a budget downstream.  Thread-safe. */
+ * propagate a budget downstream.  It is kept in the source and updated
+ * when an ancestor is re-armed, so this is one load however deep or
+ * shared the ancestry (a re-arm costs the descendants it changes).  While
+ * a re-arm is being passed down on another thread the answer may still be
+ * the value before it.  A deadline that could not be armed is never
+ * reported.  Never fails; thread-safe, lock-free. */
 CANCEL_API int64_t cancel_token_deadline(const cancel_token *tok);
 
-/* The time left until cancel_token_deadline(tok): 0 when passed,
- * CANCEL_NEVER when there is none.  Thread-safe. */
+/* The time left until cancel_token_deadline(tok): 0 when passed (however
+ * long ago, down to INT64_MIN), CANCEL_NEVER when there is none, and less
+ * than CANCEL_NEVER for every deadline there is.  Never fails;
+ * thread-safe. */
 CANCEL_API int64_t cancel_token_remaining(const cancel_token *tok);
 
 /* ======================================================================
@@ -347,19 +356,38 @@ CANCEL_API int64_t cancel_token_remaining(const cancel_token *tok);
  * at once on this thread.  A no-op once src is cancelled.  The timer lives
  * on the library's one internal thread (started on first use; a fired
  * timer's callbacks run there).
- * Returns 0 (armed, disarmed or fired), 1 (src already cancelled: nothing
- * done), -EINVAL (src NULL), -ENOMEM, -EAGAIN (the timer thread could not
- * be started).  Thread-safe. */
+ * Any int64_t is a deadline: one at or before cancel_now() (INT64_MIN
+ * included) fires now, one centuries away is armed like any other.
+ * Returns:
+ *   0        armed, disarmed (CANCEL_NEVER, which never fails) or fired;
+ *   1        src was already cancelled: nothing done;
+ *   -EINVAL  src is NULL;
+ *   -ENOMEM  no memory for the timer queue or the timer thread;
+ *   -EMFILE, -ENFILE  no descriptor left for the timer thread's first
+ *            start (its epoll set, timerfd and eventfd);
+ *   -EAGAIN  the timer thread could not be started (pthread_create), or
+ *            the process is exiting (after its destructors ran).
+ * On an error src keeps the deadline it had before the call (still armed,
+ * or none): cancel_token_deadline() never reports a deadline that nobody
+ * will enforce.  Thread-safe; concurrent re-arms of one source settle on
+ * the last one made. */
 CANCEL_API int cancel_source_cancel_at(cancel_source *src, int64_t deadline);
 
 /* cancel_source_cancel_at(src, cancel_now() + timeout_ns); the reason's
- * detail is the duration ("250ms").  -EINVAL also for timeout_ns < 0. */
+ * detail is the duration ("250ms").  A timeout too long to end before
+ * INT64_MAX (CANCEL_NEVER - 1, say) is no deadline: it disarms.  Returns
+ * as cancel_source_cancel_at(), and -EINVAL also for timeout_ns < 0. */
 CANCEL_API int cancel_source_cancel_after(cancel_source *src,
                                           int64_t timeout_ns);
 
 /* A source linked to `parent` (may be NULL) that times out after
- * timeout_ns: the C spelling of Go's context.WithTimeout.
- * Returns 0, -EINVAL (srcp/src NULL, timeout_ns < 0), -ENOMEM, -EAGAIN. */
+ * timeout_ns: the C spelling of Go's context.WithTimeout.  timeout_ns 0
+ * gives a source cancelled already; one too long to end before INT64_MAX
+ * gives a source without a deadline of its own.
+ * Returns 0, -EINVAL (srcp/src NULL, timeout_ns < 0), -ENOMEM, -EMFILE,
+ * -ENFILE, -EAGAIN (the timer could not be armed, as for
+ * cancel_source_cancel_at(); nothing is left: *srcp is NULL, src needs no
+ * destroy). */
 CANCEL_API int cancel_source_new_timeout(cancel_source **srcp, const char *name,
                                          const cancel_token *parent,
                                          int64_t timeout_ns);
@@ -378,8 +406,15 @@ CANCEL_API int cancel_source_init_timeout(cancel_source *src, const char *name,
  *                  what (it is still cancellable directly);
  *   grace_ns  > 0: grace_ns after outer fired, the shield is cancelled with
  *                  outer's kind, origin and detail, itself appended to the
- *                  via path with the note "grace <d> expired".
- * The shield's deadline is its own, not outer's.  Like any source it is
+ *                  via path with the note "grace <d> expired".  If the
+ *                  grace timer cannot be armed when outer fires (no
+ *                  memory, descriptor or thread for it, or the process is
+ *                  exiting), the grace ends at once instead, noted "grace
+ *                  <d> cut short (no timer)": never later than outer's
+ *                  cancel plus grace_ns.  A grace too long to end before
+ *                  INT64_MAX never ends.
+ * The shield's deadline is its own, not outer's: once outer fired, the
+ * end of the grace is part of it.  Like any source it is
  * torn down with unref/destroy.
  * Returns 0, -EINVAL (srcp/src NULL, grace_ns < 0), -ENOMEM. */
 CANCEL_API int cancel_source_new_shield(cancel_source **srcp, const char *name,
@@ -417,7 +452,11 @@ CANCEL_API int cancel_sleep_until(const cancel_token *tok, int64_t deadline);
  * (> 0; POLLNVAL for an invalid descriptor counts, as in poll), -ETIMEDOUT,
  * -ECANCELED, -EINVAL (fds NULL with nfds > 0), -ENOMEM (more than 64
  * entries need a copy with the wake descriptor appended: made once per
- * thread, grown when needed, kept until the thread exits). */
+ * thread, grown when needed, kept until the thread exits), -EMFILE,
+ * -ENFILE, -ENOMEM (with a token: the thread's wake eventfd, made on its
+ * first descriptor wait, could not be created).  Every call below that
+ * waits for a descriptor (cancel_wait_fd, cancel_read, ..., cancel_connect)
+ * can return these three too. */
 CANCEL_API int cancel_poll(const cancel_token *tok, struct pollfd *fds,
                            nfds_t nfds, int64_t deadline);
 
@@ -548,7 +587,7 @@ CANCEL_API int cancel_thread_join(const cancel_token *tok, cancel_thread *t,
  * extra_fds.  Created on first call (an eventfd), the same one for later
  * calls; owned by the source: do not close it; it is closed when the source
  * is torn down.  Returns the descriptor, -EINVAL (NULL token: it never
- * fires, there is nothing to poll), -EMFILE / -ENOMEM. */
+ * fires, there is nothing to poll), -EMFILE, -ENFILE, -ENOMEM. */
 CANCEL_API int cancel_token_fd(const cancel_token *tok);
 
 #ifdef __cplusplus

@@ -7,6 +7,7 @@
 
 #include "cancel.h"
 #include "cancel/diag.h"
+#include "deadline.h"
 
 #include <assert.h>
 #include <poll.h>
@@ -33,10 +34,11 @@
 #define SF_DETAIL_OWNED 0x004u
 #define SF_LINKS_OWNED 0x008u /* links array allocated apart (init_linked) */
 #define SF_SHIELD_OWNED 0x010u
-#define SF_FIRING 0x020u  /* cancel() is running the callbacks */
-#define SF_ZOMBIE 0x040u  /* no references left, children keep it */
-#define SF_PENDING 0x080u /* torn down while firing: finish after */
-#define SF_DEAD 0x100u    /* teardown started */
+#define SF_FIRING 0x020u    /* cancel() is running the callbacks */
+#define SF_ZOMBIE 0x040u    /* no references left, children keep it */
+#define SF_PENDING 0x080u   /* torn down while firing: finish after */
+#define SF_DEAD 0x100u      /* teardown started */
+#define SF_DL_QUEUED 0x200u /* on the deadline work list (link.c) */
 #define SF_OWNED_MASK                                                          \
   (SF_NAME_OWNED | SF_DETAIL_OWNED | SF_LINKS_OWNED | SF_SHIELD_OWNED)
 
@@ -73,6 +75,8 @@ struct cancel__link {
   cancel_source *parent;      /* NULL once detached; atomic */
   struct cancel__link *cnext; /* in parent->children; parent lock */
   struct cancel__link *cprev;
+  int64_t eff; /* the parent's effective deadline as last passed down
+                  (CANCEL_NEVER when detached); child lock, atomic */
 };
 
 struct cancel__shield {
@@ -299,6 +303,31 @@ cancel_source *cancel__shield_teardown(cancel_source *src);
 
 /* The earliest deadline of src itself (own timer, shield grace). */
 int64_t cancel__own_deadline(const cancel_source *src);
+
+/* ---- Effective deadlines (link.c) -------------------------------------- *
+ * Every source keeps its effective deadline (eff_deadline: the earliest of
+ * its own and of its parents' effective ones, each link holding the value
+ * last passed down it), so that cancel_token_deadline() is one load.  A
+ * change is pushed down to the children, iteratively, under one global
+ * mutex that orders the pushes (never taken with a source lock held; a
+ * push takes parent then child locks, the order used everywhere). */
+
+/* After src's own deadline (or grace) changed, src locked: recomputes its
+ * effective deadline.  Returns true when it changed and src has children:
+ * then call cancel__deadline_push(src) once unlocked. */
+bool cancel__deadline_update_locked(cancel_source *src);
+/* Pushes src's effective deadline down to its descendants.  Never fails,
+ * allocates nothing. */
+void cancel__deadline_push(cancel_source *src);
+/* Teardown side: the deadline mutex, for a source whose children must be
+ * told it is gone (cancel__deadline_unlink_locked under it), and a wait
+ * for the push that has src queued to finish with it. */
+void cancel__deadline_lock(void);
+void cancel__deadline_unlock(void); /* finishes the pushes queued, unlocks */
+void cancel__deadline_wait(void);
+/* l's parent is going (deadline mutex held, parent and child locked): the
+ * child forgets the parent's deadline and is queued if that changed it. */
+void cancel__deadline_unlink_locked(struct cancel__link *l);
 
 /* ---- Diagnostics (scope.c, watchdog.c, metrics.c) ---------------------- */
 

@@ -158,8 +158,8 @@ static int wait_exit(const cancel_token *tok, cancel_child *c, int64_t deadline,
   int64_t now = cancel_now();
   if (now >= deadline)
     return cancel_token_is_cancelled(tok) ? -ECANCELED : -ETIMEDOUT;
-  int rc =
-      cancel_sleep_until(tok, deadline - now > *step ? now + *step : deadline);
+  int64_t until = cancel__deadline_after(now, *step);
+  int rc = cancel_sleep_until(tok, until < deadline ? until : deadline);
   if (rc < 0)
     return rc;
   *step = *step >= POLL_MAX / 2 ? POLL_MAX : *step * 2;
@@ -179,8 +179,7 @@ static int terminate(cancel_child *c, int64_t grace) {
     /* A stopped child would hold SIGTERM until continued: continue it
      * (systemd does the same). */
     send_sig(c, SIGCONT);
-    int64_t now = cancel_now();
-    int64_t until = grace >= CANCEL_NEVER - now ? CANCEL_NEVER : now + grace;
+    int64_t until = cancel__deadline_after(cancel_now(), grace);
     /* No token: the one that brought us here has fired, and must not cut
      * the grace short.  An error from the wait (none is expected) ends
      * the grace early rather than never. */

@@ -45,6 +45,8 @@ static struct {
   pthread_t thread;
   int epfd, tfd, efd;
   int64_t programmed; /* what the timerfd is set to, CANCEL_NEVER if not */
+  bool tfd_ok;        /* false after timerfd_settime failed: `programmed`
+                         is not known, epoll_wait's timeout stands in */
 } R = {PTHREAD_MUTEX_INITIALIZER,
        PTHREAD_COND_INITIALIZER,
        R_STOPPED,
@@ -53,7 +55,8 @@ static struct {
        -1,
        -1,
        -1,
-       CANCEL_NEVER};
+       CANCEL_NEVER,
+       true};
 
 /* The watch table.  Under the reactor lock. */
 #define NO_SLOT UINT32_MAX
@@ -97,7 +100,12 @@ bool cancel__on_reactor(void) {
   return on_reactor;
 }
 
-static void set_timerfd(int64_t at) {
+/* Programs the timerfd for `at`.  Returns false when the kernel refused
+ * (timerfd_settime can fail, if only under fault injection): then the
+ * timerfd's state is unknown, and until a later call succeeds the thread
+ * sleeps in epoll_wait with a timeout of its own instead, rounded up to
+ * the millisecond.  One failure must not stop every timer for good. */
+static bool set_timerfd(int64_t at) {
   struct itimerspec its;
   memset(&its, 0, sizeof its);
   if (at != CANCEL_NEVER) {
@@ -106,15 +114,32 @@ static void set_timerfd(int64_t at) {
     its.it_value.tv_sec = at / 1000000000;
     its.it_value.tv_nsec = at % 1000000000;
   }
-  timerfd_settime(R.tfd, TFD_TIMER_ABSTIME, &its, NULL);
+  if (timerfd_settime(R.tfd, TFD_TIMER_ABSTIME, &its, NULL) != 0) {
+    R.tfd_ok = false;
+    R.programmed = CANCEL_NEVER;
+    return false;
+  }
+  R.tfd_ok = true;
   R.programmed = at;
+  return true;
+}
+
+/* Wakes the thread from epoll_wait (it then recomputes its timeout). */
+static void kick_locked(void) {
+  uint64_t one = 1;
+  /* Fails only when the counter is full, i.e. a wake-up is pending. */
+  ssize_t w = write(R.efd, &one, sizeof one);
+  (void)w;
 }
 
 void cancel__reactor_schedule_locked(int64_t at) {
   /* Only an earlier deadline needs the kernel: a later one is found when
-   * the thread wakes for the earlier one and re-programs. */
-  if (at < R.programmed)
-    set_timerfd(at);
+   * the thread wakes for the earlier one and re-programs.  Without a
+   * working timerfd the thread must be woken to shorten its own wait. */
+  if (R.tfd_ok && at >= R.programmed)
+    return;
+  if (!set_timerfd(at))
+    kick_locked();
 }
 
 static void drain(int fd) {
@@ -155,8 +180,8 @@ static void *reactor_main(void *arg) {
     int64_t next = cancel__timer_run_locked();
     if (R.quit)
       break;
-    if (next != R.programmed)
-      set_timerfd(next);
+    if (!R.tfd_ok || next != R.programmed)
+      set_timerfd(next); /* after a failure: try again every round */
     int timeout_ms = -1;
     if (next == CANCEL_NEVER && W.count == 0) {
       int64_t now = cancel_now();
@@ -173,6 +198,9 @@ static void *reactor_main(void *arg) {
        * does not wake the thread). */
       if (next == CANCEL_NEVER)
         timeout_ms = (int)(IDLE_LINGER_NS / 1000000);
+      else if (!R.tfd_ok) /* the timerfd will not wake us: wake ourselves */
+        timeout_ms = (int)cancel__ns_to_ms_ceil(
+            cancel__time_left(next, cancel_now()), INT32_MAX);
     }
     cancel__reactor_unlock();
     struct epoll_event ev[32];
@@ -207,19 +235,24 @@ static void close_fds(void) {
     close(R.efd);
   R.epfd = R.tfd = R.efd = -1;
   R.programmed = CANCEL_NEVER;
+  R.tfd_ok = true;
 }
 
+/* Opens the epoll set, the timerfd and the eventfd.  Returns 0, -EMFILE,
+ * -ENFILE, -ENOMEM, or -EAGAIN for anything else the calls can say
+ * (-ENOSPC from epoll_ctl, -ENODEV...): the header documents these four. */
 static int open_fds(void) {
-  R.epfd = epoll_create1(EPOLL_CLOEXEC);
-  R.tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
-  R.efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-  if (R.epfd < 0 || R.tfd < 0 || R.efd < 0 || add_fd(R.tfd) < 0 ||
-      add_fd(R.efd) < 0) {
-    int err = errno;
-    close_fds();
-    return -err;
-  }
-  return 0;
+  int err = 0;
+  if ((R.epfd = epoll_create1(EPOLL_CLOEXEC)) < 0 ||
+      (R.tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC)) <
+          0 ||
+      (R.efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) < 0 ||
+      add_fd(R.tfd) < 0 || add_fd(R.efd) < 0)
+    err = errno;
+  if (err == 0)
+    return 0;
+  close_fds();
+  return (err == EMFILE || err == ENFILE || err == ENOMEM) ? -err : -EAGAIN;
 }
 
 static void atfork_prepare(void) {

@@ -16,18 +16,49 @@ size_t cancel_shields_open(void) {
   return ld_acquire(&open_shields);
 }
 
+/* Sets when the grace ends (src's own deadline, as far as its token and
+ * its children can see) and passes it down. */
+static void set_grace_at(cancel_source *src, int64_t at) {
+  uint32_t v = cancel__lock(src);
+  st_relaxed(&src->shield->grace_at, at);
+  bool push = cancel__deadline_update_locked(src);
+  cancel__unlock(src, v);
+  if (push)
+    cancel__deadline_push(src);
+}
+
+/* Cancels the shield with outer's reason, its own hop noted "grace <d>
+ * <how>".  Returns 0 when outer is gone (nothing to follow). */
+static int end_grace(cancel_source *src, const char *how) {
+  struct cancel__shield *sh = src->shield;
+  cancel_source *outer = ld_relaxed(&sh->link.parent);
+  if (outer == NULL)
+    return 0;
+  if (!cancel_token_is_cancelled(&src->tok)) {
+    char d[24];
+    cancel__format_duration(d, sizeof d, sh->grace);
+    snprintf(sh->note, sizeof sh->note, "grace %s %s", d, how);
+  }
+  cancel__fire(src, outer->kind, NULL, outer, outer->time, 0);
+  return 1;
+}
+
 void cancel__shield_outer_fired(void *arg) {
   struct cancel__link *link = arg;
   cancel_source *src = link->child;
   struct cancel__shield *sh = src->shield;
   if (sh->grace == 0)
     return; /* finish no matter what */
-  int64_t at = cancel_now() + sh->grace;
-  st_relaxed(&sh->grace_at, at);
-  /* Callbacks must not fail: if the timer cannot be armed, the shield
-   * ends its grace now rather than never. */
-  if (cancel__timer_update(src) < 0)
-    cancel__timer_fired(src);
+  int64_t now = cancel_now();
+  /* A grace too long to end before the end of time never ends. */
+  set_grace_at(src, cancel__deadline_after(now, sh->grace));
+  /* Callbacks must not fail: if the timer cannot be armed (no memory, no
+   * descriptor or thread for the reactor, the process exiting), the grace
+   * ends now rather than never, and the deadline says so. */
+  if (cancel__timer_update(src) < 0) {
+    set_grace_at(src, now);
+    end_grace(src, "cut short (no timer)");
+  }
 }
 
 int cancel__shield_timer_fired(cancel_source *src, int64_t now) {
@@ -37,15 +68,7 @@ int cancel__shield_timer_fired(cancel_source *src, int64_t now) {
   int64_t grace_at = ld_relaxed(&sh->grace_at);
   if (grace_at > now || ld_relaxed(&src->deadline) <= grace_at)
     return 0; /* not due, or its own timeout came first */
-  cancel_source *outer = ld_relaxed(&sh->link.parent);
-  if (outer == NULL)
-    return 1;
-  if (!cancel_token_is_cancelled(&src->tok)) {
-    char d[24];
-    cancel__format_duration(d, sizeof d, sh->grace);
-    snprintf(sh->note, sizeof sh->note, "grace %s expired", d);
-  }
-  cancel__fire(src, outer->kind, NULL, outer, outer->time, 0);
+  end_grace(src, "expired");
   return 1;
 }
 

@@ -51,6 +51,7 @@ static inline int setup(cancel_source *src, const char *name, uint32_t flags) {
   src->links = NULL;
   src->shield = NULL;
   src->deadline = CANCEL_NEVER;
+  src->eff_deadline = CANCEL_NEVER;
   src->name = "";
   return (name != NULL && name[0] != '\0') ? set_name(src, name) : 0;
 }
@@ -314,6 +315,7 @@ static void detach_everything_locked(cancel_source *src) {
     uint32_t cv = cancel__lock(child); /* parent, then child: never back */
     if (child->via == src)             /* the reason's path is cut here */
       child->via = NULL;
+    cancel__deadline_unlink_locked(l); /* and so is its deadline */
     cancel__unlock(child, cv);
   }
   src->children = NULL;
@@ -346,8 +348,26 @@ static void teardown_one(cancel_source *src, cancel_source **todo) {
    * lock): without any, and with no registration left, skip the lock. */
   if ((src->seen & SEEN_CHILD) || src->head != NULL) {
     uint32_t v = cancel__lock(src);
-    detach_everything_locked(src);
-    cancel__unlock(src, v);
+    if (src->children != NULL) {
+      /* Children outlive it (caller storage): they lose its deadline,
+       * which is pushed down to theirs under the deadline mutex (taken
+       * before any source lock).  Nothing can link to a source being
+       * torn down, so the list cannot change while the lock is dropped. */
+      cancel__unlock(src, v);
+      cancel__deadline_lock();
+      v = cancel__lock(src);
+      detach_everything_locked(src);
+      cancel__unlock(src, v);
+      cancel__deadline_unlock();
+    } else {
+      /* A deadline push may have queued it before its last child went:
+       * it is freed only once that push is done with it. */
+      bool queued = (src->flags & SF_DL_QUEUED) != 0;
+      detach_everything_locked(src);
+      cancel__unlock(src, v);
+      if (queued)
+        cancel__deadline_wait();
+    }
   }
   if (src->flags & SF_NAME_OWNED)
     free((char *)src->name);

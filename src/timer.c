@@ -75,6 +75,11 @@ int cancel__timer_update(cancel_source *src) {
       heap_remove(src);
     goto out;
   }
+  /* Everything that can fail comes first: a failed update leaves the
+   * heap as it was, so that the caller can put the old deadline back and
+   * find it still queued. */
+  if ((rc = cancel__reactor_ensure_locked()) < 0)
+    goto out;
   if (src->heap_idx < 0) {
     if (heap.len == heap.cap) {
       size_t cap = heap.cap ? 2 * heap.cap : 64;
@@ -93,10 +98,6 @@ int cancel__timer_update(cancel_source *src) {
     src->timer_at = at;
     sift_down((size_t)src->heap_idx);
     sift_up((size_t)src->heap_idx);
-  }
-  if ((rc = cancel__reactor_ensure_locked()) < 0) {
-    heap_remove(src);
-    goto out;
   }
   if (heap.v[0] == src)
     cancel__reactor_schedule_locked(at);
@@ -155,7 +156,10 @@ void cancel__timer_fired(cancel_source *src) {
 }
 
 /* Sets the source's own deadline (and the duration behind it, -1 for an
- * absolute deadline) and queues it. */
+ * absolute deadline), updates the effective deadlines below it and queues
+ * it.  When it cannot be queued, the deadline it had is put back: a
+ * deadline nobody enforces must not be shown (and propagated downstream)
+ * as the token's budget. */
 static int arm(cancel_source *src, int64_t deadline, int64_t timeout) {
   if (src == NULL)
     return -EINVAL;
@@ -166,17 +170,37 @@ static int arm(cancel_source *src, int64_t deadline, int64_t timeout) {
   }
   if (!(src->seen & SEEN_TIMER)) {
     src->seen |= SEEN_TIMER;
+    src->timeout = -1;       /* first arm: nothing to put back */
     if (src->shield == NULL) /* a shield's is set up with it */
       src->heap_idx = -1;    /* first arm: not in the heap yet */
   }
+  int64_t old_deadline = src->deadline, old_timeout = src->timeout;
   st_relaxed(&src->deadline, deadline);
   st_relaxed(&src->timeout, timeout);
+  bool push = cancel__deadline_update_locked(src);
   cancel__unlock(src, v);
+  if (push)
+    cancel__deadline_push(src);
   if (deadline != CANCEL_NEVER && deadline <= cancel_now()) {
     cancel__timer_fired(src);
     return 0;
   }
-  return cancel__timer_update(src);
+  int rc = cancel__timer_update(src);
+  if (rc < 0) {
+    v = cancel__lock(src);
+    /* Unless another arm has been made since (its value is the one to
+     * keep: the last written wins). */
+    push = false;
+    if (src->deadline == deadline && src->timeout == timeout) {
+      st_relaxed(&src->deadline, old_deadline);
+      st_relaxed(&src->timeout, old_timeout);
+      push = cancel__deadline_update_locked(src);
+    }
+    cancel__unlock(src, v);
+    if (push)
+      cancel__deadline_push(src);
+  }
+  return rc;
 }
 
 int cancel_source_cancel_at(cancel_source *src, int64_t deadline) {
@@ -186,8 +210,5 @@ int cancel_source_cancel_at(cancel_source *src, int64_t deadline) {
 int cancel_source_cancel_after(cancel_source *src, int64_t timeout_ns) {
   if (timeout_ns < 0)
     return -EINVAL;
-  int64_t now = cancel_now();
-  int64_t deadline =
-      timeout_ns >= CANCEL_NEVER - now ? CANCEL_NEVER : now + timeout_ns;
-  return arm(src, deadline, timeout_ns);
+  return arm(src, cancel__deadline_after(cancel_now(), timeout_ns), timeout_ns);
 }

@@ -139,12 +139,7 @@ static void drain_efd(int fd) {
 /* ---- Deadlines -------------------------------------------------------- */
 
 struct timespec cancel__abs_timespec(int64_t deadline) {
-  struct timespec ts;
-  if (deadline < 0)
-    deadline = 0;
-  ts.tv_sec = deadline / 1000000000;
-  ts.tv_nsec = deadline % 1000000000;
-  return ts;
+  return cancel__timespec_at(deadline);
 }
 
 /* Time left until deadline as a relative timespec for ppoll: NULL for
@@ -152,8 +147,7 @@ struct timespec cancel__abs_timespec(int64_t deadline) {
 static struct timespec *relative(int64_t deadline, struct timespec *ts) {
   if (deadline == CANCEL_NEVER)
     return NULL;
-  int64_t now = cancel_now();
-  int64_t left = deadline > now ? deadline - now : 0; /* no overflow */
+  int64_t left = cancel__time_left(deadline, cancel_now());
   ts->tv_sec = left / 1000000000;
   ts->tv_nsec = left % 1000000000;
   return ts;
@@ -184,9 +178,7 @@ int cancel_sleep_until(const cancel_token *tok, int64_t deadline) {
 int cancel_sleep(const cancel_token *tok, int64_t ns) {
   if (ns < 0)
     return -EINVAL;
-  int64_t now = cancel_now();
-  return cancel_sleep_until(tok,
-                            ns >= CANCEL_NEVER - now ? CANCEL_NEVER : now + ns);
+  return cancel_sleep_until(tok, cancel__deadline_after(cancel_now(), ns));
 }
 
 /* ---- Descriptors ------------------------------------------------------ */

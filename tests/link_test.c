@@ -549,6 +549,224 @@ static void test_deadline_earliest_of_parents(void **state) {
   cancel_source_unref(p1);
 }
 
+/* ---- Deadlines over shared ancestry (issue 11, item 2) ----------------- */
+
+/* The time one cancel_token_deadline() call takes, and its answer. */
+static int64_t timed_deadline(const cancel_token *tok, int64_t *ns) {
+  int64_t t0 = cancel_now();
+  int64_t d = cancel_token_deadline(tok);
+  *ns = cancel_now() - t0;
+  return d;
+}
+
+/* A ladder: a[i] and b[i] both link to a[i-1] and b[i-1], so the leaf has
+ * 2^levels paths to the roots but only 2*levels+2 ancestors.  A query that
+ * walks paths doubles in cost with every level (24 levels took 0.1 s); it
+ * must cost what the ancestry costs at most.  Built one level at a time and
+ * queried at each level, so that a path walk fails at ~20 levels at once
+ * instead of running for years at 60. */
+#define LADDER 60
+static void test_deadline_ladder(void **state) {
+  (void)state;
+  cancel_source *a[LADDER + 1], *b[LADDER + 1];
+  int64_t now = cancel_now();
+  int64_t da = now + CANCEL_SEC(50), db = now + CANCEL_SEC(40);
+  a[0] = new_src("a0");
+  b[0] = new_src("b0");
+  assert_int_equal(cancel_source_cancel_at(a[0], da), 0);
+  assert_int_equal(cancel_source_cancel_at(b[0], db), 0);
+  int64_t worst = 0;
+  for (int i = 1; i <= LADDER; i++) {
+    const cancel_token *ps[] = {TOK(a[i - 1]), TOK(b[i - 1])};
+    a[i] = new_child("a", ps, 2);
+    b[i] = new_child("b", ps, 2);
+    int64_t ns;
+    assert_i64_eq(timed_deadline(TOK(a[i]), &ns), db);
+    if (ns > worst)
+      worst = ns;
+    assert_i64_lt(ns, test_tol(CANCEL_MSEC(1)));
+  }
+  print_message("ladder of %d levels: slowest query %" PRId64 " ns\n", LADDER,
+                worst);
+
+  /* Re-arming a root earlier reaches both leaves... */
+  int64_t d_early = now + CANCEL_SEC(30);
+  int64_t t0 = cancel_now();
+  assert_int_equal(cancel_source_cancel_at(a[0], d_early), 0);
+  int64_t rearm_ns = cancel_now() - t0;
+  int64_t ns;
+  assert_i64_eq(timed_deadline(TOK(a[LADDER]), &ns), d_early);
+  assert_i64_lt(ns, test_tol(CANCEL_MSEC(1)));
+  assert_i64_eq(timed_deadline(TOK(b[LADDER]), &ns), d_early);
+  assert_i64_lt(ns, test_tol(CANCEL_MSEC(1)));
+  /* ...and so does re-arming it later (the other root wins again), and
+   * disarming (only the other root is left), with the re-arm itself
+   * bounded by the ancestry too. */
+  assert_int_equal(cancel_source_cancel_at(a[0], now + CANCEL_SEC(90)), 0);
+  assert_i64_eq(timed_deadline(TOK(a[LADDER]), &ns), db);
+  assert_i64_lt(ns, test_tol(CANCEL_MSEC(1)));
+  assert_int_equal(cancel_source_cancel_at(a[0], CANCEL_NEVER), 0);
+  assert_i64_eq(cancel_token_deadline(TOK(b[LADDER])), db);
+  assert_int_equal(cancel_source_cancel_at(b[0], CANCEL_NEVER), 0);
+  assert_i64_eq(cancel_token_deadline(TOK(b[LADDER])), CANCEL_NEVER);
+  assert_i64_eq(cancel_token_remaining(TOK(a[LADDER])), CANCEL_NEVER);
+  assert_i64_lt(rearm_ns, test_tol(CANCEL_MSEC(10)));
+  /* A deadline armed in the middle reaches everything below it only. */
+  int64_t dm = now + CANCEL_SEC(20);
+  assert_int_equal(cancel_source_cancel_at(b[LADDER / 2], dm), 0);
+  assert_i64_eq(cancel_token_deadline(TOK(a[LADDER])), dm);
+  assert_i64_eq(cancel_token_deadline(TOK(a[LADDER / 2])), CANCEL_NEVER);
+  assert_i64_eq(cancel_token_deadline(TOK(a[LADDER / 2 + 1])), dm);
+  for (int i = LADDER; i >= 0; i--) {
+    cancel_source_unref(a[i]);
+    cancel_source_unref(b[i]);
+  }
+}
+
+/* A chain 10^6 deep: the query must not recurse (it overflowed the stack
+ * at 10^5 under ASan), and neither may pushing a re-armed root's deadline
+ * down to the leaf. */
+#define DEEP 1000000
+static void test_deadline_deep_chain(void **state) {
+  (void)state;
+  cancel_source **c = malloc((DEEP + 1) * sizeof *c);
+  assert_non_null(c);
+  int64_t d = cancel_now() + CANCEL_SEC(60);
+  c[0] = new_src("root");
+  assert_int_equal(cancel_source_cancel_at(c[0], d), 0);
+  for (int i = 1; i <= DEEP; i++) {
+    const cancel_token *p = TOK(c[i - 1]);
+    assert_int_equal(cancel_source_new_linked(&c[i], NULL, &p, 1), 0);
+  }
+  int64_t ns;
+  assert_i64_eq(timed_deadline(TOK(c[DEEP]), &ns), d);
+  assert_i64_lt(ns, test_tol(CANCEL_MSEC(1)));
+  int64_t d2 = d - CANCEL_SEC(30);
+  assert_int_equal(cancel_source_cancel_at(c[0], d2), 0);
+  assert_i64_eq(cancel_token_deadline(TOK(c[DEEP])), d2);
+  assert_int_equal(cancel_source_cancel_at(c[0], CANCEL_NEVER), 0);
+  assert_i64_eq(cancel_token_deadline(TOK(c[DEEP])), CANCEL_NEVER);
+  assert_i64_eq(cancel_token_deadline(TOK(c[DEEP / 2])), CANCEL_NEVER);
+  /* Unreferenced from the root down: each becomes a zombie kept by its
+   * child, and the leaf's unref frees the whole chain (iteratively). */
+  for (int i = 0; i <= DEEP; i++)
+    cancel_source_unref(c[i]);
+  free(c);
+}
+
+/* Re-arms on the roots race with children being linked and destroyed
+ * below them and with queries: once everything settles, every survivor
+ * reports the earliest deadline of its ancestry (run under TSan too). */
+struct rearm_race {
+  cancel_source *root[2];
+  cancel_source *mid; /* linked to both roots */
+  int64_t base;
+  int bad; /* atomic: what a thread saw wrong (no cmocka asserts there) */
+};
+
+static void *rearm_thread(void *arg) {
+  struct rearm_race *r = arg;
+  unsigned x = 12345;
+  for (int i = 0; i < 4000; i++) {
+    x = x * 1103515245u + 12345u;
+    cancel_source *s = r->root[(x >> 8) & 1];
+    int64_t at = (x >> 9) % 7 == 0 ? CANCEL_NEVER
+                                   : r->base + CANCEL_SEC((x >> 12) % 100);
+    if (cancel_source_cancel_at(s, at) < 0)
+      __atomic_add_fetch(&r->bad, 1, __ATOMIC_RELAXED);
+  }
+  return NULL;
+}
+
+static void *churn_thread(void *arg) {
+  struct rearm_race *r = arg;
+  const cancel_token *p = TOK(r->mid);
+  for (int i = 0; i < 2000; i++) {
+    cancel_source *c, *gc;
+    if (cancel_source_new_linked(&c, "c", &p, 1) != 0) {
+      __atomic_add_fetch(&r->bad, 1, __ATOMIC_RELAXED);
+      break;
+    }
+    const cancel_token *pc = TOK(c);
+    if (cancel_source_new_linked(&gc, "gc", &pc, 1) != 0) {
+      cancel_source_unref(c);
+      __atomic_add_fetch(&r->bad, 1, __ATOMIC_RELAXED);
+      break;
+    }
+    int64_t d = cancel_token_deadline(TOK(gc));
+    if (d != CANCEL_NEVER && d < r->base)
+      __atomic_add_fetch(&r->bad, 1, __ATOMIC_RELAXED);
+    (void)cancel_token_remaining(TOK(gc));
+    if (i & 1) {
+      cancel_source_unref(c); /* a zombie kept by gc */
+      cancel_source_unref(gc);
+    } else {
+      cancel_source_unref(gc);
+      cancel_source_unref(c);
+    }
+  }
+  return NULL;
+}
+
+static void test_deadline_concurrent_rearm(void **state) {
+  (void)state;
+  struct rearm_race r;
+  memset(&r, 0, sizeof r);
+  r.base = cancel_now() + CANCEL_SEC(100);
+  r.root[0] = new_src("r0");
+  r.root[1] = new_src("r1");
+  const cancel_token *ps[] = {TOK(r.root[0]), TOK(r.root[1])};
+  r.mid = new_child("mid", ps, 2);
+  const cancel_token *pm = TOK(r.mid);
+  cancel_source *leaf = new_child("leaf", &pm, 1);
+  pthread_t t1 = test_thread_start(rearm_thread, &r);
+  pthread_t t2 = test_thread_start(churn_thread, &r);
+  pthread_t t3 = test_thread_start(churn_thread, &r);
+  test_thread_join(t1);
+  test_thread_join(t2);
+  test_thread_join(t3);
+  assert_int_equal(r.bad, 0);
+  int64_t d0 = cancel_token_deadline(TOK(r.root[0]));
+  int64_t d1 = cancel_token_deadline(TOK(r.root[1]));
+  int64_t want = d0 < d1 ? d0 : d1;
+  assert_i64_eq(cancel_token_deadline(TOK(r.mid)), want);
+  assert_i64_eq(cancel_token_deadline(TOK(leaf)), want);
+  /* One more re-arm each way after the race still lands. */
+  assert_int_equal(cancel_source_cancel_at(r.root[0], r.base - CANCEL_SEC(1)),
+                   0);
+  assert_i64_eq(cancel_token_deadline(TOK(leaf)), r.base - CANCEL_SEC(1));
+  assert_int_equal(cancel_source_cancel_at(r.root[0], CANCEL_NEVER), 0);
+  assert_i64_eq(cancel_token_deadline(TOK(leaf)), d1);
+  cancel_source_unref(leaf);
+  cancel_source_unref(r.mid);
+  cancel_source_unref(r.root[1]);
+  cancel_source_unref(r.root[0]);
+}
+
+/* A caller-storage parent destroyed first (misuse, but survivable): its
+ * children lose its deadline along with the link. */
+static void test_deadline_parent_destroyed_first(void **state) {
+  (void)state;
+  cancel_source p;
+  assert_int_equal(cancel_source_init(&p, "p"), 0);
+  int64_t d = cancel_now() + CANCEL_SEC(30);
+  assert_int_equal(cancel_source_cancel_at(&p, d), 0);
+  cancel_source *other = new_src("other");
+  int64_t d_other = d + CANCEL_SEC(10);
+  assert_int_equal(cancel_source_cancel_at(other, d_other), 0);
+  const cancel_token *ps[] = {TOK(&p), TOK(other)};
+  cancel_source *c = new_child("c", ps, 2);
+  const cancel_token *pc = TOK(c);
+  cancel_source *gc = new_child("gc", &pc, 1);
+  assert_i64_eq(cancel_token_deadline(TOK(gc)), d);
+  cancel_source_destroy(&p); /* reports the misuse on stderr */
+  assert_i64_eq(cancel_token_deadline(TOK(c)), d_other);
+  assert_i64_eq(cancel_token_deadline(TOK(gc)), d_other);
+  cancel_source_unref(gc);
+  cancel_source_unref(c);
+  cancel_source_unref(other);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_zero_parents),
@@ -565,6 +783,10 @@ int main(void) {
       cmocka_unit_test(test_caller_storage_parent_destroyed_first),
       cmocka_unit_test(test_deadline_basics),
       cmocka_unit_test(test_deadline_earliest_of_parents),
+      cmocka_unit_test(test_deadline_ladder),
+      cmocka_unit_test(test_deadline_deep_chain),
+      cmocka_unit_test(test_deadline_concurrent_rearm),
+      cmocka_unit_test(test_deadline_parent_destroyed_first),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -6,6 +6,11 @@
  */
 #include "test_util.h"
 
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 static int64_t fire_wait(int64_t ns) {
   return ns + test_tol(CANCEL_SEC(5));
 }
@@ -368,6 +373,76 @@ static void test_shield_null_outer(void **state) {
   cancel_source_unref(sh);
 }
 
+/* ---- A grace timer that cannot be armed (issue 11, item 5) ------------ */
+
+/* Runs fn in a forked child (no cmocka there: its exit status is the
+ * result) and returns that status, or -1 if it did not end within
+ * timeout_ns (it is killed). */
+static int in_child(int (*fn)(void), int64_t timeout_ns) {
+  fflush(NULL);
+  pid_t pid = fork();
+  assert_true(pid >= 0);
+  if (pid == 0)
+    _exit(fn());
+  int64_t end = cancel_now() + timeout_ns;
+  int status = 0;
+  for (;;) {
+    pid_t r = waitpid(pid, &status, WNOHANG);
+    if (r == pid)
+      break;
+    if (cancel_now() > end) {
+      kill(pid, SIGKILL);
+      waitpid(pid, &status, 0);
+      return -1;
+    }
+    test_sleep_ns(CANCEL_MSEC(1));
+  }
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 100 + WTERMSIG(status);
+}
+
+/* In the child the reactor is not running (fork resets it), and with the
+ * descriptors used up it cannot start: the grace timer cannot be armed,
+ * so the shield must end its grace at once instead of never. */
+static int child_unarmable_grace(void) {
+  cancel_source *outer = NULL, *sh = NULL;
+  if (cancel_source_new(&outer, "outer") != 0 ||
+      cancel_source_new_shield(&sh, "commit", TOK(outer), CANCEL_SEC(10)) != 0)
+    return 2;
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_NOFILE, &rl) != 0)
+    return 3;
+  rl.rlim_cur = 32;
+  if (setrlimit(RLIMIT_NOFILE, &rl) != 0)
+    return 3;
+  while (dup(0) >= 0) {
+  }
+  if (cancel_source_cancel_with(outer, CANCEL_SHUTDOWN, "stop") != 1)
+    return 4;
+  if (!cancel_token_is_cancelled(TOK(sh)))
+    return 5; /* never, in the old code */
+  cancel_reason r;
+  if (cancel_token_reason(TOK(sh), &r) != 1 || r.kind != CANCEL_SHUTDOWN ||
+      strcmp(r.origin, "outer") != 0 || r.via_len != 1 ||
+      strcmp(r.via[0].name, "commit") != 0 || r.via[0].note == NULL ||
+      strstr(r.via[0].note, "grace 10s") == NULL)
+    return 6;
+  /* Its deadline says what happened: the grace ended now, not in 10 s. */
+  if (cancel_token_remaining(TOK(sh)) != 0)
+    return 7;
+  cancel_source_unref(sh);
+  cancel_source_unref(outer);
+  return 0;
+}
+
+static void test_unarmable_grace_ends_at_once(void **state) {
+  (void)state;
+  assert_true(test_others_asleep(test_tol(CANCEL_SEC(2))));
+  int rc = in_child(child_unarmable_grace, test_tol(CANCEL_SEC(10)));
+  if (rc != 0)
+    print_error("child failed at step %d\n", rc);
+  assert_int_equal(rc, 0);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_grace_zero_never_follows),
@@ -381,6 +456,7 @@ int main(void) {
       cmocka_unit_test(test_invalid_arguments),
       cmocka_unit_test(test_shield_deadline_is_its_own),
       cmocka_unit_test(test_shield_null_outer),
+      cmocka_unit_test(test_unarmable_grace_ends_at_once),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -9,9 +9,41 @@
  */
 #include "test_util.h"
 
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <sys/resource.h>
+#include <sys/timerfd.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+/* ---- Injected timerfd_settime failures -------------------------------- *
+ * The library calls timerfd_settime(2) itself (no wrapper of its own), so
+ * this definition in the test program takes the place of libc's for the
+ * statically linked library, and forwards to the real one unless a failure
+ * is asked for: settime_fail > 0 fails that many calls, < 0 every call. */
+static int settime_fail;   /* atomic */
+static int settime_failed; /* atomic: calls failed so far */
+
+int timerfd_settime(int fd, int flags, const struct itimerspec *new_value,
+                    struct itimerspec *old_value) {
+  static int (*real)(int, int, const struct itimerspec *, struct itimerspec *);
+  if (real == NULL) {
+    void *sym = dlsym(RTLD_NEXT, "timerfd_settime");
+    memcpy(&real, &sym, sizeof real); /* POSIX: a function's address */
+  }
+  int f = __atomic_load_n(&settime_fail, __ATOMIC_SEQ_CST);
+  while (f != 0) {
+    if (f < 0 ||
+        __atomic_compare_exchange_n(&settime_fail, &f, f - 1, false,
+                                    __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+      __atomic_add_fetch(&settime_failed, 1, __ATOMIC_SEQ_CST);
+      errno = ENOMEM;
+      return -1;
+    }
+  }
+  return real(fd, flags, new_value, old_value);
+}
 
 /* Generous upper bound for "it must fire eventually". */
 static int64_t fire_wait(int64_t timeout_ns) {
@@ -716,6 +748,196 @@ static void test_fork_safety(void **state) {
   sem_destroy(&g.sem);
 }
 
+/* ---- Timers the kernel cannot be told about (issue 11, items 6, 8) ---- */
+
+/* Runs fn in a forked child (no cmocka there: its exit status is the
+ * result) and returns that status, or -1 if it did not end within
+ * timeout_ns (it is killed). */
+static int in_child(int (*fn)(void), int64_t timeout_ns) {
+  fflush(NULL);
+  pid_t pid = fork();
+  assert_true(pid >= 0);
+  if (pid == 0)
+    _exit(fn());
+  int64_t end = cancel_now() + timeout_ns;
+  int status = 0;
+  for (;;) {
+    pid_t r = waitpid(pid, &status, WNOHANG);
+    if (r == pid)
+      break;
+    if (cancel_now() > end) {
+      kill(pid, SIGKILL);
+      waitpid(pid, &status, 0);
+      return -1;
+    }
+    test_sleep_ns(CANCEL_MSEC(1));
+  }
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 100 + WTERMSIG(status);
+}
+
+/* Lowers the descriptor limit and opens descriptors until there are none
+ * left: the next timerfd_create/epoll_create1/eventfd gets EMFILE. */
+static int exhaust_fds(void) {
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_NOFILE, &rl) != 0)
+    return -1;
+  rl.rlim_cur = 32;
+  if (setrlimit(RLIMIT_NOFILE, &rl) != 0)
+    return -1;
+  while (dup(0) >= 0 || errno == EINTR) {
+  }
+  return errno == EMFILE ? 0 : -1;
+}
+
+static cancel_source *armed_before_fork;
+
+/* In the child: the reactor is not running (fork resets it) and cannot
+ * start, so no timeout can be armed.  A failed arm must say so with a
+ * documented error and leave no deadline behind: the one before the call,
+ * or none. */
+static int child_no_descriptors(void) {
+  cancel_source *s = NULL, *t = NULL;
+  if (cancel_source_new(&s, "budget") != 0)
+    return 2;
+  if (exhaust_fds() != 0)
+    return 3;
+  int rc = cancel_source_cancel_after(s, CANCEL_SEC(5));
+  if (rc != -EMFILE)
+    return 4;
+  if (cancel_token_deadline(TOK(s)) != CANCEL_NEVER ||
+      cancel_token_remaining(TOK(s)) != CANCEL_NEVER)
+    return 5; /* a budget nobody enforces */
+  const cancel_token *ps = TOK(s);
+  cancel_source *child = NULL;
+  if (cancel_source_new_linked(&child, "child", &ps, 1) != 0)
+    return 6;
+  if (cancel_source_cancel_at(s, cancel_now() + CANCEL_SEC(3)) != -EMFILE)
+    return 7;
+  if (cancel_token_deadline(TOK(child)) != CANCEL_NEVER)
+    return 8;
+  if (cancel_source_new_timeout(&t, "t", NULL, CANCEL_SEC(5)) != -EMFILE ||
+      t != NULL)
+    return 9;
+  cancel_source local;
+  if (cancel_source_init_timeout(&local, "t", NULL, CANCEL_SEC(5)) != -EMFILE)
+    return 10;
+  /* Re-arming a source armed before the fork: the failed re-arm leaves its
+   * earlier deadline, still queued. */
+  int64_t before = cancel_token_deadline(TOK(armed_before_fork));
+  if (cancel_source_cancel_at(armed_before_fork,
+                              cancel_now() + CANCEL_SEC(1)) != -EMFILE)
+    return 11;
+  if (cancel_token_deadline(TOK(armed_before_fork)) != before)
+    return 12;
+  /* Disarming needs no thread and succeeds. */
+  if (cancel_source_cancel_at(armed_before_fork, CANCEL_NEVER) != 0 ||
+      cancel_token_deadline(TOK(armed_before_fork)) != CANCEL_NEVER)
+    return 13;
+  /* A passed deadline fires inline, thread or not. */
+  if (cancel_source_cancel_at(s, 1) != 0 || !cancel_token_is_cancelled(TOK(s)))
+    return 14;
+  if (!cancel_token_is_cancelled(TOK(child)))
+    return 15;
+  cancel_source_unref(child);
+  cancel_source_unref(s);
+  return 0;
+}
+
+static void test_failed_arm_leaves_no_deadline(void **state) {
+  (void)state;
+  armed_before_fork = new_src("armed");
+  assert_int_equal(
+      cancel_source_cancel_at(armed_before_fork, cancel_now() + CANCEL_SEC(60)),
+      0);
+  assert_true(test_others_asleep(test_tol(CANCEL_SEC(2))));
+  int rc = in_child(child_no_descriptors, test_tol(CANCEL_SEC(10)));
+  if (rc != 0)
+    print_error("child failed at step %d\n", rc);
+  assert_int_equal(rc, 0);
+  cancel_source_unref(armed_before_fork);
+}
+
+struct timed {
+  cancel_source *s;
+  cancel_reg reg;
+  struct fire_rec f;
+  int64_t at;
+};
+
+static void timed_arm(struct timed *t, const char *name, int64_t in) {
+  fire_rec_init(&t->f);
+  t->s = new_src(name);
+  assert_int_equal(cancel_register(&t->reg, TOK(t->s), fire_cb, &t->f), 0);
+  t->at = cancel_now() + in;
+  assert_int_equal(cancel_source_cancel_at(t->s, t->at), 0);
+}
+
+/* Waits for t's timer; returns how late it fired, or -1 if it did not
+ * fire within a generous bound (then it is cancelled by hand, so that
+ * nothing is left running). */
+static int64_t timed_end(struct timed *t) {
+  int64_t late = -1;
+  if (test_sem_wait_ns(&t->f.sem, fire_wait(t->at - cancel_now())) == 0)
+    late = t->f.at - t->at;
+  else
+    cancel_source_cancel(t->s);
+  cancel_unregister(&t->reg);
+  cancel_source_unref(t->s);
+  sem_destroy(&t->f.sem);
+  return late;
+}
+
+static void check_on_time(const char *what, int64_t late) {
+  if (late < 0)
+    print_error("%s: never fired\n", what);
+  else
+    print_message("%s: %" PRId64 " us late\n", what, late / 1000);
+  assert_i64_ge(late, 0);
+  /* The fallback rounds up to whole milliseconds. */
+  assert_i64_lt(late, late_tol() + CANCEL_MSEC(1));
+}
+
+static void test_timerfd_settime_failure(void **state) {
+  (void)state;
+  /* The reactor is up and idle. */
+  struct timed warm;
+  timed_arm(&warm, "warm", CANCEL_MSEC(1));
+  assert_i64_ge(timed_end(&warm), 0);
+
+  /* Every timerfd_settime fails: the reactor falls back on epoll_wait's
+   * own timeout, and an earlier timer armed while it sleeps wakes it. */
+  __atomic_store_n(&settime_failed, 0, __ATOMIC_SEQ_CST);
+  __atomic_store_n(&settime_fail, -1, __ATOMIC_SEQ_CST);
+  struct timed a, b;
+  timed_arm(&a, "a", CANCEL_MSEC(120));
+  timed_arm(&b, "b", CANCEL_MSEC(60));
+  int64_t late_b = timed_end(&b);
+  int64_t late_a = timed_end(&a);
+  __atomic_store_n(&settime_fail, 0, __ATOMIC_SEQ_CST);
+  assert_true(__atomic_load_n(&settime_failed, __ATOMIC_SEQ_CST) > 0);
+  check_on_time("b (timerfd broken)", late_b);
+  check_on_time("a (timerfd broken)", late_a);
+
+  /* One failure while a far timer is programmed: the next timer must not
+   * wait for the far one. */
+  struct timed far, near;
+  timed_arm(&far, "far", CANCEL_SEC(30));
+  __atomic_store_n(&settime_failed, 0, __ATOMIC_SEQ_CST);
+  __atomic_store_n(&settime_fail, 1, __ATOMIC_SEQ_CST);
+  timed_arm(&near, "near", CANCEL_MSEC(50));
+  int64_t late_near = timed_end(&near);
+  __atomic_store_n(&settime_fail, 0, __ATOMIC_SEQ_CST);
+  assert_int_equal(__atomic_load_n(&settime_failed, __ATOMIC_SEQ_CST), 1);
+  check_on_time("near (one failure)", late_near);
+  assert_int_equal(cancel_source_cancel(far.s), 1); /* done with it */
+  (void)timed_end(&far);
+
+  /* And later timeouts still fire on time. */
+  struct timed after;
+  timed_arm(&after, "after", CANCEL_MSEC(40));
+  check_on_time("after recovery", timed_end(&after));
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_timeout_fires_within_tolerance),
@@ -735,6 +957,8 @@ int main(void) {
       cmocka_unit_test(test_timer_callback_reentrancy),
       cmocka_unit_test(test_unref_races_timer_fire),
       cmocka_unit_test(test_fork_safety),
+      cmocka_unit_test(test_failed_arm_leaves_no_deadline),
+      cmocka_unit_test(test_timerfd_settime_failure),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -252,7 +252,8 @@ static int perform(const cancel_token *tok, CURL *easy,
   if (left != CANCEL_NEVER) {
     if (left <= 0)
       return -ECANCELED; /* nothing left: send nothing */
-    long ms = (long)((left + 999999) / 1000000); /* >= 1: 0 is "none" */
+    /* Rounded up, so >= 1: 0 would be "none". */
+    long ms = (long)cancel__ns_to_ms_ceil(left, LONG_MAX);
     curl_easy_setopt(easy, CURLOPT_TIMEOUT_MS, ms);
     if (!opts->no_grpc_timeout || !opts->no_request_timeout_ms) {
       own_headers = true;

@@ -134,10 +134,6 @@ struct cancel_http_server {
 
 /* ---- Small helpers ------------------------------------------------------ */
 
-static int64_t add_sat(int64_t a, int64_t b) {
-  return a > CANCEL_NEVER - b ? CANCEL_NEVER : a + b;
-}
-
 static bool kvs_add(struct kvs *s, const char *k, const char *v) {
   if (s->n == s->cap) {
     size_t cap = s->cap ? s->cap * 2 : 16;
@@ -1020,8 +1016,7 @@ int cancel_http_server_stop(cancel_http_server *s, int64_t deadline) {
       pthread_cond_wait(&s->done_cv, &s->mu);
       continue;
     }
-    struct timespec ts = {.tv_sec = (time_t)(deadline / 1000000000),
-                          .tv_nsec = (long)(deadline % 1000000000)};
+    struct timespec ts = cancel__timespec_at(deadline);
     if (pthread_cond_timedwait(&s->done_cv, &s->mu, &ts) == ETIMEDOUT &&
         s->in_flight > 0) {
       timed_out = true;
@@ -1062,7 +1057,8 @@ int cancel_http_server_run(const cancel_token *stopping, void *arg) {
     return rc;
   (void)cancel_sleep_until(stopping, CANCEL_NEVER);
   rc = cancel_http_server_stop(
-      s, add_sat(cancel_now(), add_sat(s->o.drain_timeout_ns, CANCEL_SEC(1))));
+      s, cancel__add_sat(cancel_now(), cancel__add_sat(s->o.drain_timeout_ns,
+                                                       CANCEL_SEC(1))));
   return rc < 0 ? rc : -ECANCELED;
 }
 

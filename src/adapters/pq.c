@@ -20,6 +20,7 @@
  */
 #define _GNU_SOURCE
 #include "cancel/pq.h"
+#include "deadline.h"
 
 #include "cancel/diag.h"
 
@@ -54,10 +55,6 @@ struct call {
   bool skip_first; /* the first result is our backstop SET */
 };
 
-static int64_t add_sat(int64_t a, int64_t b) {
-  return a > CANCEL_NEVER - b ? CANCEL_NEVER : a + b;
-}
-
 /* The socket is of no more use: make libpq see the connection as broken
  * (the next read gets end of file) without closing a descriptor it owns. */
 static void break_conn(PGconn *conn) {
@@ -79,7 +76,7 @@ static void send_cancel(struct call *c) {
   }
   c->cancel_sent = true;
   c->tok = NULL;
-  int64_t d = add_sat(cancel_now(), c->drain_ns);
+  int64_t d = cancel__add_sat(cancel_now(), c->drain_ns);
   if (d < c->deadline)
     c->deadline = d;
 }
@@ -263,7 +260,7 @@ static void rollback_open(PGconn *conn, int64_t drain_ns) {
     return;
   struct call c = {.conn = conn,
                    .tok = NULL,
-                   .deadline = add_sat(cancel_now(), drain_ns),
+                   .deadline = cancel__add_sat(cancel_now(), drain_ns),
                    .drain_ns = drain_ns};
   (void)run(&c, "ROLLBACK", NULL, NULL);
 }
@@ -288,9 +285,8 @@ static int check_idle(PGconn *conn) {
 
 /* The backstop's statement for a deadline `left` ns away, into buf. */
 static void backstop_sql(char *buf, size_t len, int64_t left, int64_t margin) {
-  int64_t ms = (add_sat(left, margin) + 999999) / 1000000;
-  if (ms > INT32_MAX) /* the setting's upper bound */
-    ms = INT32_MAX;
+  /* Rounded up, at most the setting's upper bound. */
+  int64_t ms = cancel__ns_to_ms_ceil(cancel__add_sat(left, margin), INT32_MAX);
   snprintf(buf, len, "SET LOCAL statement_timeout = %" PRId64, ms);
 }
 

@@ -29,6 +29,7 @@
  */
 #define _GNU_SOURCE
 #include "cancel/host.h"
+#include "deadline.h"
 
 #include "cancel/log.h"
 #include "cancel/watch.h"
@@ -92,10 +93,6 @@ struct cancel_host {
 };
 
 /* ---- Small helpers ---------------------------------------------------- */
-
-static int64_t add_sat(int64_t t, int64_t d) {
-  return t > CANCEL_NEVER - d ? CANCEL_NEVER : t + d;
-}
 
 static int64_t to_ms(int64_t ns) {
   return ns / CANCEL_MSEC(1);
@@ -247,7 +244,7 @@ int64_t cancel_host_shutdown_deadline(const cancel_host *h) {
   if (h == NULL)
     return CANCEL_NEVER;
   int64_t t = stop_time(h);
-  return t == CANCEL_NEVER ? CANCEL_NEVER : add_sat(t, h->timeout);
+  return t == CANCEL_NEVER ? CANCEL_NEVER : cancel__add_sat(t, h->timeout);
 }
 
 int cancel_host_stop(cancel_host *h, const char *detail) {
@@ -293,7 +290,7 @@ static void *worker_main(void *arg) {
   char after[64] = "";
   if (asked != CANCEL_NEVER)
     snprintf(after, sizeof after, " asked_ms=%" PRId64 "%s", to_ms(end - asked),
-             end > add_sat(asked, h->timeout) ? " late=true" : "");
+             end > cancel__add_sat(asked, h->timeout) ? " late=true" : "");
   if (ok) {
     cancel_log(CANCEL_LOG_INFO, "host", "worker stopped",
                "host=%s worker=%s result=%s duration_ms=%" PRId64 "%s", hq, wq,
@@ -507,7 +504,7 @@ int cancel_host_run(cancel_host *h) {
 
   cancel_reason why;
   cancel_token_reason(stop, &why);
-  int64_t deadline = add_sat(why.time, h->timeout);
+  int64_t deadline = cancel__add_sat(why.time, h->timeout);
   char reason[512], status_msg[600];
   cancel_reason_format(&why, reason, sizeof reason);
   snprintf(status_msg, sizeof status_msg, "STOPPING=1\nSTATUS=stopping: %s",
