@@ -10,6 +10,7 @@
 #include "cancel/log.h"
 
 #include <arpa/inet.h>
+#include <microhttpd.h> /* MHD_VERSION: what the server can see */
 #include <netinet/in.h>
 #include <poll.h>
 #include <sys/socket.h>
@@ -136,6 +137,24 @@ static int h_nothing(cancel_http_request *req, const cancel_token *tok,
   return finish(tok, 0);
 }
 
+/* Answers the {n} capture as read by cancel_http_request_param_u64, or 400
+ * with the error it returned. */
+static int h_num(cancel_http_request *req, const cancel_token *tok,
+                 void *arg) {
+  (void)arg;
+  uint64_t n = 0;
+  int rc = cancel_http_request_param_u64(req, "n", 1000000, &n);
+  char body[64];
+  if (rc < 0) {
+    snprintf(body, sizeof body, "bad n: %s\n", cancel_strerror(rc));
+    cancel_http_respond(req, 400, "text/plain", body, strlen(body));
+  } else {
+    snprintf(body, sizeof body, "n=%" PRIu64, n);
+    cancel_http_respond(req, 200, "text/plain", body, strlen(body));
+  }
+  return finish(tok, 0);
+}
+
 static const cancel_http_route routes[] = {
     {"GET", "/hello/{id}", h_hello, NULL, 0},
     {"POST", "/hello/{id}", h_hello, NULL, 0},
@@ -145,6 +164,7 @@ static const cancel_http_route routes[] = {
     {"GET", "/fail", h_fail, (void *)(intptr_t)-EIO, 0},
     {"GET", "/fake-cancel", h_fail, (void *)(intptr_t)-ECANCELED, 0},
     {"GET", "/nothing", h_nothing, NULL, 0},
+    {"GET", "/num/{n}", h_num, NULL, 0},
 };
 #define NROUTES (sizeof routes / sizeof routes[0])
 
@@ -280,7 +300,7 @@ static void test_server_answers_itself(void **state) {
            "DELETE /hello/1 HTTP/1.1\r\nHost: t\r\n"
            "Connection: close\r\n\r\n");
   assert_int_equal(request(port, req, resp, sizeof resp), 405);
-  assert_non_null(strstr(resp, "Allow: GET, POST"));
+  assert_non_null(strstr(resp, "Allow: GET, HEAD, POST"));
   snprintf(
       req, sizeof req,
       "POST /hello/1 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
@@ -626,6 +646,180 @@ static void test_bad_arguments(void **state) {
   stop(a);
 }
 
+/* ---- Strictness (RFC 9112 framing, exact route parameters) ------------- */
+
+/* Sends len raw bytes (NULs included) on a new connection and reads until
+ * the server closes; returns the status, or -1 when nothing parsed. */
+static int request_n(uint16_t port, const char *req, size_t len, char *resp,
+                     size_t rlen) {
+  int fd = client_connect(port);
+  size_t off = 0;
+  while (off < len) {
+    ssize_t n = send(fd, req + off, len - off, MSG_NOSIGNAL);
+    assert_true(n > 0);
+    off += (size_t)n;
+  }
+  read_all(fd, resp, rlen);
+  close(fd);
+  int status = 0;
+  if (sscanf(resp, "HTTP/1.%*d %d", &status) != 1)
+    return -1;
+  return status;
+}
+#define RAW(port, lit, resp) request_n(port, lit, sizeof lit - 1, resp, sizeof resp)
+
+/* Two Content-Length values that differ, a list in one field, and
+ * Transfer-Encoding beside Content-Length: the framing is ambiguous (the
+ * request smuggling of RFC 9112 6.3 and 11.2), 400 and the connection
+ * closed, with the reason in the access line. */
+static void test_strict_framing(void **state) {
+  (void)state;
+  cancel_http_server *s = start(NULL, NULL);
+  uint16_t port = cancel_http_server_port(s);
+  char resp[4096], line[2048];
+  assert_int_equal(RAW(port,
+                       "POST /hello/1 HTTP/1.1\r\nHost: t\r\n"
+                       "Content-Length: 5\r\nContent-Length: 6\r\n\r\nabcdef",
+                       resp),
+                   400);
+  assert_non_null(strstr(resp, "Connection: close"));
+  assert_true(log_find(line, sizeof line, "status=400", "Content-Length",
+                       NULL));
+  assert_int_equal(RAW(port,
+                       "POST /hello/1 HTTP/1.1\r\nHost: t\r\n"
+                       "Content-Length: 5, 6\r\n\r\nabcdef",
+                       resp),
+                   400);
+  assert_int_equal(RAW(port,
+                       "POST /hello/1 HTTP/1.1\r\nHost: t\r\n"
+                       "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       "5\r\nabcde\r\n0\r\n\r\n",
+                       resp),
+                   400);
+  assert_non_null(strstr(resp, "Connection: close"));
+  assert_true(log_find(line, sizeof line, "status=400", "Transfer-Encoding",
+                       NULL));
+  /* The same length twice is one length (RFC 9110 8.6 allows either). */
+  assert_int_equal(RAW(port,
+                       "POST /hello/1 HTTP/1.1\r\nHost: t\r\n"
+                       "Connection: close\r\n"
+                       "Content-Length: 5\r\nContent-Length: 5\r\n\r\nabcde",
+                       resp),
+                   200);
+  assert_non_null(strstr(resp, "body=abcde"));
+  /* Chunked alone is fine. */
+  assert_int_equal(RAW(port,
+                       "POST /hello/1 HTTP/1.1\r\nHost: t\r\n"
+                       "Connection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       "5\r\nabcde\r\n0\r\n\r\n",
+                       resp),
+                   200);
+  assert_non_null(strstr(resp, "body=abcde"));
+  stop(s);
+}
+
+/* RFC 9112 3.2: an HTTP/1.1 request without Host, or with two, is 400. */
+static void test_strict_host(void **state) {
+  (void)state;
+  cancel_http_server *s = start(NULL, NULL);
+  uint16_t port = cancel_http_server_port(s);
+  char resp[4096], line[2048];
+  assert_int_equal(
+      RAW(port, "GET /hello/1 HTTP/1.1\r\nConnection: close\r\n\r\n", resp),
+      400);
+  assert_true(log_find(line, sizeof line, "status=400", "Host", NULL));
+  assert_int_equal(RAW(port,
+                       "GET /hello/1 HTTP/1.1\r\nHost: a\r\nHost: b\r\n"
+                       "Connection: close\r\n\r\n",
+                       resp),
+                   400);
+  /* HTTP/1.0 has no Host requirement. */
+  assert_int_equal(RAW(port, "GET /hello/1 HTTP/1.0\r\n\r\n", resp), 200);
+  stop(s);
+}
+
+/* A NUL in the decoded path or query ("/hello/5%00" read as "/hello/5")
+ * is 400, never a shorter value.  A NUL in a header value is refused too
+ * where libmicrohttpd lets the application see it; 0.9.75 (Debian 12)
+ * ends the value there and reports the shorter length through its _n
+ * calls as well, so the server cannot tell "250\0" from "250": that case
+ * is checked only on a libmicrohttpd that keeps the real length. */
+static void test_strict_nul(void **state) {
+  (void)state;
+  cancel_http_server *s = start(NULL, NULL);
+  uint16_t port = cancel_http_server_port(s);
+  char resp[4096], line[2048];
+  assert_int_equal(get(port, "/hello/5%00", NULL, resp, sizeof resp), 400);
+  assert_true(log_find(line, sizeof line, "status=400", "NUL", NULL));
+  assert_int_equal(get(port, "/hello/5%00/x", NULL, resp, sizeof resp), 400);
+  assert_int_equal(get(port, "/hello/5?fmt=a%00b", NULL, resp, sizeof resp),
+                   400);
+  assert_int_equal(seen_get()->calls, 0);
+  /* Other escapes still decode, and the next request on the connection
+   * is judged on its own. */
+  assert_int_equal(get(port, "/hello/a%41", NULL, resp, sizeof resp), 200);
+  assert_non_null(strstr(resp, "id=aA "));
+  int st = RAW(port,
+               "GET /wait HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+               "X-Request-Timeout-Ms: 250\0\r\n\r\n",
+               resp);
+#if MHD_VERSION > 0x00097500
+  assert_int_equal(st, 400);
+#else
+  print_message("libmicrohttpd %x: a NUL in a header value is not visible "
+                "to the server (answered %d)\n",
+                (unsigned)MHD_VERSION, st);
+#endif
+  stop(s);
+}
+
+/* Route parameters are exact: cancel_http_request_param_u64 takes the
+ * canonical decimal spelling only ("5", not " 5", "+5", "05"). */
+static void test_param_u64(void **state) {
+  (void)state;
+  cancel_http_server *s = start(NULL, NULL);
+  uint16_t port = cancel_http_server_port(s);
+  char resp[4096];
+  assert_int_equal(get(port, "/num/5", NULL, resp, sizeof resp), 200);
+  assert_non_null(strstr(resp, "n=5"));
+  assert_int_equal(get(port, "/num/0", NULL, resp, sizeof resp), 200);
+  assert_int_equal(get(port, "/num/1000000", NULL, resp, sizeof resp), 200);
+  const char *bad[] = {"/num/%205", "/num/+5",     "/num/05",   "/num/5%20",
+                       "/num/-1",   "/num/0x5",    "/num/5a",   "/num/%095",
+                       "/num/1e3",  "/num/1000001", "/num/18446744073709551616"};
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    int st = get(port, bad[i], NULL, resp, sizeof resp);
+    if (st != 400)
+      print_message("%s: %d\n", bad[i], st);
+    assert_int_equal(st, 400);
+  }
+  assert_non_null(strstr(resp, "bad n: "));
+  stop(s);
+}
+
+/* HEAD is answered as GET would be, without the body (RFC 9110 9.3.2). */
+static void test_head_like_get(void **state) {
+  (void)state;
+  cancel_http_server *s = start(NULL, NULL);
+  uint16_t port = cancel_http_server_port(s);
+  char resp[4096];
+  assert_int_equal(
+      RAW(port, "HEAD /hello/9 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+          resp),
+      200);
+  assert_non_null(strstr(resp, "X-Served-By: test"));
+  assert_null(strstr(resp, "id=9"));
+  assert_int_equal(seen_get()->calls, 1);
+  /* 405 names HEAD where GET is allowed. */
+  assert_int_equal(RAW(port,
+                       "DELETE /hello/1 HTTP/1.1\r\nHost: t\r\n"
+                       "Connection: close\r\n\r\n",
+                       resp),
+                   405);
+  assert_non_null(strstr(resp, "Allow: GET, HEAD, POST"));
+  stop(s);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test_setup_teardown(test_request_completes, setup, teardown),
@@ -645,6 +839,11 @@ int main(void) {
                                       teardown),
       cmocka_unit_test_setup_teardown(test_no_cancellation, setup, teardown),
       cmocka_unit_test_setup_teardown(test_bad_arguments, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_strict_framing, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_strict_host, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_strict_nul, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_param_u64, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_head_like_get, setup, teardown),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
