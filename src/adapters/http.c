@@ -1097,8 +1097,10 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
   if (tc != MHD_REQUEST_TERMINATED_COMPLETED_OK && !r->no_response &&
       r->state == REQ_DONE)
     r->log_status = 499; /* the answer could not be delivered */
-  if (cut && r->state != REQ_DONE)
+  if (cut && r->state != REQ_DONE) {
     r->log_status = 408; /* the body did not come in time: we cut it */
+    r->level = CANCEL_LOG_INFO;
+  }
   if (cancel_log_enabled(r->level)) {
     char path[256], err[160] = "", after[96] = "";
     cancel_logfmt_quote(path, sizeof path, r->url);
