@@ -149,8 +149,8 @@ typedef struct cancel_http_options {
    *   phase; a request cut in its body also gets its access line, status
    *   408).
    *
-   * max_connections: connections open at once; at the limit, new ones
-   *   wait in the kernel's listen queue until one closes.  0: 4096.
+   * max_connections: connections open at once; at the limit
+   *   libmicrohttpd accepts no more until one closes.  0: 4096.
    * max_connections_per_ip: connections open at once from one client
    *   address; the next one is accepted and closed at once.  0: 256;
    *   UINT_MAX: no limit (behind a reverse proxy every client has the
