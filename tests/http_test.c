@@ -140,8 +140,7 @@ static int h_nothing(cancel_http_request *req, const cancel_token *tok,
 
 /* Answers the {n} capture as read by cancel_http_request_param_u64, or 400
  * with the error it returned. */
-static int h_num(cancel_http_request *req, const cancel_token *tok,
-                 void *arg) {
+static int h_num(cancel_http_request *req, const cancel_token *tok, void *arg) {
   (void)arg;
   uint64_t n = 0;
   int rc = cancel_http_request_param_u64(req, "n", 1000000, &n);
@@ -667,7 +666,8 @@ static int request_n(uint16_t port, const char *req, size_t len, char *resp,
     return -1;
   return status;
 }
-#define RAW(port, lit, resp) request_n(port, lit, sizeof lit - 1, resp, sizeof resp)
+#define RAW(port, lit, resp)                                                   \
+  request_n(port, lit, sizeof lit - 1, resp, sizeof resp)
 
 /* Two Content-Length values that differ, a list in one field, and
  * Transfer-Encoding beside Content-Length: the framing is ambiguous (the
@@ -684,8 +684,8 @@ static void test_strict_framing(void **state) {
                        resp),
                    400);
   assert_non_null(strstr(resp, "Connection: close"));
-  assert_true(log_find(line, sizeof line, "status=400", "Content-Length",
-                       NULL));
+  assert_true(
+      log_find(line, sizeof line, "status=400", "Content-Length", NULL));
   assert_int_equal(RAW(port,
                        "POST /hello/1 HTTP/1.1\r\nHost: t\r\n"
                        "Content-Length: 5, 6\r\n\r\nabcdef",
@@ -698,8 +698,8 @@ static void test_strict_framing(void **state) {
                        resp),
                    400);
   assert_non_null(strstr(resp, "Connection: close"));
-  assert_true(log_find(line, sizeof line, "status=400", "Transfer-Encoding",
-                       NULL));
+  assert_true(
+      log_find(line, sizeof line, "status=400", "Transfer-Encoding", NULL));
   /* The same length twice is one length (RFC 9110 8.6 allows either). */
   assert_int_equal(RAW(port,
                        "POST /hello/1 HTTP/1.1\r\nHost: t\r\n"
@@ -785,9 +785,17 @@ static void test_param_u64(void **state) {
   assert_non_null(strstr(resp, "n=5"));
   assert_int_equal(get(port, "/num/0", NULL, resp, sizeof resp), 200);
   assert_int_equal(get(port, "/num/1000000", NULL, resp, sizeof resp), 200);
-  const char *bad[] = {"/num/%205", "/num/+5",     "/num/05",   "/num/5%20",
-                       "/num/-1",   "/num/0x5",    "/num/5a",   "/num/%095",
-                       "/num/1e3",  "/num/1000001", "/num/18446744073709551616"};
+  const char *bad[] = {"/num/%205",
+                       "/num/+5",
+                       "/num/05",
+                       "/num/5%20",
+                       "/num/-1",
+                       "/num/0x5",
+                       "/num/5a",
+                       "/num/%095",
+                       "/num/1e3",
+                       "/num/1000001",
+                       "/num/18446744073709551616"};
   for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
     int st = get(port, bad[i], NULL, resp, sizeof resp);
     if (st != 400)
@@ -805,7 +813,8 @@ static void test_head_like_get(void **state) {
   uint16_t port = cancel_http_server_port(s);
   char resp[4096];
   assert_int_equal(
-      RAW(port, "HEAD /hello/9 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+      RAW(port,
+          "HEAD /hello/9 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
           resp),
       200);
   assert_non_null(strstr(resp, "X-Served-By: test"));
@@ -957,7 +966,8 @@ static void test_per_ip_limit(void **state) {
 
   int other = client_connect_from(port, "127.0.0.2");
   assert_true(other >= 0);
-  send_all(other, "GET /hello/3 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+  send_all(other,
+           "GET /hello/3 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
   read_all(other, resp, sizeof resp);
   close(other);
   assert_non_null(strstr(resp, "HTTP/1.1 200"));
@@ -1002,7 +1012,8 @@ static void *trickler_main(void *p) {
   struct trickler *t = p;
   while (!__atomic_load_n(&t->stop, __ATOMIC_ACQUIRE)) {
     for (int i = 0; i < t->n; i++)
-      if (t->fds[i] >= 0 && send(t->fds[i], "a", 1, MSG_NOSIGNAL | MSG_DONTWAIT) == 1)
+      if (t->fds[i] >= 0 &&
+          send(t->fds[i], "a", 1, MSG_NOSIGNAL | MSG_DONTWAIT) == 1)
         t->bytes++;
     test_sleep_ns(CANCEL_MSEC(250));
   }

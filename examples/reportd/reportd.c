@@ -60,12 +60,14 @@ static const char usage[] =
     "  --poll MS             REPORTD_POLL_MS (500)\n"
     "  --header-timeout MS   REPORTD_HEADER_TIMEOUT_MS, a request's line and\n"
     "                        headers in total, from the accept (10000)\n"
-    "  --body-timeout MS     REPORTD_BODY_TIMEOUT_MS, its body in total (60000)\n"
+    "  --body-timeout MS     REPORTD_BODY_TIMEOUT_MS, its body in total "
+    "(60000)\n"
     "  --idle-timeout MS     REPORTD_IDLE_TIMEOUT_MS, a connection with no\n"
     "                        traffic, keep-alive included (60000)\n"
     "  --max-connections N   REPORTD_MAX_CONNECTIONS, open at once (4096)\n"
     "  --max-connections-per-ip N\n"
-    "                        REPORTD_MAX_CONNECTIONS_PER_IP (256; 0: no limit,\n"
+    "                        REPORTD_MAX_CONNECTIONS_PER_IP (256; 0: no "
+    "limit,\n"
     "                        e.g. behind a reverse proxy)\n"
     "  --rows N              REPORTD_ROWS, rows per report when seeding "
     "(2000)\n"
@@ -637,21 +639,19 @@ int main(int argc, char **argv) {
        CANCEL_MSEC(c->route_timeout_ms)},
   };
   size_t nroutes = sizeof routes / sizeof routes[0] - (c->seeded_bug ? 0 : 1);
-  cancel_http_options hopt = {.name = "reportd",
-                              .bind_address = c->bind,
-                              .port = (uint16_t)c->port,
-                              .threads = (unsigned)c->threads,
-                              .drain_timeout_ns = CANCEL_MSEC(c->drain_ms),
-                              .header_timeout_ns =
-                                  CANCEL_MSEC(c->header_timeout_ms),
-                              .body_timeout_ns = CANCEL_MSEC(c->body_timeout_ms),
-                              .idle_timeout_ns = CANCEL_MSEC(c->idle_timeout_ms),
-                              .max_connections = (unsigned)c->max_conns,
-                              .max_connections_per_ip =
-                                  c->max_conns_per_ip == 0
-                                      ? UINT_MAX
-                                      : (unsigned)c->max_conns_per_ip,
-                              .no_cancellation = c->no_cancellation};
+  cancel_http_options hopt = {
+      .name = "reportd",
+      .bind_address = c->bind,
+      .port = (uint16_t)c->port,
+      .threads = (unsigned)c->threads,
+      .drain_timeout_ns = CANCEL_MSEC(c->drain_ms),
+      .header_timeout_ns = CANCEL_MSEC(c->header_timeout_ms),
+      .body_timeout_ns = CANCEL_MSEC(c->body_timeout_ms),
+      .idle_timeout_ns = CANCEL_MSEC(c->idle_timeout_ms),
+      .max_connections = (unsigned)c->max_conns,
+      .max_connections_per_ip =
+          c->max_conns_per_ip == 0 ? UINT_MAX : (unsigned)c->max_conns_per_ip,
+      .no_cancellation = c->no_cancellation};
   if (rc == 0)
     rc = cancel_http_server_new(&svc.http, &hopt, routes, nroutes);
   if (c->no_diagnostics)

@@ -88,7 +88,7 @@ struct conn_ctx {
    * that passes just as the request completes is either a cut or a
    * request, never both. */
   int64_t read_deadline;
-  int64_t read_since; /* when the phase began, for the log */
+  int64_t read_since;     /* when the phase began, for the log */
   const char *read_phase; /* "headers", "body", "next request" */
   unsigned requests;      /* request lines seen */
   bool bad_escape;        /* the request's path or query decoded to a NUL */
@@ -632,8 +632,7 @@ static void *on_request_line(void *cls, const char *uri,
     return NULL;
   c->bad_escape = false; /* the unescaper runs next, for this request */
   if (c->requests++ > 0)
-    (void)read_deadline_set(c, deadline_in(s->o.header_timeout_ns),
-                            "headers");
+    (void)read_deadline_set(c, deadline_in(s->o.header_timeout_ns), "headers");
   return NULL;
 }
 
@@ -683,7 +682,8 @@ static void raise_nofile(const cancel_http_server *s) {
                (unsigned long long)want, s->o.max_connections);
 }
 
-/* ---- Strictness ----------------------------------------------------------- */
+/* ---- Strictness -----------------------------------------------------------
+ */
 
 struct header_scan {
   unsigned host, content_length, transfer_encoding;
@@ -946,8 +946,9 @@ static const cancel_http_route *find_route(cancel_http_request *r,
         (strcmp(rt->method, "GET") == 0 && strcmp(r->method, "HEAD") == 0))
       return rt; /* HEAD: GET's answer, libmicrohttpd drops the body */
     *other_method = true;
-    int n = snprintf(allow + al, alen - al, "%s%s%s", al ? ", " : "",
-                     rt->method, strcmp(rt->method, "GET") == 0 ? ", HEAD" : "");
+    int n =
+        snprintf(allow + al, alen - al, "%s%s%s", al ? ", " : "", rt->method,
+                 strcmp(rt->method, "GET") == 0 ? ", HEAD" : "");
     if (n > 0 && (size_t)n < alen - al)
       al += (size_t)n;
   }
@@ -1030,8 +1031,9 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn,
       (void)read_deadline_set(conn_ctx_of(conn), CANCEL_NEVER, NULL);
       snprintf(r->error, sizeof r->error, "bad request: %s", why);
       r->close_conn = true; /* where the request ends is in doubt */
-      return answer_now(r, st, st == 400 ? "bad request\n"
-                                         : "transfer coding not implemented\n");
+      return answer_now(r, st,
+                        st == 400 ? "bad request\n"
+                                  : "transfer coding not implemented\n");
     }
     return MHD_YES;
   }
@@ -1165,8 +1167,8 @@ static void on_connection(void *cls, struct MHD_Connection *conn,
     char name[96];
     client_name(conn, name, sizeof name);
     cancel_log(CANCEL_LOG_INFO, "http", "request read timed out",
-               "server=%s client=\"%s\" phase=\"%s\" waited_ms=%.0f",
-               s->o.name, name + 7, c->read_phase,
+               "server=%s client=\"%s\" phase=\"%s\" waited_ms=%.0f", s->o.name,
+               name + 7, c->read_phase,
                (double)(cancel_now() - c->read_since) / 1e6);
   }
   if (c->watching)
@@ -1347,10 +1349,10 @@ int cancel_http_server_start(cancel_http_server *s,
   }
   /* libmicrohttpd counts its idle timeout in seconds: rounded up, so that
    * it never cuts sooner than asked. */
-  int64_t idle_s = s->o.idle_timeout_ns == CANCEL_NEVER
-                       ? 0
-                       : (s->o.idle_timeout_ns + CANCEL_SEC(1) - 1) /
-                             CANCEL_SEC(1);
+  int64_t idle_s =
+      s->o.idle_timeout_ns == CANCEL_NEVER
+          ? 0
+          : (s->o.idle_timeout_ns + CANCEL_SEC(1) - 1) / CANCEL_SEC(1);
   if (idle_s > UINT_MAX / 2)
     idle_s = UINT_MAX / 2;
   errno = 0;
@@ -1380,21 +1382,20 @@ int cancel_http_server_start(cancel_http_server *s,
       MHD_get_daemon_info(s->d, MHD_DAEMON_INFO_BIND_PORT);
   s->port = di != NULL ? di->port : s->o.port;
   s->state = SRV_RUNNING;
-  cancel_log(CANCEL_LOG_INFO, "http", "listening",
-             "server=%s address=%s port=%u threads=%u header_timeout_ms=%.0f "
-             "body_timeout_ms=%.0f idle_timeout_s=%u max_connections=%u "
-             "max_connections_per_ip=%u",
-             s->o.name, s->o.bind_address, (unsigned)s->port, s->nthreads,
-             s->o.header_timeout_ns == CANCEL_NEVER
-                 ? -1.0
-                 : (double)s->o.header_timeout_ns / 1e6,
-             s->o.body_timeout_ns == CANCEL_NEVER
-                 ? -1.0
-                 : (double)s->o.body_timeout_ns / 1e6,
-             (unsigned)idle_s, s->o.max_connections,
-             s->o.max_connections_per_ip == UINT_MAX
-                 ? 0u
-                 : s->o.max_connections_per_ip);
+  cancel_log(
+      CANCEL_LOG_INFO, "http", "listening",
+      "server=%s address=%s port=%u threads=%u header_timeout_ms=%.0f "
+      "body_timeout_ms=%.0f idle_timeout_s=%u max_connections=%u "
+      "max_connections_per_ip=%u",
+      s->o.name, s->o.bind_address, (unsigned)s->port, s->nthreads,
+      s->o.header_timeout_ns == CANCEL_NEVER
+          ? -1.0
+          : (double)s->o.header_timeout_ns / 1e6,
+      s->o.body_timeout_ns == CANCEL_NEVER ? -1.0
+                                           : (double)s->o.body_timeout_ns / 1e6,
+      (unsigned)idle_s, s->o.max_connections,
+      s->o.max_connections_per_ip == UINT_MAX ? 0u
+                                              : s->o.max_connections_per_ip);
   return 0;
 }
 
