@@ -30,8 +30,10 @@ static int h_meta(cancel_http_request *req, const cancel_token *tok,
                   void *arg) {
   (void)arg;
   long id, delay = latency_ms;
-  if (!parse_number(cancel_http_request_param(req, "id"), 0, 1000000000, &id))
+  uint64_t id64;
+  if (cancel_http_request_param_u64(req, "id", 1000000000, &id64) < 0)
     return cancel_http_respond(req, 400, "text/plain", "id\n", 3);
+  id = (long)id64;
   const char *d = cancel_http_request_query(req, "delay_ms");
   if (d != NULL && !parse_number(d, 0, 600000, &delay))
     return cancel_http_respond(req, 400, "text/plain", "delay_ms\n", 9);

@@ -7,11 +7,12 @@
 #include <stdbool.h>
 #include <stdlib.h>
 
-/* Parses all of text (no sign games, no trailing bytes) as a number in
- * lo..hi into *out.  Returns false for NULL, empty, malformed or out of
- * range. */
+/* Parses all of text as a non-negative decimal number in lo..hi (lo >= 0)
+ * into *out: digits only, since strtol alone would take " 5", "+5" and
+ * trailing garbage is checked but leading space and signs are not.
+ * Returns false for NULL, empty, malformed or out of range. */
 static inline bool parse_number(const char *text, long lo, long hi, long *out) {
-  if (text == NULL || *text == '\0')
+  if (text == NULL || *text < '0' || *text > '9')
     return false;
   char *end = NULL;
   errno = 0;

@@ -24,6 +24,7 @@
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -40,6 +41,8 @@ struct config {
   const char *downstream;
   long route_timeout_ms, shutdown_timeout_ms, drain_ms, threads, poll_ms;
   long rows, work, commit_delay_ms, watchdog_ms;
+  long header_timeout_ms, body_timeout_ms, idle_timeout_ms, max_conns,
+      max_conns_per_ip;
   bool ignore_tokens, no_cancellation, seeded_bug, no_diagnostics;
 };
 
@@ -55,6 +58,17 @@ static const char usage[] =
     "  --drain MS            REPORTD_DRAIN_MS (shutdown timeout - 2000)\n"
     "  --threads N           REPORTD_THREADS (16)\n"
     "  --poll MS             REPORTD_POLL_MS (500)\n"
+    "  --header-timeout MS   REPORTD_HEADER_TIMEOUT_MS, a request's line and\n"
+    "                        headers in total, from the accept (10000)\n"
+    "  --body-timeout MS     REPORTD_BODY_TIMEOUT_MS, its body in total "
+    "(60000)\n"
+    "  --idle-timeout MS     REPORTD_IDLE_TIMEOUT_MS, a connection with no\n"
+    "                        traffic, keep-alive included (60000)\n"
+    "  --max-connections N   REPORTD_MAX_CONNECTIONS, open at once (4096)\n"
+    "  --max-connections-per-ip N\n"
+    "                        REPORTD_MAX_CONNECTIONS_PER_IP (256; 0: no "
+    "limit,\n"
+    "                        e.g. behind a reverse proxy)\n"
     "  --rows N              REPORTD_ROWS, rows per report when seeding "
     "(2000)\n"
     "  --work N              REPORTD_WORK, CPU work per row (20000)\n"
@@ -95,7 +109,12 @@ static bool configure(int argc, char **argv, struct config *c) {
                        .poll_ms = 500,
                        .rows = 2000,
                        .work = 20000,
-                       .watchdog_ms = 100};
+                       .watchdog_ms = 100,
+                       .header_timeout_ms = 10000,
+                       .body_timeout_ms = 60000,
+                       .idle_timeout_ms = 60000,
+                       .max_conns = 4096,
+                       .max_conns_per_ip = 256};
   /* The environment first, the flags over it. */
   static const struct {
     const char *env, *flag;
@@ -117,6 +136,16 @@ static bool configure(int argc, char **argv, struct config *c) {
        offsetof(struct config, commit_delay_ms)},
       {"REPORTD_WATCHDOG_MS", "watchdog", 0, 3600000,
        offsetof(struct config, watchdog_ms)},
+      {"REPORTD_HEADER_TIMEOUT_MS", "header-timeout", 1, 3600000,
+       offsetof(struct config, header_timeout_ms)},
+      {"REPORTD_BODY_TIMEOUT_MS", "body-timeout", 1, 3600000,
+       offsetof(struct config, body_timeout_ms)},
+      {"REPORTD_IDLE_TIMEOUT_MS", "idle-timeout", 1, 3600000,
+       offsetof(struct config, idle_timeout_ms)},
+      {"REPORTD_MAX_CONNECTIONS", "max-connections", 1, 1000000,
+       offsetof(struct config, max_conns)},
+      {"REPORTD_MAX_CONNECTIONS_PER_IP", "max-connections-per-ip", 0, 1000000,
+       offsetof(struct config, max_conns_per_ip)},
   };
   for (size_t i = 0; i < sizeof nums / sizeof nums[0]; i++)
     if (!number(nums[i].env, getenv(nums[i].env), nums[i].lo, nums[i].hi,
@@ -382,10 +411,21 @@ static int respond_text(cancel_http_request *req, unsigned status,
                              strlen(text));
 }
 
+/* A route capture as a number: one spelling only ("5", not " 5", "+5" or
+ * "05"; see cancel_http_request_param_u64). */
+static bool param_number(cancel_http_request *req, const char *name, long hi,
+                         long *out) {
+  uint64_t v;
+  if (cancel_http_request_param_u64(req, name, (uint64_t)hi, &v) < 0)
+    return false;
+  *out = (long)v;
+  return true;
+}
+
 static int report(cancel_http_request *req, const cancel_token *tok,
                   struct service *s, bool buggy) {
   long id, delay = 0;
-  if (!parse_number(cancel_http_request_param(req, "id"), 0, 1000000000, &id))
+  if (!param_number(req, "id", 1000000000, &id))
     return respond_text(req, 400, "report id: a number\n");
   const char *d = cancel_http_request_query(req, "downstream_delay_ms");
   if (d != NULL && !parse_number(d, 0, 600000, &delay))
@@ -440,7 +480,7 @@ static int h_scan(cancel_http_request *req, const cancel_token *tok,
                   void *arg) {
   struct service *s = arg;
   long n, count = 0;
-  if (!parse_number(cancel_http_request_param(req, "n"), 0, 1000000000000L, &n))
+  if (!param_number(req, "n", 1000000000000L, &n))
     return respond_text(req, 400, "n: a number\n");
   int rc = store_scan(s->db, pass(s, tok), n, &count);
   if (rc < 0)
@@ -477,8 +517,7 @@ static int h_job_get(cancel_http_request *req, const cancel_token *tok,
   struct service *s = arg;
   long job;
   char state[32];
-  if (!parse_number(cancel_http_request_param(req, "job"), 0, 1000000000000L,
-                    &job))
+  if (!param_number(req, "job", 1000000000000L, &job))
     return respond_text(req, 400, "job: a number\n");
   int rc = store_job_state(s->db, pass(s, tok), job, state, sizeof state);
   if (rc == -ENOENT)
@@ -600,12 +639,19 @@ int main(int argc, char **argv) {
        CANCEL_MSEC(c->route_timeout_ms)},
   };
   size_t nroutes = sizeof routes / sizeof routes[0] - (c->seeded_bug ? 0 : 1);
-  cancel_http_options hopt = {.name = "reportd",
-                              .bind_address = c->bind,
-                              .port = (uint16_t)c->port,
-                              .threads = (unsigned)c->threads,
-                              .drain_timeout_ns = CANCEL_MSEC(c->drain_ms),
-                              .no_cancellation = c->no_cancellation};
+  cancel_http_options hopt = {
+      .name = "reportd",
+      .bind_address = c->bind,
+      .port = (uint16_t)c->port,
+      .threads = (unsigned)c->threads,
+      .drain_timeout_ns = CANCEL_MSEC(c->drain_ms),
+      .header_timeout_ns = CANCEL_MSEC(c->header_timeout_ms),
+      .body_timeout_ns = CANCEL_MSEC(c->body_timeout_ms),
+      .idle_timeout_ns = CANCEL_MSEC(c->idle_timeout_ms),
+      .max_connections = (unsigned)c->max_conns,
+      .max_connections_per_ip =
+          c->max_conns_per_ip == 0 ? UINT_MAX : (unsigned)c->max_conns_per_ip,
+      .no_cancellation = c->no_cancellation};
   if (rc == 0)
     rc = cancel_http_server_new(&svc.http, &hopt, routes, nroutes);
   if (c->no_diagnostics)

@@ -48,8 +48,31 @@
  *
  * Requests the server answers itself: 404 (no route), 405 (route exists,
  * other method; with Allow), 413 (body over max_body), 400 (malformed
- * request: libmicrohttpd's own answer), 503 with Connection: close (a
+ * request: libmicrohttpd's own answer, or one of the checks below), 501
+ * (a Transfer-Encoding other than chunked), 503 with Connection: close (a
  * request that arrives on an open connection after stopping fired).
+ * HEAD is answered by the route that answers GET (the handler sees the
+ * method "HEAD"; the body it sets is not sent).
+ *
+ * Strictness (RFC 9112 and 9110; a proxy in front and this server must
+ * never disagree on where a request ends): answered 400 with Connection:
+ * close, the reason in the access line's error field (client values in
+ * it quoted), the handler never called:
+ *   - Content-Length twice with different values, a list in one field, or
+ *     a value that is not digits (the same value twice is one length);
+ *   - Transfer-Encoding with Content-Length, Transfer-Encoding in an
+ *     HTTP/1.0 request, or more than one Transfer-Encoding field;
+ *   - HTTP/1.1 without Host, more than one Host, a Host with a space,
+ *     '/', '?', '#', '@', '\\' or a control byte;
+ *   - a NUL in the decoded path or query ("/reports/5%00", which
+ *     libmicrohttpd's C strings would read as "/reports/5"), or in a
+ *     header name or value as far as libmicrohttpd shows it: 0.9.75
+ *     (Debian 12) ends a header value at a NUL and reports that shorter
+ *     length through its _n calls too, so there "250\0" is read as
+ *     "250"; put a proxy that refuses NUL (RFC 9110 5.5) in front where
+ *     that matters.
+ * Route captures are percent-decoded: a handler that takes a number reads
+ * it with cancel_http_request_param_u64, which accepts one spelling.
  *
  * Graceful stop (cancel_http_server_stop, or stopping firing under
  * cancel_http_server_run): stop accepting connections, let the requests in
@@ -104,6 +127,50 @@ typedef struct cancel_http_options {
                                may run before their tokens fire; 0: 20 s.
                                Keep it below the host's shutdown timeout. */
   size_t max_body;          /* request bodies; 0: 1 MiB */
+  /* Slow and greedy clients (slowloris; nginx's client_header_timeout,
+   * client_body_timeout, keepalive_timeout and limit_conn).  Timeouts: 0
+   * takes the default, CANCEL_NEVER turns one off.
+   *
+   * header_timeout_ns: the time a client has to send a request's line and
+   *   headers, in total: a client that trickles a byte a second is cut
+   *   when it passes, although it is never idle.  It counts from the
+   *   connection's accept for its first request, and from the moment the
+   *   request line arrived for a later request on a keep-alive connection
+   *   (that line must arrive within idle_timeout_ns of the previous
+   *   answer).  0: 10 s.
+   * body_timeout_ns: the time, in total, to send the body once the headers
+   *   are in.  0: 60 s (a 1 MiB body needs 18 KB/s).
+   * idle_timeout_ns: a connection on which nothing moves for this long is
+   *   closed (libmicrohttpd's connection timeout: whole seconds, rounded
+   *   up); also the keep-alive wait for the next request.  A connection
+   *   whose handler runs is never idle.  0: 60 s.
+   * A connection cut by the header or body timeout is closed without an
+   *   answer and logged at info ("request read timed out", its client and
+   *   phase; a request cut in its body also gets its access line, status
+   *   408).
+   *
+   * max_connections: connections open at once; at the limit
+   *   libmicrohttpd accepts no more until one closes.  0: 4096.
+   * max_connections_per_ip: connections open at once from one client
+   *   address; the next one is accepted and closed at once.  0: 256;
+   *   UINT_MAX: no limit (behind a reverse proxy every client has the
+   *   proxy's address: raise it to the proxy's connection pool, or lift
+   *   it and let the proxy limit its clients).
+   *
+   * Descriptors: every connection holds its socket and, from its first
+   * request on, the duplicate its hang-up watch keeps.  When the soft
+   * RLIMIT_NOFILE is below 2 * max_connections + 1024, start raises it to
+   * the hard limit (as Go's runtime does at start), logging the change at
+   * info, and warns when the hard limit is below that too (raise it:
+   * `ulimit -Hn`, systemd's LimitNOFILE=).  keep_nofile_limit: leave the
+   * limit alone (a process that still uses select() needs descriptors
+   * below FD_SETSIZE). */
+  int64_t header_timeout_ns;
+  int64_t body_timeout_ns;
+  int64_t idle_timeout_ns;
+  unsigned max_connections;
+  unsigned max_connections_per_ip;
+  bool keep_nofile_limit;
   /* The plumbing off, for comparison (the benchmark's "plain"): no
    * sources, no hang-up watch, no deadline headers; handlers get a NULL
    * token.  Everything else (pool, routing, logging) is the same. */
@@ -124,7 +191,9 @@ CANCEL_API int cancel_http_server_new(cancel_http_server **srvp,
  * stay valid until cancel_http_server_stop returns) is the process's
  * stopping token: requests are linked to it through the drain shield.
  * Returns 0, -EINVAL (NULL srv), -EALREADY (started), -EADDRINUSE,
- * -EACCES, -ENOMEM, -EIO (libmicrohttpd could not start; it logs why). */
+ * -EACCES, -ENOMEM, -EAGAIN (a thread, of the pool or the read-deadline
+ * sweeper, could not be created), -EIO (libmicrohttpd could not start;
+ * it logs why). */
 CANCEL_API int cancel_http_server_start(cancel_http_server *srv,
                                         const cancel_token *stopping);
 
@@ -169,9 +238,22 @@ CANCEL_API const char *cancel_http_request_path(const cancel_http_request *req);
 /* The route's pattern that matched ("/reports/{id}"). */
 CANCEL_API const char *
 cancel_http_request_route(const cancel_http_request *req);
-/* A {name} capture of the route, NULL if the route has none such. */
+/* A {name} capture of the route, NULL if the route has none such.  The
+ * capture is the percent-decoded segment (a request whose decoded path
+ * holds a NUL never reaches a handler: it is answered 400). */
 CANCEL_API const char *cancel_http_request_param(const cancel_http_request *req,
                                                  const char *name);
+/* The {name} capture read as a number: the canonical decimal spelling
+ * only, so that one resource has one path (a cache, an ACL or a log keyed
+ * on the path sees the same name the handler does): 1 to 20 ASCII digits
+ * and no leading zero ("0" itself is fine); no sign, no space, no "0x",
+ * nothing after the digits.  "5" is 5; " 5" (%205), "+5", "05", "5 " and
+ * "-5" are not numbers.  Returns 0 with *out set, -ENOENT (no such
+ * capture), -EINVAL (not a canonical number; NULL req, name or out),
+ * -ERANGE (a number above max).  *out is untouched on error. */
+CANCEL_API int cancel_http_request_param_u64(const cancel_http_request *req,
+                                             const char *name, uint64_t max,
+                                             uint64_t *out);
 /* A query-string argument (?name=value), NULL when absent. */
 CANCEL_API const char *cancel_http_request_query(const cancel_http_request *req,
                                                  const char *name);

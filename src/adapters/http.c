@@ -32,6 +32,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <microhttpd.h>
 #include <netinet/in.h>
 #include <pthread.h>
@@ -40,6 +41,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -48,6 +50,13 @@
 #define DEFAULT_MAX_DEADLINE CANCEL_SEC(300)
 #define DEFAULT_DRAIN CANCEL_SEC(20)
 #define DEFAULT_MAX_BODY ((size_t)1 << 20)
+#define DEFAULT_HEADER_TIMEOUT CANCEL_SEC(10)
+#define DEFAULT_BODY_TIMEOUT CANCEL_SEC(60)
+#define DEFAULT_IDLE_TIMEOUT CANCEL_SEC(60)
+#define DEFAULT_MAX_CONNECTIONS 4096u
+#define DEFAULT_MAX_PER_IP 256u
+/* A connection's read deadline once the sweeper cut it. */
+#define READ_CUT INT64_MIN
 #define MAX_PARAMS 8
 
 struct kv {
@@ -71,6 +80,21 @@ struct conn_ctx {
   cancel_watch watch;
   bool watching;
   bool tried; /* the source and watch were attempted */
+  /* The read deadline (header_timeout_ns, body_timeout_ns): the time by
+   * which the request being received must be complete, CANCEL_NEVER while
+   * none is being received (a handler runs, an answer is sent), READ_CUT
+   * once the sweeper cut the connection.  Written by libmicrohttpd's
+   * thread, cut by the sweeper's, both by compare-and-swap: a deadline
+   * that passes just as the request completes is either a cut or a
+   * request, never both. */
+  int64_t read_deadline;
+  int64_t read_since;     /* when the phase began, for the log */
+  const char *read_phase; /* "headers", "body", "next request" */
+  unsigned requests;      /* request lines seen */
+  bool bad_escape;        /* the request's path or query decoded to a NUL */
+  bool listed;            /* on the server's list (it has its fd) */
+  int fd;
+  struct conn_ctx *prev, *next; /* the server's list; conn_mu */
 };
 
 struct cancel_http_request {
@@ -130,6 +154,17 @@ struct cancel_http_server {
   pthread_t *threads;
   unsigned nthreads;
   enum { SRV_NEW, SRV_RUNNING, SRV_STOPPED, SRV_STUCK } state;
+  /* The read-deadline sweeper: every open connection is on the list from
+   * libmicrohttpd's STARTED notice to its CLOSED one, which comes before
+   * libmicrohttpd closes the descriptor; so under conn_mu a listed
+   * connection's fd is its own and the sweeper may shut it down. */
+  pthread_mutex_t conn_mu;
+  pthread_cond_t sweep_cv; /* the list became non-empty, or sweep_stop */
+  struct conn_ctx *conns;
+  bool sweep_stop, sweeping;
+  pthread_t sweeper;
+  int64_t sweep_horizon; /* the shortest read timeout: no deadline set
+                            from now on is nearer than now + this */
 };
 
 /* ---- Small helpers ------------------------------------------------------ */
@@ -250,6 +285,32 @@ const char *cancel_http_request_param(const cancel_http_request *r,
     i++;
   }
   return NULL;
+}
+
+int cancel_http_request_param_u64(const cancel_http_request *r,
+                                  const char *name, uint64_t max,
+                                  uint64_t *out) {
+  if (r == NULL || name == NULL || out == NULL)
+    return -EINVAL;
+  const char *v = cancel_http_request_param(r, name);
+  if (v == NULL)
+    return -ENOENT;
+  /* strtoull would take " 5", "+5" and "-5" (as 2^64 - 5): digits only,
+   * counted by hand, and one spelling per number. */
+  size_t n = strspn(v, "0123456789");
+  if (n == 0 || v[n] != '\0' || n > 20 || (n > 1 && v[0] == '0'))
+    return -EINVAL;
+  uint64_t x = 0;
+  for (size_t i = 0; i < n; i++) {
+    unsigned d = (unsigned)(v[i] - '0');
+    if (x > (UINT64_MAX - d) / 10)
+      return -ERANGE;
+    x = x * 10 + d;
+  }
+  if (x > max)
+    return -ERANGE;
+  *out = x;
+  return 0;
 }
 
 /* ---- Responses ------------------------------------------------------------
@@ -420,6 +481,301 @@ static bool teardown_sources(cancel_http_request *r) {
   return gone;
 }
 
+/* ---- Slow clients: read deadlines and their sweeper --------------------- */
+
+static struct conn_ctx *conn_ctx_of(struct MHD_Connection *conn) {
+  const union MHD_ConnectionInfo *ci =
+      MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+  return ci != NULL ? ci->socket_context : NULL;
+}
+
+/* now + t, or CANCEL_NEVER for a timeout turned off. */
+static int64_t deadline_in(int64_t t) {
+  return t == CANCEL_NEVER ? CANCEL_NEVER : cancel__add_sat(cancel_now(), t);
+}
+
+/* Moves the connection's read deadline to `at` (CANCEL_NEVER: nothing is
+ * being read).  Returns false when the sweeper cut the connection first:
+ * the caller closes it (MHD_NO) instead of going on. */
+static bool read_deadline_set(struct conn_ctx *c, int64_t at,
+                              const char *phase) {
+  if (c == NULL)
+    return true;
+  int64_t cur = __atomic_load_n(&c->read_deadline, __ATOMIC_ACQUIRE);
+  do {
+    if (cur == READ_CUT)
+      return false;
+  } while (!__atomic_compare_exchange_n(&c->read_deadline, &cur, at, true,
+                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE));
+  if (at != CANCEL_NEVER) {
+    c->read_since = cancel_now();
+    c->read_phase = phase;
+  }
+  return true;
+}
+
+static bool read_was_cut(const struct conn_ctx *c) {
+  return c != NULL &&
+         __atomic_load_n(&c->read_deadline, __ATOMIC_ACQUIRE) == READ_CUT;
+}
+
+/* The sweeper: one thread per server that cuts every connection whose
+ * read deadline passed.  Not a timer per connection: deadlines move
+ * three times per request (request line, headers, complete), and an
+ * atomic store is all that costs on libmicrohttpd's thread.  Every
+ * deadline is set at least sweep_horizon ahead, so a scan that finds the
+ * earliest one knows when to look again; wake-ups are coalesced to a
+ * sixteenth of the horizon, which is the precision of a cut. */
+static void *sweep_main(void *arg) {
+  cancel_http_server *s = arg;
+  int64_t slack = s->sweep_horizon / 16;
+  if (slack < CANCEL_MSEC(1))
+    slack = CANCEL_MSEC(1);
+  pthread_mutex_lock(&s->conn_mu);
+  while (!s->sweep_stop) {
+    int64_t now = cancel_now(), next = cancel__add_sat(now, s->sweep_horizon);
+    for (struct conn_ctx *c = s->conns; c != NULL; c = c->next) {
+      int64_t at = __atomic_load_n(&c->read_deadline, __ATOMIC_ACQUIRE);
+      if (at == READ_CUT || at == CANCEL_NEVER)
+        continue;
+      if (at > now) {
+        if (at < next)
+          next = at;
+        continue;
+      }
+      /* libmicrohttpd then reads the end of the stream and closes the
+       * connection on its own thread, as for a client that left. */
+      if (__atomic_compare_exchange_n(&c->read_deadline, &at, READ_CUT, false,
+                                      __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        (void)shutdown(c->fd, SHUT_RDWR);
+    }
+    if (s->conns == NULL) {
+      pthread_cond_wait(&s->sweep_cv, &s->conn_mu);
+      continue;
+    }
+    if (next < cancel__add_sat(now, slack))
+      next = cancel__add_sat(now, slack);
+    struct timespec ts = {.tv_sec = (time_t)(next / 1000000000),
+                          .tv_nsec = (long)(next % 1000000000)};
+    (void)pthread_cond_timedwait(&s->sweep_cv, &s->conn_mu, &ts);
+  }
+  pthread_mutex_unlock(&s->conn_mu);
+  return NULL;
+}
+
+static void conn_list_add(cancel_http_server *s, struct conn_ctx *c) {
+  pthread_mutex_lock(&s->conn_mu);
+  bool was_empty = s->conns == NULL;
+  c->prev = NULL;
+  c->next = s->conns;
+  if (s->conns != NULL)
+    s->conns->prev = c;
+  s->conns = c;
+  if (was_empty)
+    pthread_cond_signal(&s->sweep_cv);
+  pthread_mutex_unlock(&s->conn_mu);
+}
+
+static void conn_list_del(cancel_http_server *s, struct conn_ctx *c) {
+  pthread_mutex_lock(&s->conn_mu);
+  if (c->prev != NULL)
+    c->prev->next = c->next;
+  else
+    s->conns = c->next;
+  if (c->next != NULL)
+    c->next->prev = c->prev;
+  pthread_mutex_unlock(&s->conn_mu);
+}
+
+static int sweeper_start(cancel_http_server *s) {
+  int64_t h = s->o.header_timeout_ns;
+  if (s->o.body_timeout_ns < h)
+    h = s->o.body_timeout_ns;
+  if (s->o.idle_timeout_ns < h)
+    h = s->o.idle_timeout_ns;
+  s->sweep_horizon = h;
+  s->sweep_stop = false;
+  if (s->o.header_timeout_ns == CANCEL_NEVER &&
+      s->o.body_timeout_ns == CANCEL_NEVER)
+    return 0; /* nothing to cut: libmicrohttpd's idle timeout only */
+  if (pthread_create(&s->sweeper, NULL, sweep_main, s) != 0)
+    return -EAGAIN;
+  s->sweeping = true;
+  return 0;
+}
+
+static void sweeper_stop(cancel_http_server *s) {
+  if (!s->sweeping)
+    return;
+  pthread_mutex_lock(&s->conn_mu);
+  s->sweep_stop = true;
+  pthread_cond_signal(&s->sweep_cv);
+  pthread_mutex_unlock(&s->conn_mu);
+  pthread_join(s->sweeper, NULL);
+  s->sweeping = false;
+}
+
+/* libmicrohttpd's URI log callback: the request line is in.  On a
+ * keep-alive connection this starts the next request's header time (its
+ * first request's counts from the accept).  Returns no request context:
+ * on_access still sees NULL first. */
+static void *on_request_line(void *cls, const char *uri,
+                             struct MHD_Connection *conn) {
+  (void)uri;
+  cancel_http_server *s = cls;
+  struct conn_ctx *c = conn_ctx_of(conn);
+  if (c == NULL)
+    return NULL;
+  c->bad_escape = false; /* the unescaper runs next, for this request */
+  if (c->requests++ > 0)
+    (void)read_deadline_set(c, deadline_in(s->o.header_timeout_ns), "headers");
+  return NULL;
+}
+
+/* libmicrohttpd's unescaper for the path and the query: its own, but a
+ * "%00" is noted so that the request is refused instead of being read
+ * as the shorter string that libmicrohttpd's C strings would give. */
+static size_t on_unescape(void *cls, struct MHD_Connection *conn, char *val) {
+  (void)cls;
+  size_t n = MHD_http_unescape(val);
+  if (memchr(val, '\0', n) != NULL) {
+    struct conn_ctx *c = conn_ctx_of(conn);
+    if (c != NULL)
+      c->bad_escape = true;
+  }
+  return n;
+}
+
+/* Raises the soft RLIMIT_NOFILE to the hard limit when the connection
+ * limit needs more descriptors than the soft one allows (see the header). */
+static void raise_nofile(const cancel_http_server *s) {
+  char srv[64];
+  cancel_logfmt_quote(srv, sizeof srv, s->o.name);
+  if (s->o.keep_nofile_limit)
+    return;
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_NOFILE, &rl) != 0)
+    return;
+  rlim_t want = 2 * (rlim_t)s->o.max_connections + 1024;
+  if (rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < want &&
+      rl.rlim_cur < rl.rlim_max) {
+    rlim_t was = rl.rlim_cur;
+    /* An unlimited hard limit is still capped by fs.nr_open. */
+    rl.rlim_cur = rl.rlim_max == RLIM_INFINITY ? want : rl.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &rl) == 0)
+      cancel_log(CANCEL_LOG_INFO, "http", "raised descriptor limit",
+                 "server=%s rlimit_nofile_was=%llu rlimit_nofile=%llu "
+                 "max_connections=%u",
+                 srv, (unsigned long long)was,
+                 (unsigned long long)rl.rlim_cur, s->o.max_connections);
+    else
+      rl.rlim_cur = was;
+  }
+  if (rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < want)
+    cancel_log(CANCEL_LOG_WARN, "http", "descriptor limit below connections",
+               "server=%s rlimit_nofile=%llu needed=%llu max_connections=%u "
+               "hint=\"raise the hard RLIMIT_NOFILE (ulimit -Hn, systemd "
+               "LimitNOFILE=) or lower max_connections\"",
+               srv, (unsigned long long)rl.rlim_cur,
+               (unsigned long long)want, s->o.max_connections);
+}
+
+/* ---- Strictness -----------------------------------------------------------
+ */
+
+struct header_scan {
+  unsigned host, content_length, transfer_encoding;
+  const char *cl, *te; /* the first of each */
+  size_t cl_len;
+  const char *bad; /* the first problem found: a reason for the log */
+  const char *bad_name;
+};
+
+static bool token_eq(const char *v, size_t n, const char *lit) {
+  return strlen(lit) == n && strncasecmp(v, lit, n) == 0;
+}
+
+static enum MHD_Result scan_header(void *cls, enum MHD_ValueKind kind,
+                                   const char *k, size_t klen, const char *v,
+                                   size_t vlen) {
+  (void)kind;
+  struct header_scan *h = cls;
+  if (v == NULL)
+    v = "";
+  if (memchr(k, '\0', klen) != NULL || memchr(v, '\0', vlen) != NULL) {
+    h->bad = "NUL in a header";
+    h->bad_name = k;
+    return MHD_NO;
+  }
+  if (strcasecmp(k, MHD_HTTP_HEADER_HOST) == 0) {
+    h->host++;
+    if (strpbrk(v, " \t/?#@\\") != NULL) {
+      h->bad = "invalid Host";
+      return MHD_NO;
+    }
+    for (size_t i = 0; i < vlen; i++)
+      if ((unsigned char)v[i] < 0x20 || v[i] == 0x7f) {
+        h->bad = "invalid Host";
+        return MHD_NO;
+      }
+  } else if (strcasecmp(k, MHD_HTTP_HEADER_CONTENT_LENGTH) == 0) {
+    if (vlen == 0 || strspn(v, "0123456789") != vlen) {
+      h->bad = "Content-Length not a number";
+      return MHD_NO;
+    }
+    if (h->content_length++ > 0 &&
+        (vlen != h->cl_len || memcmp(v, h->cl, vlen) != 0)) {
+      h->bad = "two different Content-Length values";
+      return MHD_NO;
+    }
+    h->cl = v;
+    h->cl_len = vlen;
+  } else if (strcasecmp(k, MHD_HTTP_HEADER_TRANSFER_ENCODING) == 0) {
+    h->transfer_encoding++;
+    h->te = v;
+  }
+  return MHD_YES;
+}
+
+/* Checks what libmicrohttpd lets through and RFC 9112 forbids (see the
+ * header).  Returns 0, or the status to answer with *why set. */
+static unsigned check_request(cancel_http_request *r, const char *version,
+                              const char **why) {
+  struct conn_ctx *c = conn_ctx_of(r->conn);
+  if (c != NULL && c->bad_escape) {
+    c->bad_escape = false;
+    *why = "NUL in the decoded path or query";
+    return 400;
+  }
+  struct header_scan h = {0};
+  MHD_get_connection_values_n(r->conn, MHD_HEADER_KIND, scan_header, &h);
+  if (h.bad != NULL) {
+    *why = h.bad;
+    return 400;
+  }
+  bool http11 = strcmp(version, MHD_HTTP_VERSION_1_1) == 0;
+  if (h.transfer_encoding > 0) {
+    if (h.content_length > 0) {
+      *why = "Transfer-Encoding with Content-Length";
+      return 400;
+    }
+    if (!http11 || h.transfer_encoding > 1) {
+      *why = http11 ? "more than one Transfer-Encoding"
+                    : "Transfer-Encoding in an HTTP/1.0 request";
+      return 400;
+    }
+    if (!token_eq(h.te, strlen(h.te), "chunked")) {
+      *why = "Transfer-Encoding other than chunked";
+      return 501;
+    }
+  }
+  if (http11 && h.host != 1) {
+    *why = h.host == 0 ? "HTTP/1.1 without Host" : "more than one Host";
+    return 400;
+  }
+  return 0;
+}
+
 /* ---- The edge ----------------------------------------------------------- */
 
 static void classify(cancel_http_request *r, int rc) {
@@ -584,10 +940,13 @@ static const cancel_http_route *find_route(cancel_http_request *r,
     const cancel_http_route *rt = &s->routes[i];
     if (!route_match(r, rt->pattern))
       continue;
-    if (rt->method == NULL || strcmp(rt->method, r->method) == 0)
-      return rt;
+    if (rt->method == NULL || strcmp(rt->method, r->method) == 0 ||
+        (strcmp(rt->method, "GET") == 0 && strcmp(r->method, "HEAD") == 0))
+      return rt; /* HEAD: GET's answer, libmicrohttpd drops the body */
     *other_method = true;
-    int n = snprintf(allow + al, alen - al, "%s%s", al ? ", " : "", rt->method);
+    int n =
+        snprintf(allow + al, alen - al, "%s%s%s", al ? ", " : "", rt->method,
+                 strcmp(rt->method, "GET") == 0 ? ", HEAD" : "");
     if (n > 0 && (size_t)n < alen - al)
       al += (size_t)n;
   }
@@ -596,6 +955,10 @@ static const cancel_http_route *find_route(cancel_http_request *r,
 
 static enum MHD_Result dispatch(cancel_http_request *r) {
   cancel_http_server *s = r->srv;
+  /* The whole request is in: its read deadline ends, unless it passed
+   * first (then the sweeper is closing the connection). */
+  if (!read_deadline_set(conn_ctx_of(r->conn), CANCEL_NEVER, NULL))
+    return MHD_NO;
   if (ld_acquire(&s->stopping_flag)) {
     r->close_conn = true;
     return answer_now(r, 503, "shutting down\n");
@@ -642,7 +1005,6 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn,
                                  const char *url, const char *method,
                                  const char *version, const char *upload,
                                  size_t *upload_size, void **con_cls) {
-  (void)version;
   cancel_http_server *s = cls;
   cancel_http_request *r = *con_cls;
   if (r == NULL) {
@@ -657,6 +1019,20 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn,
     r->url = url;
     r->after_cancel_ms = -1;
     *con_cls = r;
+    /* The headers are in: the body's time starts. */
+    if (!read_deadline_set(conn_ctx_of(conn), deadline_in(s->o.body_timeout_ns),
+                           "body"))
+      return MHD_NO;
+    const char *why = NULL;
+    unsigned st = check_request(r, version, &why);
+    if (st != 0) {
+      (void)read_deadline_set(conn_ctx_of(conn), CANCEL_NEVER, NULL);
+      snprintf(r->error, sizeof r->error, "bad request: %s", why);
+      r->close_conn = true; /* where the request ends is in doubt */
+      return answer_now(r, st,
+                        st == 400 ? "bad request\n"
+                                  : "transfer coding not implemented\n");
+    }
     return MHD_YES;
   }
   if (r->state == REQ_DONE) {
@@ -701,9 +1077,13 @@ static void free_request(cancel_http_request *r) {
 
 static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
                          enum MHD_RequestTerminationCode tc) {
-  (void)conn;
   cancel_http_server *s = cls;
   cancel_http_request *r = *con_cls;
+  struct conn_ctx *cc = conn_ctx_of(conn);
+  bool cut = read_was_cut(cc);
+  /* Kept alive: the next request line must come within the idle time. */
+  (void)read_deadline_set(cc, deadline_in(s->o.idle_timeout_ns),
+                          "next request");
   if (r == NULL)
     return;
   *con_cls = NULL;
@@ -717,6 +1097,10 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
   if (tc != MHD_REQUEST_TERMINATED_COMPLETED_OK && !r->no_response &&
       r->state == REQ_DONE)
     r->log_status = 499; /* the answer could not be delivered */
+  if (cut && r->state != REQ_DONE) {
+    r->log_status = 408; /* the body did not come in time: we cut it */
+    r->level = CANCEL_LOG_INFO;
+  }
   if (cancel_log_enabled(r->level)) {
     /* Method and path are the client's bytes: quoted (a TAB or a quote in
      * them cannot make fields of its own), and cut inside their quotes so
@@ -760,19 +1144,40 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
 static void on_connection(void *cls, struct MHD_Connection *conn,
                           void **socket_context,
                           enum MHD_ConnectionNotificationCode code) {
-  (void)conn;
   cancel_http_server *s = cls;
   if (code == MHD_CONNECTION_NOTIFY_STARTED) {
     /* The source and the watch come with the first request: a connection
-     * that never sends one costs an allocation only. */
-    *socket_context =
-        s->o.no_cancellation ? NULL : calloc(1, sizeof(struct conn_ctx));
+     * that never sends one costs an allocation and its read deadline. */
+    struct conn_ctx *c = calloc(1, sizeof *c);
+    *socket_context = c;
+    const union MHD_ConnectionInfo *fi =
+        MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+    if (c == NULL || fi == NULL)
+      return;
+    c->fd = fi->connect_fd;
+    c->read_deadline = deadline_in(s->o.header_timeout_ns);
+    c->read_since = cancel_now();
+    c->read_phase = "headers";
+    c->listed = true;
+    conn_list_add(s, c);
     return;
   }
   struct conn_ctx *c = *socket_context;
   *socket_context = NULL;
   if (c == NULL)
     return;
+  if (c->listed)
+    conn_list_del(s, c);
+  if (read_was_cut(c)) {
+    char name[96], srv[64], client[112];
+    client_name(conn, name, sizeof name);
+    cancel_logfmt_quote(srv, sizeof srv, s->o.name);
+    cancel_logfmt_quote(client, sizeof client, name + 7);
+    cancel_log(CANCEL_LOG_INFO, "http", "request read timed out",
+               "server=%s client=%s phase=\"%s\" waited_ms=%.0f", srv,
+               client, c->read_phase,
+               (double)(cancel_now() - c->read_since) / 1e6);
+  }
   if (c->watching)
     (void)cancel_unwatch(&c->watch);
   cancel_source_unref(c->src);
@@ -809,7 +1214,8 @@ int cancel_http_server_new(cancel_http_server **srvp,
     opts = &defaults;
   if (srvp == NULL || (routes == NULL && n > 0) ||
       opts->default_timeout_ns < 0 || opts->max_deadline_ns < 0 ||
-      opts->drain_timeout_ns < 0)
+      opts->drain_timeout_ns < 0 || opts->header_timeout_ns < 0 ||
+      opts->body_timeout_ns < 0 || opts->idle_timeout_ns < 0)
     return -EINVAL;
   for (size_t i = 0; i < n; i++)
     if (routes[i].handler == NULL || routes[i].pattern == NULL ||
@@ -834,6 +1240,16 @@ int cancel_http_server_new(cancel_http_server **srvp,
     o.drain_timeout_ns = DEFAULT_DRAIN;
   if (o.max_body == 0)
     o.max_body = DEFAULT_MAX_BODY;
+  if (o.header_timeout_ns == 0)
+    o.header_timeout_ns = DEFAULT_HEADER_TIMEOUT;
+  if (o.body_timeout_ns == 0)
+    o.body_timeout_ns = DEFAULT_BODY_TIMEOUT;
+  if (o.idle_timeout_ns == 0)
+    o.idle_timeout_ns = DEFAULT_IDLE_TIMEOUT;
+  if (o.max_connections == 0)
+    o.max_connections = DEFAULT_MAX_CONNECTIONS;
+  if (o.max_connections_per_ip == 0)
+    o.max_connections_per_ip = DEFAULT_MAX_PER_IP;
 
   cancel_http_server *s = calloc(1, sizeof *s);
   if (s == NULL)
@@ -854,6 +1270,8 @@ int cancel_http_server_new(cancel_http_server **srvp,
   pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
   pthread_cond_init(&s->cv, &ca);
   pthread_cond_init(&s->done_cv, &ca);
+  pthread_mutex_init(&s->conn_mu, NULL);
+  pthread_cond_init(&s->sweep_cv, &ca);
   pthread_condattr_destroy(&ca);
   *srvp = s;
   return 0;
@@ -930,6 +1348,20 @@ int cancel_http_server_start(cancel_http_server *s,
     in6->sin6_port = htons(s->o.port);
     flags |= MHD_USE_IPv6;
   }
+  raise_nofile(s);
+  if (sweeper_start(s) < 0) {
+    pool_stop(s);
+    release_start(s);
+    return -EAGAIN;
+  }
+  /* libmicrohttpd counts its idle timeout in seconds: rounded up, so that
+   * it never cuts sooner than asked. */
+  int64_t idle_s =
+      s->o.idle_timeout_ns == CANCEL_NEVER
+          ? 0
+          : (s->o.idle_timeout_ns + CANCEL_SEC(1) - 1) / CANCEL_SEC(1);
+  if (idle_s > UINT_MAX / 2)
+    idle_s = UINT_MAX / 2;
   errno = 0;
   /* The logger first: libmicrohttpd reports options before it on its own
    * standard-error logger. */
@@ -938,9 +1370,17 @@ int cancel_http_server_start(cancel_http_server *s,
       on_mhd_log, s, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
       MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
       MHD_OPTION_NOTIFY_CONNECTION, on_connection, s,
-      MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)60, MHD_OPTION_END);
+      MHD_OPTION_URI_LOG_CALLBACK, on_request_line, s,
+      MHD_OPTION_UNESCAPE_CALLBACK, on_unescape, s,
+      MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)idle_s,
+      MHD_OPTION_CONNECTION_LIMIT, s->o.max_connections,
+      MHD_OPTION_PER_IP_CONNECTION_LIMIT,
+      s->o.max_connections_per_ip == UINT_MAX ? 0u
+                                              : s->o.max_connections_per_ip,
+      MHD_OPTION_END);
   if (s->d == NULL) {
     int e = errno;
+    sweeper_stop(s);
     pool_stop(s);
     release_start(s);
     return e == EADDRINUSE ? -EADDRINUSE : e == EACCES ? -EACCES : -EIO;
@@ -952,9 +1392,20 @@ int cancel_http_server_start(cancel_http_server *s,
   char srv[64], addr[64];
   cancel_logfmt_quote(srv, sizeof srv, s->o.name);
   cancel_logfmt_quote(addr, sizeof addr, s->o.bind_address);
-  cancel_log(CANCEL_LOG_INFO, "http", "listening",
-             "server=%s address=%s port=%u threads=%u", srv, addr,
-             (unsigned)s->port, s->nthreads);
+  cancel_log(
+      CANCEL_LOG_INFO, "http", "listening",
+      "server=%s address=%s port=%u threads=%u header_timeout_ms=%.0f "
+      "body_timeout_ms=%.0f idle_timeout_s=%u max_connections=%u "
+      "max_connections_per_ip=%u",
+      srv, addr, (unsigned)s->port, s->nthreads,
+      s->o.header_timeout_ns == CANCEL_NEVER
+          ? -1.0
+          : (double)s->o.header_timeout_ns / 1e6,
+      s->o.body_timeout_ns == CANCEL_NEVER ? -1.0
+                                           : (double)s->o.body_timeout_ns / 1e6,
+      (unsigned)idle_s, s->o.max_connections,
+      s->o.max_connections_per_ip == UINT_MAX ? 0u
+                                              : s->o.max_connections_per_ip);
   return 0;
 }
 
@@ -1038,6 +1489,7 @@ int cancel_http_server_stop(cancel_http_server *s, int64_t deadline) {
   pool_stop(s);
   MHD_stop_daemon(s->d);
   s->d = NULL;
+  sweeper_stop(s); /* after the daemon: every connection is off its list */
   if (s->lfd != MHD_INVALID_SOCKET)
     close(s->lfd);
   s->lfd = MHD_INVALID_SOCKET;
@@ -1070,6 +1522,8 @@ int cancel_http_server_free(cancel_http_server *s) {
   pthread_mutex_destroy(&s->mu);
   pthread_cond_destroy(&s->cv);
   pthread_cond_destroy(&s->done_cv);
+  pthread_mutex_destroy(&s->conn_mu);
+  pthread_cond_destroy(&s->sweep_cv);
   free(s->routes);
   free(s);
   return 0;

@@ -259,6 +259,17 @@ e2e_malformed() {
   e2e_http_case 400 "$u/jobs/abc"
   e2e_http_case 404 "$u/jobs/999999"
   e2e_http_case 400 "$u/scan/lots"
+  # Route captures are exact (one spelling per report), a decoded NUL is 400.
+  e2e_http_case 400 "$u/reports/%205"
+  e2e_http_case 400 "$u/reports/+5"
+  e2e_http_case 400 "$u/reports/05"
+  e2e_http_case 400 "$u/reports/5%00"
+  e2e_http_case 400 "$u/jobs/%201"
+  e2e_http_case 400 -X POST "$u/jobs?report=%205"
+  # Framing in doubt (RFC 9112 6.3), HTTP/1.1 without Host.
+  e2e_http_case 400 -X POST -H 'Content-Length: 1' -H 'Content-Length: 2' \
+    --data-binary 'ab' "$u/jobs?report=1"
+  e2e_http_case 400 -H 'Host:' "$u/health"
   head -c $((2 * 1024 * 1024)) /dev/zero >"$RD_TMP/big.body"
   e2e_http_case 413 -X POST --data-binary "@$RD_TMP/big.body" "$u/jobs?report=1"
   e2e_header_case grpc-timeout banana
