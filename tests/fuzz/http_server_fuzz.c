@@ -1,0 +1,186 @@
+/*
+ * libFuzzer harness: libcancel-http fed raw bytes.  One server, started
+ * once, with routes like reportd's (a parameter, a body, a slow handler
+ * that watches its token); each input is written whole to a new loopback
+ * connection whose write side is then shut, and the answer read until the
+ * server closes.  What must hold for any input:
+ *   - nothing crashes or trips ASan/UBSan (the point of it);
+ *   - an answer, when there is one, starts with a status line;
+ *   - every line the server logs is valid logfmt with each of its own
+ *     fields once: whatever the client sent cannot forge or swallow one;
+ *   - the server keeps answering: every 64 inputs a well-formed request
+ *     gets its 200.
+ */
+#define _GNU_SOURCE
+#include "cancel/http.h"
+#include "cancel/log.h"
+
+#include "logfmt_check.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+static cancel_http_server *srv;
+static uint16_t port;
+
+static int h_report(cancel_http_request *req, const cancel_token *tok,
+                    void *arg) {
+  (void)arg;
+  if (cancel_token_is_cancelled(tok))
+    return -ECANCELED;
+  const char *id = cancel_http_request_param(req, "id");
+  char body[96];
+  int n = snprintf(body, sizeof body, "{\"id\":\"%.40s\"}", id ? id : "");
+  return cancel_http_respond(req, 200, "application/json", body, (size_t)n);
+}
+
+static int h_post(cancel_http_request *req, const cancel_token *tok,
+                  void *arg) {
+  (void)tok;
+  (void)arg;
+  size_t len = 0;
+  (void)cancel_http_request_body(req, &len);
+  (void)cancel_http_request_query(req, "report");
+  (void)cancel_http_request_header(req, "Content-Type");
+  return cancel_http_respond(req, 202, "text/plain", "queued\n", 7);
+}
+
+static int h_slow(cancel_http_request *req, const cancel_token *tok,
+                  void *arg) {
+  (void)req;
+  (void)arg;
+  /* Waits on its token: a client that closes, or a deadline header, ends
+   * it; otherwise it answers after 5 ms. */
+  int rc = cancel_sleep(tok, CANCEL_MSEC(5));
+  if (rc < 0)
+    return rc;
+  return cancel_http_respond(req, 200, "text/plain", "ok\n", 3);
+}
+
+static int h_fail(cancel_http_request *req, const cancel_token *tok,
+                  void *arg) {
+  (void)req;
+  (void)tok;
+  (void)arg;
+  return -EIO;
+}
+
+static const cancel_http_route routes[] = {
+    {"GET", "/reports/{id}", h_report, NULL, 0},
+    {"POST", "/jobs", h_post, NULL, 0},
+    {NULL, "/slow/{x}", h_slow, NULL, CANCEL_MSEC(50)},
+    {"GET", "/fail", h_fail, NULL, 0},
+};
+
+static const char *const own_keys[] = {"ts",     "level",  "component",
+                                       "msg",    "method", "path",
+                                       "status", "route",  "id"};
+
+static void sink(int level, const char *line, size_t len, void *arg) {
+  (void)level;
+  (void)arg;
+  if (strlen(line) != len || memchr(line, '\n', len) != NULL) {
+    fprintf(stderr, "log line with a newline or a NUL: %s\n", line);
+    abort();
+  }
+  for (size_t i = 0; i < sizeof own_keys / sizeof own_keys[0]; i++) {
+    int hits = 0;
+    if (logfmt_fields(line, len, own_keys[i], &hits) < 0) {
+      fprintf(stderr, "log line is not logfmt: %s\n", line);
+      abort();
+    }
+    if (hits > 1) {
+      fprintf(stderr, "log line has %s %d times: %s\n", own_keys[i], hits,
+              line);
+      abort();
+    }
+  }
+}
+
+int LLVMFuzzerInitialize(int *argc, char ***argv) {
+  (void)argc;
+  (void)argv;
+  cancel_log_set_sink(sink, NULL, CANCEL_LOG_DEBUG);
+  cancel_http_options o = {.threads = 2,
+                           .max_body = 4096,
+                           .drain_timeout_ns = CANCEL_MSEC(100)};
+  if (cancel_http_server_new(&srv, &o, routes,
+                             sizeof routes / sizeof routes[0]) != 0 ||
+      cancel_http_server_start(srv, NULL) != 0) {
+    fprintf(stderr, "http_fuzz: server did not start\n");
+    abort();
+  }
+  port = cancel_http_server_port(srv);
+  return 0;
+}
+
+/* Sends data on a new connection, shuts the write side, reads the answer
+ * until the server closes (or 2 s pass: a server that neither answers nor
+ * closes a finished request is a finding too).  Returns the bytes read
+ * into buf (at most cap), -1 when no connection could be made. */
+static ssize_t exchange(const void *data, size_t size, char *buf, size_t cap) {
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0)
+    return -1;
+  struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (connect(fd, (struct sockaddr *)&a, sizeof a) != 0) {
+    close(fd);
+    return -1;
+  }
+  const char *p = data;
+  size_t left = size;
+  while (left > 0) {
+    ssize_t n = send(fd, p, left, MSG_NOSIGNAL);
+    if (n <= 0)
+      break; /* the server closed early: fine, it may refuse */
+    p += n;
+    left -= (size_t)n;
+  }
+  shutdown(fd, SHUT_WR);
+  size_t got = 0;
+  for (;;) {
+    struct pollfd pfd = {.fd = fd, .events = POLLIN};
+    int pr = poll(&pfd, 1, 2000);
+    if (pr == 0) {
+      fprintf(stderr, "http_fuzz: no answer and no close within 2 s\n");
+      abort();
+    }
+    char tmp[4096];
+    ssize_t n = recv(fd, tmp, sizeof tmp, 0);
+    if (n <= 0)
+      break;
+    size_t take = (size_t)n < cap - got ? (size_t)n : cap - got;
+    memcpy(buf + got, tmp, take);
+    got += take;
+  }
+  close(fd);
+  return (ssize_t)got;
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+  static unsigned runs;
+  char buf[8192];
+  ssize_t got = exchange(data, size, buf, sizeof buf);
+  if (got > 0 && (got < 9 || memcmp(buf, "HTTP/1.", 7) != 0)) {
+    fprintf(stderr, "http_fuzz: answer without a status line\n");
+    abort();
+  }
+  if (++runs % 64 == 0) {
+    static const char ok[] =
+        "GET /reports/7 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    got = exchange(ok, sizeof ok - 1, buf, sizeof buf);
+    if (got < 12 || memcmp(buf + 9, "200", 3) != 0) {
+      fprintf(stderr, "http_fuzz: the server stopped answering\n");
+      abort();
+    }
+  }
+  return 0;
+}
