@@ -4,6 +4,7 @@
 #   make         configure and build (RelWithDebInfo) into build/
 #   make check   tests in three builds (normal, ASan+UBSan, TSan) + valgrind
 #   make fuzz    the libFuzzer harnesses, FUZZ_SECONDS (300) each
+#   make faults  fail every faultable call of the core, one at a time (ASan)
 #   make bench   build (Release) and run the benchmarks
 #   make demo    build and run the example programs
 #   make format  clang-format the sources
@@ -59,7 +60,7 @@ endef
 
 .PHONY: all build deps deps-check deps-bench deps-format check \
 	check-normal check-asan check-tsan check-valgrind check-fuzz \
-	check-summary fuzz fuzz-build bench demo format clean
+	check-summary fuzz fuzz-build faults bench demo format clean
 
 all: build
 
@@ -212,6 +213,14 @@ check-fuzz:
 	set -- $$(echo "$$out" | sed -n 's/^\([0-9]*\) passed, \([0-9]*\) failed$$/\1 \2/p') 0 1; \
 	echo "$$1 $$2 fuzz" >> $(TALLY); \
 	exit $$rc
+
+# Fault injection: tests/faults/sweep.c, in the ASan build, every fault
+# point of every scenario (make check's fault_sample test takes at most 40
+# of each).
+faults: deps-check
+	$(CMAKE) -S . -B build-asan $(ASAN_CMAKE)
+	$(CMAKE) --build build-asan -j$(JOBS) --target fault_sweep
+	$(SLOW_ENV) build-asan/tests/fault_sweep
 
 check-summary:
 	@echo "== summary"
