@@ -490,7 +490,7 @@ static void sc_process(void) {
     int status = 0;
     EXPECT(cancel_child_wait(cancel_source_token(s), &c, CANCEL_MSEC(100),
                              CANCEL_NEVER, &status),
-           -ECANCELED, -ENOMEM);
+           -ECANCELED, -ENOMEM, -EMFILE, -ENFILE);
     pthread_join(th, NULL);
   }
   cancel_source_unref(s);
