@@ -13,6 +13,8 @@
 #include "cancel.h"
 #include "cancel/diag.h"
 
+#include "logfmt.h" /* its UTF-8 reader, independent of the library's */
+
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -25,34 +27,6 @@ static size_t last_len;
 static void fail(const char *what, const char *line, size_t len) {
   fprintf(stderr, "metrics_fuzz: %s: [%.*s]\n", what, (int)len, line);
   abort();
-}
-
-/* Length of the UTF-8 sequence at s (at most n bytes), 0 when invalid. */
-static size_t utf8_len(const unsigned char *s, size_t n) {
-  unsigned c = s[0];
-  size_t len;
-  unsigned min;
-  if (c < 0x80)
-    return 1;
-  if (c >= 0xc2 && c <= 0xdf)
-    len = 2, min = 0x80;
-  else if (c >= 0xe0 && c <= 0xef)
-    len = 3, min = 0x800;
-  else if (c >= 0xf0 && c <= 0xf4)
-    len = 4, min = 0x10000;
-  else
-    return 0;
-  if (len > n)
-    return 0;
-  unsigned cp = c & (0x7f >> len);
-  for (size_t i = 1; i < len; i++) {
-    if ((s[i] & 0xc0) != 0x80)
-      return 0;
-    cp = (cp << 6) | (s[i] & 0x3f);
-  }
-  if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
-    return 0;
-  return len;
 }
 
 /* Checks one sample line; returns the length of its series (name and
@@ -92,7 +66,7 @@ static size_t check_sample(const char *line, size_t len) {
         }
         if (c == '\n')
           fail("raw newline in a label", line, len);
-        size_t u = utf8_len((const unsigned char *)line + i, len - i);
+        size_t u = lf_utf8_len((const unsigned char *)line + i, len - i);
         if (u == 0)
           fail("label value is not UTF-8", line, len);
         i += u;

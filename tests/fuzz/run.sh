@@ -28,7 +28,7 @@ passed=0 failed=0
 for name in "${names[@]}"; do
   exe=$build/fuzz/$name
   work=$build/corpus/$name
-  seed=$here/corpus/$name
+  seed=$here/corpus/${name%_fuzz}
   mkdir -p "$work"
   log=$build/$name.log
   dirs=("$work")
