@@ -2,13 +2,17 @@
  * Sources: creation, references, cancellation, registrations, teardown.
  *
  * Invariants (the source lock is the ST_LOCKED bit of the state word):
- *   - head, running, running_*, children and flags change only under the
+ *   - head, running, running_tid, children and flags change only under the
  *     lock; the reason fields (kind, time, via, detail) are written once,
  *     under the lock, before ST_CANCELLED is published with a release store.
  *   - A registration is in exactly one of the states of internal.h.  Only
  *     the canceller moves it RUNNING -> DONE, and after that store it never
  *     touches the registration again (the owner may free it at once).
- *   - Callbacks run outside the lock, one at a time, newest first.
+ *   - Callbacks run outside the lock, one at a time, newest first; a linked
+ *     child's callbacks run where its link sits in the parent's list.
+ *   - The last unref of a source waits for a callback of it that runs on
+ *     another thread (zombies included): then every callback registered
+ *     on it has run or never will.
  */
 #include "internal.h"
 
