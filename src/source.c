@@ -246,7 +246,7 @@ static inline void reg_done_locked(cancel_source *src, cancel_reg *reg) {
 /* Runs the callbacks of root (locked as v, its reason written) and of the
  * sources linked below it.  Returns with root unlocked, telling whether
  * its last reference went meanwhile (its teardown is the caller's). */
-static bool run_tree(cancel_source *root, uint32_t v) {
+__attribute__((noinline)) static bool run_tree(cancel_source *root, uint32_t v) {
   cancel_source *src = root; /* the source whose list runs, locked as v */
   for (;;) {
     cancel_reg *reg = src->head;
@@ -448,6 +448,35 @@ static inline bool is_edge(const cancel_reg *reg) {
   return reg->fn == cancel__link_fired || reg->fn == cancel__shield_outer_fired;
 }
 
+/* The last reference to src, a zombie now (locked as v, being cancelled),
+ * went: one of its own callbacks may be running on another thread (the
+ * timer's cancel, or a parent's).  Waits for it, as for any source, so that
+ * on return every callback of src has run or never will and may be freed.
+ * Not on the cancelling thread (a callback dropping its own source), not
+ * for a link or shield edge (the cancel is in a child: those are the
+ * child's callbacks), and not for one that unregistered itself.  Unlocks.
+ * Out of line: release() stays small for the common case. */
+__attribute__((noinline)) static void wait_running(cancel_source *src,
+                                                   uint32_t v) {
+  cancel_reg *reg = src->running;
+  uint32_t st;
+  if ((src->flags & SF_GONE) || reg == NULL || is_edge(reg) ||
+      src->running_tid == cancel__self() ||
+      ((st = ld_relaxed(&reg->state)) & REG_STATE_MASK) != REG_RUNNING) {
+    cancel__unlock(src, v);
+    return;
+  }
+  /* Announced under the lock, as cancel__reg_remove_locked does: the
+   * canceller moves the state to DONE under it and wakes us. */
+  st |= REG_WAITERS;
+  st_relaxed(&reg->state, st);
+  cancel__unlock(src, v);
+  while ((st & REG_STATE_MASK) == REG_RUNNING) {
+    cancel__futex_wait(&reg->state, st);
+    st = ld_acquire(&reg->state);
+  }
+}
+
 /* The last reference is gone: decide whether the source dies now. */
 static void release(cancel_source *src) {
   /* A source that was never linked, armed or given a child can only be
@@ -477,28 +506,9 @@ static void release(cancel_source *src) {
       }
       reg = next;
     }
-    /* One of them may be running on another thread (the timer's cancel,
-     * or a parent's): wait for it, as for any source, so that on return
-     * every callback of src has run or never will and may be freed.  Not
-     * on the cancelling thread (a callback dropping its own source), not
-     * for a link or shield edge (the cancel is in a child: those are the
-     * child's callbacks), and not for one that unregistered itself. */
-    reg = src->running;
-    if ((src->flags & (SF_FIRING | SF_GONE)) == SF_FIRING && reg != NULL &&
-        !is_edge(reg) && src->running_tid != cancel__self()) {
-      uint32_t st = ld_relaxed(&reg->state);
-      if ((st & REG_STATE_MASK) == REG_RUNNING) {
-        /* Announced under the lock, as cancel__reg_remove_locked does: the
-         * canceller moves the state to DONE under it and wakes us. */
-        st |= REG_WAITERS;
-        st_relaxed(&reg->state, st);
-        cancel__unlock(src, v);
-        while ((st & REG_STATE_MASK) == REG_RUNNING) {
-          cancel__futex_wait(&reg->state, st);
-          st = ld_acquire(&reg->state);
-        }
-        return;
-      }
+    if (src->flags & SF_FIRING) {
+      wait_running(src, v); /* unlocks */
+      return;
     }
     cancel__unlock(src, v);
     return;
