@@ -385,7 +385,9 @@ e2e_jobs() {
   REPORTD_JOB_ATTEMPTS=$n REPORTD_JOB_BACKOFF_MS=500 REPORTD_JOB_BACKOFF_MAX_MS=10000 \
     rd_start_reportd "jobs$RD_NEXT_ID" --poll 100 --work 100 "$@" ||
     rd_die "reportd did not start"
-  bad=4242
+  # Unknown to the downstream (ids 1..100 only), and this run's own: the
+  # downstream's log counts its calls.
+  bad=$((4200 + RD_NEXT_ID))
   rd_take_id && uid=$RD_ID
   rd_take_id && fid=$RD_ID
   rd_take_id && gid=$RD_ID
