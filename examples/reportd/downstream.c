@@ -134,8 +134,8 @@ static int h_meta(cancel_http_request *req, const cancel_token *tok,
     title = json_string(text);
   }
   /* "o": the object takes the title's reference, even when it fails. */
-  return respond_json(req, 200, json_pack("{s:I,s:o}", "id", (json_int_t)id,
-                                          "title", title));
+  return respond_json(
+      req, 200, json_pack("{s:I,s:o}", "id", (json_int_t)id, "title", title));
 }
 
 /* The report id of a PUT route, or 0 (and a 404 sent) when it has none. */
@@ -183,8 +183,9 @@ static int h_put_title(cancel_http_request *req, const cancel_token *tok,
   free(old_raw);
   cancel_log(CANCEL_LOG_INFO, "downstream", "title set",
              "id=%ld bytes=%zu unchecked=%d", id, len, unchecked);
-  return respond_json(req, 200, json_pack("{s:I,s:I}", "id", (json_int_t)id,
-                                          "bytes", (json_int_t)len));
+  return respond_json(
+      req, 200,
+      json_pack("{s:I,s:I}", "id", (json_int_t)id, "bytes", (json_int_t)len));
 }
 
 static int h_put_status(cancel_http_request *req, const cancel_token *tok,
@@ -211,8 +212,9 @@ static int h_put_status(cancel_http_request *req, const cancel_token *tok,
   pthread_mutex_unlock(&mu);
   cancel_log(CANCEL_LOG_INFO, "downstream", "status set", "id=%ld status=%ld",
              id, status);
-  return respond_json(req, 200, json_pack("{s:I,s:I}", "id", (json_int_t)id,
-                                          "status", (json_int_t)status));
+  return respond_json(req, 200,
+                      json_pack("{s:I,s:I}", "id", (json_int_t)id, "status",
+                                (json_int_t)status));
 }
 
 int main(int argc, char **argv) {

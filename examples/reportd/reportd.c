@@ -330,7 +330,8 @@ static int fetch_metadata(const struct service *s, const cancel_token *tok,
   long status = 0;
   curl_easy_getinfo(e, CURLINFO_RESPONSE_CODE, &status);
   curl_easy_cleanup(e);
-  if (rc == 0 && status == 504 && cancel_token_remaining(tok) < CANCEL_MSEC(50)) {
+  if (rc == 0 && status == 504 &&
+      cancel_token_remaining(tok) < CANCEL_MSEC(50)) {
     /* The downstream gave up on the budget we sent it, which is ours:
      * our own deadline is a moment away.  Let it fire, so that the edge
      * names our timeout, not a downstream failure. */
@@ -348,8 +349,8 @@ static int fetch_metadata(const struct service *s, const cancel_token *tok,
     /* {"id":42,"title":"Report 42"}: the title's value, whatever bytes it
      * holds (NUL too: JSON_ALLOW_NUL), checked as UTF-8 by jansson. */
     json_error_t err;
-    json_t *root = json_loadb(b.buf != NULL ? b.buf : "", b.len,
-                              JSON_ALLOW_NUL, &err);
+    json_t *root =
+        json_loadb(b.buf != NULL ? b.buf : "", b.len, JSON_ALLOW_NUL, &err);
     json_t *t = json_object_get(root, "title");
     if (root == NULL) {
       rc = -EBADMSG;
@@ -617,8 +618,8 @@ static int h_job_get(cancel_http_request *req, const cancel_token *tok,
   if (rc < 0)
     return rc;
   bool pending = strcmp(j.state, "pending") == 0;
-  json_t *result = j.result != NULL ? json_loads(j.result, JSON_ALLOW_NUL, NULL)
-                                    : NULL;
+  json_t *result =
+      j.result != NULL ? json_loads(j.result, JSON_ALLOW_NUL, NULL) : NULL;
   /* "o": each value's reference goes to the object (or is dropped when
    * the pack fails); a NULL value fails it: out of memory. */
   json_t *o = json_pack(
@@ -627,8 +628,8 @@ static int h_job_get(cancel_http_request *req, const cancel_token *tok,
       (json_int_t)j.attempts, "max_attempts", (json_int_t)s->cfg.job_attempts,
       "last_error", text_or_null(j.error), "created_at",
       timestamp(j.created_ms), "updated_at", timestamp(j.updated_ms),
-      "next_attempt_at", pending ? timestamp(j.next_ms) : json_null(),
-      "result", result != NULL ? result : json_null());
+      "next_attempt_at", pending ? timestamp(j.next_ms) : json_null(), "result",
+      result != NULL ? result : json_null());
   store_job_clear(&j);
   return respond_json(req, 200, o);
 }
@@ -696,9 +697,8 @@ static int job_attempt(struct service *s, const cancel_token *stopping,
     char *body = dump(o);
     json_decref(o);
     free(r.title);
-    rc = body != NULL
-             ? store_job_finish(s->db, tok, job, report, attempt, body)
-             : -ENOMEM;
+    rc = body != NULL ? store_job_finish(s->db, tok, job, report, attempt, body)
+                      : -ENOMEM;
     free(body);
     if (rc < 0 && rc != -ECANCELED)
       say(why, whylen, "database: %s", cancel_strerror(rc));

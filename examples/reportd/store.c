@@ -416,7 +416,8 @@ int store_scan(store *s, const cancel_token *tok, long n, long *count) {
   return rc;
 }
 
-/* ---- Jobs ------------------------------------------------------------------ */
+/* ---- Jobs ------------------------------------------------------------------
+ */
 
 /* The wall clock in Unix milliseconds: job times outlive the process, so
  * not CLOCK_MONOTONIC. */
@@ -461,7 +462,7 @@ void store_job_clear(struct store_job *j) {
 
 /* The columns store_job_get reads, in this order. */
 #define JOB_COLUMNS                                                            \
-  "report_id, state, attempts, last_error, created_at, updated_at, next_at,"  \
+  "report_id, state, attempts, last_error, created_at, updated_at, next_at,"   \
   " (SELECT body FROM reports_out WHERE job_id = jobs.id)"
 
 struct job_row {
@@ -504,7 +505,8 @@ static void pg_job_row(PGresult *r, struct job_row *jr) {
   snprintf(j->state, sizeof j->state, "%s", PQgetvalue(r, 0, 1));
   j->attempts = strtol(PQgetvalue(r, 0, 2), NULL, 10);
   for (int i = 4; i <= 6; i++) {
-    int64_t v = PQgetisnull(r, 0, i) ? -1 : strtoll(PQgetvalue(r, 0, i), NULL, 10);
+    int64_t v =
+        PQgetisnull(r, 0, i) ? -1 : strtoll(PQgetvalue(r, 0, i), NULL, 10);
     *(i == 4 ? &j->created_ms : i == 5 ? &j->updated_ms : &j->next_ms) = v;
   }
   if (!dup_text(PQgetisnull(r, 0, 3) ? NULL : PQgetvalue(r, 0, 3), &j->error) ||

@@ -409,7 +409,7 @@ e2e_jobs() {
   # The good job, posted last, is done before the 503 one's last attempt:
   # reportd's own log says in which order it did them.
   rd_expect "the good job ${c:-?} (report $gid) was not done within $(rd_ms 5000) ms" \
-    e2e_job_wait "${c:-0}" done "$(rd_ms 5000)"
+    e2e_job_wait "${c:-0}" "done" "$(rd_ms 5000)"
   rd_now
   good_ms=$(((RD_NOW - t0) / 1000))
   rd_expect "job $c: no result with its title" \
@@ -428,7 +428,7 @@ e2e_jobs() {
       (.created_at | test(\"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:.]+Z$\")) and
       (.updated_at | type == \"string\") and .next_attempt_at == null and .result == null"
   rd_expect "job $f (503 until its first attempt) was not done within $(rd_ms 5000) ms" \
-    e2e_job_wait "${f:-0}" done "$(rd_ms 5000)"
+    e2e_job_wait "${f:-0}" "done" "$(rd_ms 5000)"
   rd_expect "job $f (503 until its first attempt): done after $RD_JATTEMPTS attempts, not 2..$n" \
     rd_match "$RD_JATTEMPTS" "^[2-$n]$"
   # The 503 for good: failed after n attempts, within the backoffs' sum
@@ -448,7 +448,7 @@ e2e_jobs() {
   # since, and has not tried the failed ones.
   rd_take_id
   rd_expect "POST /jobs?report=$RD_ID: no job" e2e_job_post "$RD_ID" && c2=$RD_JOB
-  rd_expect "the job posted last was not done" e2e_job_wait "${c2:-0}" done "$(rd_ms 5000)"
+  rd_expect "the job posted last was not done" e2e_job_wait "${c2:-0}" "done" "$(rd_ms 5000)"
   calls=$(e2e_count "$DS_LOG" "msg=meta id=$uid ")
   rd_expect "the downstream was called $calls times for report $uid, not $n" [ "$calls" = "$n" ]
   calls=$(e2e_count "$DS_LOG" "msg=meta id=$bad ")
@@ -573,7 +573,7 @@ e2e_hostile() {
     [[ $kind == big || $kind == nul || $kind == quotes ]] || continue
     e2e_job_post "${t#*:}" || { rd_expect "$kind title: no job" false; continue; }
     job=$RD_JOB
-    rd_expect "$kind title: job $job not done" e2e_job_wait "$job" done "$(rd_ms 10000)"
+    rd_expect "$kind title: job $job not done" e2e_job_wait "$job" "done" "$(rd_ms 10000)"
     jq -j .result.title "$RD_TMP/job-$job.body" >"$RD_TMP/got-job-$kind.bin"
     rd_expect "$kind title: job $job's result does not hold the title" \
       cmp -s "$RD_TMP/got-job-$kind.bin" "$RD_TMP/title-$kind.bin"
