@@ -39,6 +39,7 @@
 #define SF_PENDING 0x080u   /* torn down while firing: finish after */
 #define SF_DEAD 0x100u      /* teardown started */
 #define SF_DL_QUEUED 0x200u /* on the deadline work list (link.c) */
+#define SF_GONE 0x400u      /* `running` unregistered itself: never touch it */
 #define SF_OWNED_MASK                                                          \
   (SF_NAME_OWNED | SF_DETAIL_OWNED | SF_LINKS_OWNED | SF_SHIELD_OWNED)
 
@@ -135,6 +136,9 @@ void cancel__futex_wake_all(uint32_t *addr);
 
 /* Cancels src with the given reason.  `detail` is copied (may be NULL),
  * `via` is the parent whose cancellation reached src (NULL at the origin).
+ * The linked children are cancelled by the same loop, depth first, without
+ * recursion and without allocating: a source being cancelled keeps its
+ * loop's state (`running`, SF_GONE) and its way back (`via`) in itself.
  * Returns 1 if this call cancelled src, 0 if it was already cancelled. */
 int cancel__fire(cancel_source *src, int kind, const char *detail,
                  cancel_source *via, int64_t time, uint32_t extra_flags);
@@ -160,7 +164,9 @@ void cancel__list_push(cancel_source *src, cancel_reg *reg);
 cancel_source *cancel__link_detach(struct cancel__link *link);
 
 /* The callbacks of internal edges (a link, a shield's hook on its outer):
- * a zombie keeps these registrations and drops the application's. */
+ * a zombie keeps these registrations and drops the application's.  The
+ * cancel loop never calls cancel__link_fired: it descends into the child
+ * itself.  It runs only when a link is attached to a cancelled parent. */
 void cancel__link_fired(void *arg);
 void cancel__shield_outer_fired(void *arg);
 

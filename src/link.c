@@ -75,6 +75,11 @@ cancel_source *cancel__link_detach(struct cancel__link *link) {
   return zombie;
 }
 
+/* The callback of a link registration, called only when the link is
+ * attached to a parent that is already cancelled: the cancel loop
+ * (cancel__fire) recognises this function in a list and descends into the
+ * child itself instead of calling it, so that a chain is cancelled without
+ * recursion. */
 void cancel__link_fired(void *arg) {
   struct cancel__link *link = arg;
   cancel_source *parent = ld_relaxed(&link->parent);

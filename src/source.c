@@ -2,13 +2,17 @@
  * Sources: creation, references, cancellation, registrations, teardown.
  *
  * Invariants (the source lock is the ST_LOCKED bit of the state word):
- *   - head, running, running_*, children and flags change only under the
+ *   - head, running, running_tid, children and flags change only under the
  *     lock; the reason fields (kind, time, via, detail) are written once,
  *     under the lock, before ST_CANCELLED is published with a release store.
  *   - A registration is in exactly one of the states of internal.h.  Only
  *     the canceller moves it RUNNING -> DONE, and after that store it never
  *     touches the registration again (the owner may free it at once).
- *   - Callbacks run outside the lock, one at a time, newest first.
+ *   - Callbacks run outside the lock, one at a time, newest first; a linked
+ *     child's callbacks run where its link sits in the parent's list.
+ *   - The last unref of a source waits for a callback of it that runs on
+ *     another thread (zombies included): then every callback registered
+ *     on it has run or never will.
  */
 #include "internal.h"
 
@@ -126,7 +130,7 @@ int cancel__reg_remove_locked(cancel_source *src, uint32_t v, cancel_reg *reg) {
       /* A callback removing itself (or a sibling call on the cancelling
        * thread): waiting would deadlock.  Tell the canceller not to touch
        * reg after the callback returns, since its owner may free it. */
-      *src->running_gone = true;
+      src->flags |= SF_GONE;
       st_relaxed(&reg->state, REG_IDLE);
       cancel__unlock(src, v);
       return 0;
@@ -202,9 +206,96 @@ int cancel_unregister(cancel_reg *reg) {
 
 /* ---------------------------------------------------------------------
  * Cancelling
+ *
+ * One loop cancels a source and every source linked below it.  When it
+ * pops the registration of a link it does not call the link's callback
+ * (that would cancel the child by recursion, a stack frame per level, and
+ * a deep chain would overflow the stack) but descends: the child becomes
+ * the source the loop runs, and the child's `via`, which names the parent
+ * in the reason anyway, is the way back.  When the child's list is empty
+ * the loop climbs back to via and ends the link's registration there, just
+ * where the recursive call returned.  So callbacks run in the same order
+ * as before (depth first: a child's callbacks where its link sits in the
+ * parent's list), and the loop's whole state lives in the sources it is
+ * in: each one's `running` (in a parent: the link it descended through)
+ * and SF_GONE.  A cancel never allocates, however deep the tree.
+ *
+ * The way back stays valid: a parent is being cancelled on this thread
+ * until its loop has ended, and its teardown first waits for that (its
+ * link detaches for the registration that reached it, its timer disarm
+ * for the timer thread) before it cuts its children's via.
  * --------------------------------------------------------------------- */
 
 static void teardown_list(cancel_source *src);
+
+/* Ends the callback `reg` that src ran (src locked): RUNNING -> DONE under
+ * the lock, where a waiter announced itself, so no read-modify-write is
+ * needed; unless reg unregistered itself meanwhile (SF_GONE), when its
+ * owner may have freed it.  reg may be freed as soon as a waiter sees
+ * DONE; the wake only uses its address as a key. */
+static inline void reg_done_locked(cancel_source *src, cancel_reg *reg) {
+  if (src->flags & SF_GONE) {
+    src->flags &= ~SF_GONE;
+    return;
+  }
+  uint32_t old = ld_relaxed(&reg->state);
+  st_release(&reg->state, REG_DONE);
+  if (old & REG_WAITERS)
+    cancel__futex_wake_all(&reg->state);
+}
+
+/* Runs the callbacks of root (locked as v, its reason written) and of the
+ * sources linked below it.  Returns with root unlocked, telling whether
+ * its last reference went meanwhile (its teardown is the caller's). */
+__attribute__((noinline)) static bool run_tree(cancel_source *root, uint32_t v) {
+  cancel_source *src = root; /* the source whose list runs, locked as v */
+  for (;;) {
+    cancel_reg *reg = src->head;
+    if (reg != NULL) {
+      list_unlink(src, reg);
+      st_relaxed(&reg->state, REG_RUNNING);
+      src->running = reg;
+      cancel__unlock(src, v);
+      if (reg->fn != cancel__link_fired) {
+        reg->fn(reg->arg);
+      } else {
+        /* The link stays valid: the child's teardown, were it under way on
+         * another thread, waits for this registration to be DONE. */
+        cancel_source *child = ((struct cancel__link *)reg->arg)->child;
+        uint32_t cv = cancel__lock(child);
+        if (!(cv & ST_CANCELLED)) {
+          /* Published by the child's unlock, before its callbacks run. */
+          child->kind = src->kind;
+          child->time = src->time;
+          child->via = src;
+          child->detail = "";
+          child->flags |= SF_FIRING;
+          child->running_tid = cancel__self();
+          src = child;
+          v = cv | ST_CANCELLED;
+          continue;
+        }
+        cancel__unlock(child, cv); /* reached through another parent */
+      }
+      v = cancel__lock(src);
+      reg_done_locked(src, reg);
+      continue;
+    }
+    /* src's list is empty: its cancel is over. */
+    cancel_source *up = src->via;
+    src->running = NULL;
+    src->flags &= ~SF_FIRING;
+    bool pending = (src->flags & SF_PENDING) != 0;
+    cancel__unlock(src, v);
+    if (src == root)
+      return pending;
+    if (pending) /* its last reference went while we ran its callbacks */
+      teardown_list(src); /* (which may mark up's link SF_GONE) */
+    src = up;
+    v = cancel__lock(src);
+    reg_done_locked(src, src->running);
+  }
+}
 
 int cancel__fire(cancel_source *src, int kind, const char *detail,
                  cancel_source *via, int64_t time, uint32_t extra_flags) {
@@ -237,33 +328,7 @@ int cancel__fire(cancel_source *src, int kind, const char *detail,
   src->running_tid = cancel__self();
   /* Published by the next unlock (a release store), before any callback
    * runs: a reader that sees the bit sees the reason. */
-  v |= ST_CANCELLED;
-
-  cancel_reg *reg;
-  while ((reg = src->head) != NULL) {
-    list_unlink(src, reg);
-    st_relaxed(&reg->state, REG_RUNNING);
-    bool gone = false;
-    src->running = reg;
-    src->running_gone = &gone;
-    cancel__unlock(src, v);
-    reg->fn(reg->arg);
-    v = cancel__lock(src);
-    if (!gone) {
-      /* RUNNING -> DONE under the lock, where a waiter announced itself:
-       * no read-modify-write needed.  reg may be freed as soon as the
-       * waiter sees DONE; the wake only uses its address as a key. */
-      uint32_t old = ld_relaxed(&reg->state);
-      st_release(&reg->state, REG_DONE);
-      if (old & REG_WAITERS)
-        cancel__futex_wake_all(&reg->state);
-    }
-  }
-  src->running = NULL;
-  src->running_gone = NULL;
-  src->flags &= ~SF_FIRING;
-  bool pending = (src->flags & SF_PENDING) != 0;
-  cancel__unlock(src, v);
+  bool pending = run_tree(src, v | ST_CANCELLED);
   /* Counted once, at the origin: the sources it reaches through links
    * (via != NULL) are the same cancellation. */
   if (via == NULL)
@@ -397,6 +462,41 @@ void cancel__source_free(cancel_source *src) {
   teardown_list(src);
 }
 
+/* An internal edge (a child's link, a shield's hook), not a callback of
+ * the application's. */
+static inline bool is_edge(const cancel_reg *reg) {
+  return reg->fn == cancel__link_fired || reg->fn == cancel__shield_outer_fired;
+}
+
+/* The last reference to src, a zombie now (locked as v, being cancelled),
+ * went: one of its own callbacks may be running on another thread (the
+ * timer's cancel, or a parent's).  Waits for it, as for any source, so that
+ * on return every callback of src has run or never will and may be freed.
+ * Not on the cancelling thread (a callback dropping its own source), not
+ * for a link or shield edge (the cancel is in a child: those are the
+ * child's callbacks), and not for one that unregistered itself.  Unlocks.
+ * Out of line: release() stays small for the common case. */
+__attribute__((noinline)) static void wait_running(cancel_source *src,
+                                                   uint32_t v) {
+  cancel_reg *reg = src->running;
+  uint32_t st;
+  if ((src->flags & SF_GONE) || reg == NULL || is_edge(reg) ||
+      src->running_tid == cancel__self() ||
+      ((st = ld_relaxed(&reg->state)) & REG_STATE_MASK) != REG_RUNNING) {
+    cancel__unlock(src, v);
+    return;
+  }
+  /* Announced under the lock, as cancel__reg_remove_locked does: the
+   * canceller moves the state to DONE under it and wakes us. */
+  st |= REG_WAITERS;
+  st_relaxed(&reg->state, st);
+  cancel__unlock(src, v);
+  while ((st & REG_STATE_MASK) == REG_RUNNING) {
+    cancel__futex_wait(&reg->state, st);
+    st = ld_acquire(&reg->state);
+  }
+}
+
 /* The last reference is gone: decide whether the source dies now. */
 static void release(cancel_source *src) {
   /* A source that was never linked, armed or given a child can only be
@@ -419,13 +519,16 @@ static void release(cancel_source *src) {
     cancel_reg *reg = src->head;
     while (reg != NULL) {
       cancel_reg *next = reg->next;
-      if (reg->fn != cancel__link_fired &&
-          reg->fn != cancel__shield_outer_fired) {
+      if (!is_edge(reg)) {
         list_unlink(src, reg);
         reg->src = NULL;
         st_release(&reg->state, REG_DETACHED);
       }
       reg = next;
+    }
+    if (src->flags & SF_FIRING) {
+      wait_running(src, v); /* unlocks */
+      return;
     }
     cancel__unlock(src, v);
     return;
