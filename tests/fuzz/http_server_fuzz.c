@@ -2,8 +2,8 @@
  * libFuzzer harness: libcancel-http fed raw bytes.  One server, started
  * once, with routes like reportd's (a parameter, a body, a slow handler
  * that watches its token); each input is written whole to a new loopback
- * connection whose write side is then shut, and the answer read until the
- * server closes.  What must hold for any input:
+ * connection, and the answer read until it is whole or the server closes
+ * (its read deadlines, short here, end an incomplete request).  What must hold for any input:
  *   - nothing crashes or trips ASan/UBSan (the point of it);
  *   - an answer, when there is one, starts with a status line;
  *   - every line the server logs is valid logfmt with each of its own
@@ -85,6 +85,8 @@ static void sink(int level, const char *line, size_t len, void *arg) {
   (void)level;
   (void)arg;
   struct lf_record r;
+  if (getenv("HTTP_FUZZ_VERBOSE") != NULL)
+    fprintf(stderr, "%s\n", line);
   if (strlen(line) != len || lf_decode(line, &r) != 0) {
     fprintf(stderr, "log line is not logfmt (%s): %s\n",
                 strlen(line) != len ? "NUL inside" : r.error, line);
@@ -103,9 +105,14 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
   (void)argc;
   (void)argv;
   cancel_log_set_sink(sink, NULL, CANCEL_LOG_DEBUG);
+  /* Short read deadlines: every connection must end within them, which
+   * the exchange below checks (3 s). */
   cancel_http_options o = {.threads = 2,
                            .max_body = 4096,
-                           .drain_timeout_ns = CANCEL_MSEC(100)};
+                           .drain_timeout_ns = CANCEL_MSEC(100),
+                           .header_timeout_ns = CANCEL_MSEC(100),
+                           .body_timeout_ns = CANCEL_MSEC(100),
+                           .idle_timeout_ns = CANCEL_SEC(1)};
   if (cancel_http_server_new(&srv, &o, routes,
                              sizeof routes / sizeof routes[0]) != 0 ||
       cancel_http_server_start(srv, NULL) != 0) {
@@ -116,10 +123,24 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
   return 0;
 }
 
-/* Sends data on a new connection, shuts the write side, reads the answer
- * until the server closes (or 2 s pass: a server that neither answers nor
- * closes a finished request is a finding too).  Returns the bytes read
- * into buf (at most cap), -1 when no connection could be made. */
+/* Whether buf holds one whole response: headers, and as many body bytes
+ * as Content-Length says (a response without one ends with the close). */
+static bool response_complete(const char *buf, size_t len) {
+  const char *end = memmem(buf, len, "\r\n\r\n", 4);
+  if (end == NULL)
+    return false;
+  size_t head = (size_t)(end - buf) + 4;
+  const char *cl = memmem(buf, head, "Content-Length: ", 16);
+  if (cl == NULL)
+    return false;
+  return len >= head + strtoul(cl + 16, NULL, 10);
+}
+
+/* Sends data on a new connection, reads until the server closes or one
+ * whole response came (a keep-alive connection stays open after it).  A connection
+ * that neither ends nor answers within 3 s outlived every read deadline
+ * of the server: a finding.  Returns the bytes read into buf (at most
+ * cap), -1 when no connection could be made. */
 static ssize_t exchange(const void *data, size_t size, char *buf, size_t cap) {
   int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0)
@@ -139,13 +160,14 @@ static ssize_t exchange(const void *data, size_t size, char *buf, size_t cap) {
     p += n;
     left -= (size_t)n;
   }
-  shutdown(fd, SHUT_WR);
+  /* No half-close: the server reads one as the client gone (and answers
+   * nothing, as it should); the read deadlines end what stays open. */
   size_t got = 0;
   for (;;) {
     struct pollfd pfd = {.fd = fd, .events = POLLIN};
-    int pr = poll(&pfd, 1, 2000);
+    int pr = poll(&pfd, 1, 3000);
     if (pr == 0) {
-      fprintf(stderr, "http_fuzz: no answer and no close within 2 s\n");
+      fprintf(stderr, "http_fuzz: no answer and no close within 3 s\n");
       abort();
     }
     char tmp[4096];
@@ -155,6 +177,8 @@ static ssize_t exchange(const void *data, size_t size, char *buf, size_t cap) {
     size_t take = (size_t)n < cap - got ? (size_t)n : cap - got;
     memcpy(buf + got, tmp, take);
     got += take;
+    if (response_complete(buf, got))
+      break;
   }
   close(fd);
   return (ssize_t)got;
@@ -173,7 +197,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         "GET /reports/7 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
     got = exchange(ok, sizeof ok - 1, buf, sizeof buf);
     if (got < 12 || memcmp(buf + 9, "200", 3) != 0) {
-      fprintf(stderr, "http_fuzz: the server stopped answering\n");
+      fprintf(stderr, "http_fuzz: the server stopped answering: [%.*s]\n",
+              got > 0 ? (int)got : 0, buf);
       abort();
     }
   }
