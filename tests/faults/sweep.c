@@ -25,6 +25,8 @@
  */
 #define _GNU_SOURCE
 #include "cancel.h"
+#include "cancel/diag.h"
+#include "cancel/log.h"
 #include "cancel/process.h"
 #include "cancel/watch.h"
 
@@ -496,6 +498,95 @@ static void sc_process(void) {
   cancel_source_unref(s);
 }
 
+/* Waits woken from another thread: a condition variable, a semaphore, a
+ * thread join, and many linked parents (their link nodes are one
+ * allocation). */
+struct cond_wake {
+  cancel_source *src;
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+};
+
+static void sc_wakes(void) {
+  cancel_source *s = NULL;
+  if (EXPECT(cancel_source_new(&s, "wake"), 0, -ENOMEM) < 0)
+    return;
+  struct later l = {s, CANCEL_MSEC(3)};
+  pthread_t th;
+  own = 1;
+  int trc = __real_pthread_create(&th, NULL, cancel_later, &l);
+  own = 0;
+  if (trc != 0) {
+    violation("pthread_create (the harness's)");
+    cancel_source_unref(s);
+    return;
+  }
+  pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+  pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+  pthread_mutex_lock(&mu);
+  EXPECT(cancel_cond_wait(cancel_source_token(s), &cv, &mu, CANCEL_NEVER),
+         -ECANCELED, 0);
+  pthread_mutex_unlock(&mu);
+  pthread_join(th, NULL);
+  cancel_sem sem;
+  cancel_sem_init(&sem, 0);
+  EXPECT(cancel_sem_wait(cancel_source_token(s), &sem, CANCEL_NEVER),
+         -ECANCELED);
+
+  enum { NP = 40 };
+  cancel_source *ps[NP] = {NULL};
+  const cancel_token *toks[NP];
+  int made = 0;
+  for (int i = 0; i < NP; i++)
+    if (EXPECT(cancel_source_new(&ps[i], "parent"), 0, -ENOMEM) == 0)
+      toks[made++] = cancel_source_token(ps[i]);
+  cancel_source *kid = NULL;
+  if (made > 0 &&
+      EXPECT(cancel_source_new_linked(&kid, "fan-in", toks, (size_t)made), 0,
+             -ENOMEM) == 0) {
+    cancel_reg r;
+    atomic_store(&fired, 0);
+    EXPECT(cancel_register(&r, cancel_source_token(kid), count_cb, NULL), 0);
+    cancel_source_cancel(ps[made / 2] != NULL ? ps[made / 2] : ps[0]);
+    for (int i = 0; i < NP; i++)
+      if (ps[i] != NULL)
+        cancel_source_cancel(ps[i]);
+    if (atomic_load(&fired) != 1)
+      violation("a fan-in child's callback ran %d times", atomic_load(&fired));
+    EXPECT(cancel_unregister(&r), 0);
+    cancel_source_unref(kid);
+  }
+  for (int i = 0; i < NP; i++)
+    cancel_source_unref(ps[i]);
+  cancel_source_unref(s);
+}
+
+/* Diagnostics: the watchdog (a thread, a signal for stacks), scopes, the
+ * metrics page. */
+static void sc_diag(void) {
+  cancel_watchdog_options o = {.threshold_ns = CANCEL_MSEC(5)};
+  long rc = EXPECT(cancel_watchdog_start(&o), 0, -EAGAIN, -ENOMEM);
+  cancel_source *s = NULL;
+  if (EXPECT(cancel_source_new(&s, "scoped"), 0, -ENOMEM) == 0) {
+    cancel_scope sc;
+    cancel_scope_begin(&sc, cancel_source_token(s), "work");
+    cancel_source_cancel(s);
+    struct timespec ts = {0, 20000000};
+    nanosleep(&ts, NULL); /* overdue: the watchdog may report it */
+    (void)cancel_scope_end(&sc);
+    cancel_source_unref(s);
+  }
+  if (rc == 0)
+    EXPECT(cancel_watchdog_stop(), 0);
+  own = 1;
+  FILE *f = fopen("/dev/null", "w");
+  own = 0;
+  if (f != NULL) {
+    EXPECT(cancel_metrics_write_prometheus(f), 0, -EIO, -ENOMEM);
+    fclose(f);
+  }
+}
+
 struct scenario {
   const char *name;
   void (*fn)(void);
@@ -505,6 +596,7 @@ static const struct scenario scenarios[] = {
     {"shield", sc_shield},   {"waits", sc_waits},
     {"threads", sc_threads}, {"hangup", sc_hangup},
     {"signals", sc_signals}, {"process", sc_process},
+    {"wakes", sc_wakes},     {"diag", sc_diag},
 };
 
 /* ---- The sweep ------------------------------------------------------------ */
@@ -588,6 +680,13 @@ static enum outcome run_one(const struct scenario *sc, long n, long *total,
   return o;
 }
 
+static void quiet(int level, const char *line, size_t len, void *arg) {
+  (void)level;
+  (void)line;
+  (void)len;
+  (void)arg;
+}
+
 int main(int argc, char **argv) {
   long sample = 0;
   int first = 1;
@@ -602,6 +701,8 @@ int main(int argc, char **argv) {
   }
   /* A signal the scenario raises must not end the sweep itself. */
   signal(SIGPIPE, SIG_IGN);
+  /* The library's lines (the watchdog's reports) are not the sweep's. */
+  cancel_log_set_sink(quiet, NULL, CANCEL_LOG_ERROR);
   long passed = 0, failed = 0, points = 0;
   long totals[NOUTCOMES] = {0};
   for (size_t i = 0; i < sizeof scenarios / sizeof scenarios[0]; i++) {
