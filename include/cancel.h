@@ -171,7 +171,8 @@ struct cancel_source {
   cancel_reg *head;              /* registered callbacks, newest first; lock */
   cancel_reg *running;           /* callback being run by cancel; lock */
   const void *running_tid;       /* thread running the cancel */
-  bool *running_gone;            /* set when `running` unregisters itself */
+  uint32_t *unref_waiter;        /* a zombie's last unref, waiting for
+                                    `running` to return; lock */
   struct cancel__link *children; /* links and shields hooked on us; lock */
   cancel_source *via;            /* the parent whose cancel reached us */
   cancel_source *free_next;      /* teardown work list */

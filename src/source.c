@@ -55,6 +55,7 @@ static inline int setup(cancel_source *src, const char *name, uint32_t flags) {
   src->links = NULL;
   src->shield = NULL;
   src->deadline = CANCEL_NEVER;
+  src->unref_waiter = NULL;
   src->eff_deadline = CANCEL_NEVER;
   src->name = "";
   return (name != NULL && name[0] != '\0') ? set_name(src, name) : 0;
@@ -133,6 +134,10 @@ int cancel__reg_remove_locked(cancel_source *src, uint32_t v, cancel_reg *reg) {
       src->flags |= SF_GONE;
       st_relaxed(&reg->state, REG_IDLE);
       cancel__unlock(src, v);
+      /* Another thread unregistering it too (a double unregister) waits
+       * for DONE, which will not come now: let it see IDLE. */
+      if (st & REG_WAITERS)
+        cancel__futex_wake_all(&reg->state);
       return 0;
     }
     /* Announce a waiter under the lock: the canceller moves the state to
@@ -234,6 +239,15 @@ static void teardown_list(cancel_source *src);
  * owner may have freed it.  reg may be freed as soon as a waiter sees
  * DONE; the wake only uses its address as a key. */
 static inline void reg_done_locked(cancel_source *src, cancel_reg *reg) {
+  uint32_t *w = src->unref_waiter;
+  if (w != NULL) {
+    /* The zombie's last unref waits for this callback (wait_running): on
+     * its own word, since reg may be freed by its callback.  A wake only
+     * uses the word's address as a key. */
+    src->unref_waiter = NULL;
+    st_release(w, 1);
+    cancel__futex_wake_all(w);
+  }
   if (src->flags & SF_GONE) {
     src->flags &= ~SF_GONE;
     return;
@@ -479,22 +493,23 @@ static inline bool is_edge(const cancel_reg *reg) {
 __attribute__((noinline)) static void wait_running(cancel_source *src,
                                                    uint32_t v) {
   cancel_reg *reg = src->running;
-  uint32_t st;
   if ((src->flags & SF_GONE) || reg == NULL || is_edge(reg) ||
       src->running_tid == cancel__self() ||
-      ((st = ld_relaxed(&reg->state)) & REG_STATE_MASK) != REG_RUNNING) {
+      (ld_relaxed(&reg->state) & REG_STATE_MASK) != REG_RUNNING) {
     cancel__unlock(src, v);
     return;
   }
-  /* Announced under the lock, as cancel__reg_remove_locked does: the
-   * canceller moves the state to DONE under it and wakes us. */
-  st |= REG_WAITERS;
-  st_relaxed(&reg->state, st);
+  /* Announced under the lock on a word of our own, not on reg's state:
+   * the callback may unregister itself and free reg while we wait (the
+   * registration model, tests/model, found that use after free).  The
+   * canceller sets the word under the same lock when the callback has
+   * returned (reg_done_locked).  Only the last unref gets here: one
+   * waiter at most. */
+  uint32_t word = 0;
+  src->unref_waiter = &word;
   cancel__unlock(src, v);
-  while ((st & REG_STATE_MASK) == REG_RUNNING) {
-    cancel__futex_wait(&reg->state, st);
-    st = ld_acquire(&reg->state);
-  }
+  while (ld_acquire(&word) == 0)
+    cancel__futex_wait(&word, 0);
 }
 
 /* The last reference is gone: decide whether the source dies now. */

@@ -374,6 +374,53 @@ static void test_zombie_unref_waits_for_timer_cancel(void **state) {
   sem_destroy(&s.started);
 }
 
+/* The same, when the running callback unregisters itself and frees its
+ * own registration while unref waits: unref must not wait on the
+ * registration's memory (the registration model in tests/model found
+ * that use after free in the first fix), and must still return once the
+ * callback has. */
+struct self_freeing {
+  struct slow s;
+  cancel_reg *reg;
+};
+
+static void self_freeing_cb(void *arg) {
+  struct self_freeing *f = arg;
+  sem_post(&f->s.started);
+  test_sleep_ns(f->s.ns); /* unref is waiting by now */
+  assert_int_equal(cancel_unregister(f->reg), 0);
+  free(f->reg);
+  __atomic_store_n(&f->s.finished, 1, __ATOMIC_SEQ_CST);
+}
+
+static void test_zombie_unref_callback_frees_itself(void **state) {
+  (void)state;
+  cancel_source *p = new_src("p");
+  const cancel_token *pp[] = {TOK(p)};
+  cancel_source *c = new_child("c", pp, 1);
+  struct fire_rec cf;
+  fire_rec_init(&cf);
+  cancel_reg creg;
+  assert_int_equal(cancel_register(&creg, TOK(c), fire_cb, &cf), 0);
+  struct self_freeing f;
+  slow_init(&f.s, CANCEL_MSEC(50));
+  f.reg = malloc(sizeof *f.reg);
+  assert_non_null(f.reg);
+  assert_int_equal(cancel_register(f.reg, TOK(p), self_freeing_cb, &f), 0);
+
+  assert_int_equal(cancel_source_cancel_after(p, CANCEL_MSEC(1)), 0);
+  assert_int_equal(test_sem_wait_ns(&f.s.started, test_tol(CANCEL_SEC(5))),
+                   0);
+  cancel_source_unref(p);
+  int finished = __atomic_load_n(&f.s.finished, __ATOMIC_SEQ_CST);
+  assert_int_equal(test_sem_wait_ns(&cf.sem, test_tol(CANCEL_SEC(5))), 0);
+  assert_int_equal(finished, 1);
+  assert_int_equal(cancel_unregister(&creg), 0);
+  cancel_source_unref(c);
+  sem_destroy(&cf.sem);
+  sem_destroy(&f.s.started);
+}
+
 struct canceller {
   cancel_source *src;
   int rc;
@@ -529,6 +576,7 @@ int main(void) {
       cmocka_unit_test(test_callback_order_over_tree),
       cmocka_unit_test(test_zombie_unref_waits_for_timer_cancel),
       cmocka_unit_test(test_zombie_unref_waits_for_grandparent_cancel),
+      cmocka_unit_test(test_zombie_unref_callback_frees_itself),
       cmocka_unit_test(test_zombie_unref_drops_waiting_callbacks),
       cmocka_unit_test(test_zombie_unref_while_cancel_is_in_child),
       cmocka_unit_test(test_zombie_unref_from_own_callback),
