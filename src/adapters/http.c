@@ -32,6 +32,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <linux/filter.h>
 #include <microhttpd.h>
 #include <netinet/in.h>
 #include <pthread.h>
@@ -49,6 +50,14 @@
 #define DEFAULT_DRAIN CANCEL_SEC(20)
 #define DEFAULT_MAX_BODY ((size_t)1 << 20)
 #define MAX_PARAMS 8
+/* A graceful stop closes a keep-alive connection only once it has had no
+ * request for this long (and no other connection had one either): a
+ * client that has just been answered sends its next request within
+ * microseconds on loopback, within a round trip elsewhere, and that
+ * request must find the connection open, to be answered 503 with
+ * Connection: close.  Closing at once would race it (Go's Shutdown and
+ * nginx do, and leave the retry to the client). */
+#define KEEPALIVE_GRACE CANCEL_MSEC(250)
 
 struct kv {
   const char *k, *v;
@@ -61,14 +70,36 @@ struct kvs {
 
 enum req_state { REQ_NEW, REQ_QUEUED, REQ_DONE };
 
+/* Where a connection is, for its hang-up watch (conn_ctx.state):
+ *   IDLE  no request of ours on it: between requests, or sending an answer
+ *         that is already decided (libmicrohttpd tells us whether it got
+ *         through);
+ *   BUSY  a request handed to a handler, until the handler's result is
+ *         classified;
+ *   LEFT  the peer went away while BUSY: the source was cancelled, the
+ *         request is answered 499 (nothing sent);
+ *   GONE  the peer went away while IDLE: nothing was cancelled (an idle
+ *         keep-alive connection closing, or a client that read its answer
+ *         and left).  A request that is complete all the same (its client
+ *         half-closed after sending it) starts LEFT.
+ * The watch's callback (reactor thread) and the request's own steps (the
+ * daemon's thread, a pool thread) move it by compare-and-swap, so exactly
+ * one of them decides, and the kind "client gone" is counted once per
+ * request answered 499, never for a connection that cancelled nothing. */
+enum { CONN_IDLE, CONN_BUSY, CONN_LEFT, CONN_GONE };
+
 /* A connection's own source, "client <addr>:<port>", linked to the drain
  * and cancelled by a hang-up watch armed once per connection (on its first
  * request): a keep-alive connection pays for the watch once, not per
  * request.  Made on libmicrohttpd's thread, freed there when the
- * connection closes; requests hold a reference while they run. */
+ * connection closes; requests hold a reference while they run.  The watch
+ * calls conn_hangup (cancel_watch_hangup_fn) rather than cancelling the
+ * source whenever the peer leaves: it cancels only a BUSY connection. */
 struct conn_ctx {
   cancel_source *src;
   cancel_watch watch;
+  uint32_t state; /* atomic: CONN_* */
+  uint32_t hup;   /* atomic: 0 before the watch fired, then 1 + reset */
   bool watching;
   bool tried; /* the source and watch were attempted */
 };
@@ -80,7 +111,10 @@ struct cancel_http_request {
   uint64_t id;
   int64_t t0, t_handler_end;
   enum req_state state;
+  bool seen;                /* on_access had it: method and url are set */
   bool dispatched;          /* counted in in_flight */
+  bool busy;                /* made its connection BUSY (conn_begin) */
+  struct conn_ctx *cc;      /* the connection's, NULL without cancellation */
   const char *method, *url; /* libmicrohttpd's, valid until completion */
   const cancel_http_route *route;
   char *pathbuf; /* url split into segments: the captures point here */
@@ -122,9 +156,15 @@ struct cancel_http_server {
   pthread_mutex_t mu;
   pthread_cond_t cv;      /* the queue is not empty, or closing: the pool */
   pthread_cond_t done_cv; /* in_flight went down: the stopper only */
-  bool stopping_waits;    /* a stopper waits on done_cv; mu */
+  bool stopping_waits;    /* atomic: a stopper waits on done_cv */
+  bool handed; /* the stopper handed connections from the listen queue */
   cancel_http_request *head, *tail;
   size_t in_flight; /* atomic reads outside mu */
+  /* What a graceful stop waits for (atomics; changed on the daemon's
+   * thread, read by the stopper, which waits on done_cv): */
+  size_t open;         /* requests started (request line read), not ended */
+  size_t conns;        /* connections open */
+  int64_t last_active; /* a request started or ended, a connection opened */
   size_t running;   /* handlers running now */
   bool closing;     /* pool threads exit */
   pthread_t *threads;
@@ -356,11 +396,34 @@ static int64_t header_budget(cancel_http_request *r, const char **which) {
   return best;
 }
 
+static const char *hup_detail(uint32_t hup) {
+  return hup == 2 ? "connection reset" : "peer closed";
+}
+
+/* The hang-up watch's callback, on the reactor thread, once (one-shot):
+ * cancels the connection's source only when a request is BUSY on it.
+ * c stays valid: on_connection removes the watch (waiting for a callback
+ * that runs) before it frees c. */
+static void conn_hangup(void *arg, int reset) {
+  struct conn_ctx *c = arg;
+  uint32_t hup = reset ? 2 : 1;
+  st_relaxed(&c->hup, hup);
+  uint32_t cur = ld_acquire(&c->state);
+  for (;;) {
+    if (cur != CONN_IDLE && cur != CONN_BUSY)
+      return; /* not expected: the watch is one-shot */
+    uint32_t next = cur == CONN_BUSY ? CONN_LEFT : CONN_GONE;
+    if (__atomic_compare_exchange_n(&c->state, &cur, next, false,
+                                    __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+      break;
+  }
+  if (cur == CONN_BUSY)
+    cancel_source_cancel_with(c->src, CANCEL_CLIENT_GONE, hup_detail(hup));
+}
+
 /* The connection's source, made and watched on its first request. */
 static cancel_source *conn_source(cancel_http_request *r) {
-  const union MHD_ConnectionInfo *ci =
-      MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
-  struct conn_ctx *c = ci != NULL ? ci->socket_context : NULL;
+  struct conn_ctx *c = r->cc;
   if (c == NULL)
     return NULL;
   if (!c->tried) {
@@ -373,15 +436,54 @@ static cancel_source *conn_source(cancel_http_request *r) {
     const union MHD_ConnectionInfo *fi =
         MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
     /* Without a watch the requests still have their timeouts and the
-     * shutdown; only the client's hang-up goes unseen: say so. */
-    if (fi == NULL ||
-        cancel_watch_hangup(&c->watch, c->src, fi->connect_fd) < 0)
+     * shutdown; only the client's hang-up goes unseen: say so.  The
+     * callback may run before this returns (a peer gone already): c is
+     * complete. */
+    if (fi == NULL || cancel_watch_hangup_fn(&c->watch, fi->connect_fd,
+                                             conn_hangup, c) < 0)
       cancel_log(CANCEL_LOG_WARN, "http", "client hang-up not watched",
                  "id=%" PRIu64, r->id);
     else
       c->watching = true;
   }
   return c->src;
+}
+
+/* The request is handed to a handler: its connection is BUSY, so that a
+ * hang-up from now on cancels it.  A peer that left already (it
+ * half-closed after sending this request) cancels it at once. */
+static void conn_begin(cancel_http_request *r) {
+  struct conn_ctx *c = r->cc;
+  if (c == NULL || c->src == NULL)
+    return;
+  r->busy = true;
+  uint32_t cur = CONN_IDLE;
+  if (__atomic_compare_exchange_n(&c->state, &cur, CONN_BUSY, false,
+                                  __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+    return;
+  if (cur == CONN_GONE) {
+    st_release(&c->state, CONN_LEFT);
+    cancel_source_cancel_with(c->src, CANCEL_CLIENT_GONE,
+                              hup_detail(ld_relaxed(&c->hup)));
+  }
+}
+
+/* The handler's result is classified: the connection is IDLE again (the
+ * answer goes out, or libmicrohttpd says why not).  Returns whether the
+ * client left while the request was BUSY: its source was (or is being,
+ * on the reactor) cancelled with kind client gone, and the request is
+ * answered 499.  The one exception: the drain fired the source first
+ * (shutdown), which is then the reason, and the 503 goes out. */
+static bool conn_end(cancel_http_request *r) {
+  struct conn_ctx *c = r->cc;
+  if (!r->busy)
+    return false;
+  uint32_t cur = CONN_BUSY;
+  if (__atomic_compare_exchange_n(&c->state, &cur, CONN_IDLE, false,
+                                  __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+    return false;
+  int kind = cancel_token_kind(cancel_source_token(c->src));
+  return kind == CANCEL_NONE || kind == CANCEL_CLIENT_GONE;
 }
 
 static int build_sources(cancel_http_request *r) {
@@ -410,18 +512,13 @@ static int build_sources(cancel_http_request *r) {
   return 0;
 }
 
-/* Drops the request's sources.  Returns whether the client hung up (the
- * connection's source was cancelled by its watch). */
-static bool teardown_sources(cancel_http_request *r) {
-  bool gone =
-      r->client != NULL &&
-      cancel_token_kind(cancel_source_token(r->client)) == CANCEL_CLIENT_GONE;
+/* Drops the request's sources. */
+static void teardown_sources(cancel_http_request *r) {
   cancel_source_unref(r->deadline_src);
   cancel_source_unref(r->route_src);
   cancel_source_unref(r->client);
   r->deadline_src = r->route_src = r->client = NULL;
   r->tok = NULL;
-  return gone;
 }
 
 /* ---- The edge ----------------------------------------------------------- */
@@ -499,7 +596,9 @@ static void run_request(cancel_http_request *r) {
   cancel_scope_end(&scope);
   r->t_handler_end = cancel_now();
   classify(r, rc);
-  if (teardown_sources(r) || r->no_response) {
+  bool gone = conn_end(r);
+  teardown_sources(r);
+  if (gone || r->no_response) {
     /* The client is gone: whatever the handler answered, nobody reads
      * it.  Logged as nginx does (499), not as an error. */
     r->no_response = true;
@@ -607,8 +706,12 @@ static enum MHD_Result dispatch(cancel_http_request *r) {
   if (r->too_large)
     return answer_now(r, 413, "request body too large\n");
   r->pathbuf = malloc(strlen(r->url) + 1);
-  if (r->pathbuf == NULL)
+  if (r->pathbuf == NULL) {
+    r->log_status = 500;
+    r->level = CANCEL_LOG_ERROR;
+    snprintf(r->error, sizeof r->error, "no memory for the path");
     return MHD_NO;
+  }
   bool other;
   char allow[128];
   r->route = find_route(r, &other, allow, sizeof allow);
@@ -627,6 +730,7 @@ static enum MHD_Result dispatch(cancel_http_request *r) {
     teardown_sources(r);
     return answer_now(r, 503, "out of memory\n");
   }
+  conn_begin(r);
   MHD_suspend_connection(r->conn);
   r->state = REQ_QUEUED;
   r->dispatched = true;
@@ -642,6 +746,53 @@ static enum MHD_Result dispatch(cancel_http_request *r) {
   return MHD_YES;
 }
 
+/* Only a stopper waits on done_cv: waking the idle pool threads on every
+ * request cost more than the request.  Sequentially consistent with the
+ * stopper's store of stopping_waits and its loads of the counters: one of
+ * the two sees the other's write, so no wake-up is lost. */
+static void wake_stopper(cancel_http_server *s) {
+  if (__atomic_load_n(&s->stopping_waits, __ATOMIC_SEQ_CST)) {
+    pthread_mutex_lock(&s->mu);
+    pthread_cond_signal(&s->done_cv);
+    pthread_mutex_unlock(&s->mu);
+  }
+}
+
+static void active(cancel_http_server *s) {
+  __atomic_store_n(&s->last_active, cancel_now(), __ATOMIC_RELAXED);
+}
+
+/* A request starts when its request line is read: from then on it is
+ * open (a graceful stop waits for it), it gets one access line whatever
+ * happens, and the method is "-" until the headers are in. */
+static cancel_http_request *new_request(cancel_http_server *s,
+                                        struct MHD_Connection *conn,
+                                        const char *url) {
+  cancel_http_request *r = calloc(1, sizeof *r);
+  if (r == NULL)
+    return NULL;
+  r->srv = s;
+  r->conn = conn;
+  r->id = __atomic_add_fetch(&s->next_id, 1, __ATOMIC_RELAXED);
+  r->t0 = cancel_now();
+  r->method = "-";
+  r->url = url != NULL ? url : "-";
+  r->after_cancel_ms = -1;
+  r->level = CANCEL_LOG_INFO;
+  const union MHD_ConnectionInfo *ci =
+      MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+  r->cc = ci != NULL ? ci->socket_context : NULL;
+  __atomic_add_fetch(&s->open, 1, __ATOMIC_SEQ_CST);
+  active(s);
+  return r;
+}
+
+/* MHD_OPTION_URI_LOG_CALLBACK: the request line is read (the headers may
+ * still be on their way). */
+static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn) {
+  return new_request(cls, conn, uri);
+}
+
 static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn,
                                  const char *url, const char *method,
                                  const char *version, const char *upload,
@@ -650,17 +801,18 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn,
   cancel_http_server *s = cls;
   cancel_http_request *r = *con_cls;
   if (r == NULL) {
-    r = calloc(1, sizeof *r);
+    /* on_uri had no memory for it: once more. */
+    r = new_request(s, conn, url);
     if (r == NULL)
       return MHD_NO;
-    r->srv = s;
-    r->conn = conn;
-    r->id = __atomic_add_fetch(&s->next_id, 1, __ATOMIC_RELAXED);
-    r->t0 = cancel_now();
+    *con_cls = r;
+  }
+  if (!r->seen) {
+    /* The headers are in.  libmicrohttpd's strings, valid until the
+     * request ends (on_uri's url is the same buffer, decoded in place). */
+    r->seen = true;
     r->method = method;
     r->url = url;
-    r->after_cancel_ms = -1;
-    *con_cls = r;
     return MHD_YES;
   }
   if (r->state == REQ_DONE) {
@@ -677,8 +829,12 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn,
       return MHD_YES; /* read and drop the rest, answer 413 at the end */
     }
     char *b = realloc(r->body, r->body_len + n + 1);
-    if (b == NULL)
+    if (b == NULL) {
+      r->log_status = 500;
+      r->level = CANCEL_LOG_ERROR;
+      snprintf(r->error, sizeof r->error, "no memory for the body");
       return MHD_NO;
+    }
     memcpy(b + r->body_len, upload, n);
     r->body = b;
     r->body_len += n;
@@ -703,6 +859,26 @@ static void free_request(cancel_http_request *r) {
   free(r);
 }
 
+/* The status in the access line of a request that ended before the
+ * server answered it (see the header). */
+static unsigned cut_short_status(struct MHD_Connection *conn,
+                                 enum MHD_RequestTerminationCode tc) {
+  switch (tc) {
+  case MHD_REQUEST_TERMINATED_COMPLETED_OK: {
+    /* libmicrohttpd answered it itself: a malformed request. */
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(conn, MHD_CONNECTION_INFO_HTTP_STATUS);
+    return ci != NULL && ci->http_status >= 100 ? ci->http_status : 400;
+  }
+  case MHD_REQUEST_TERMINATED_TIMEOUT_REACHED:
+    return 408; /* the client was too slow to send it */
+  case MHD_REQUEST_TERMINATED_DAEMON_SHUTDOWN:
+    return 503; /* a stop's deadline cut it */
+  default:
+    return 400; /* the client left with its request unfinished */
+  }
+}
+
 static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
                          enum MHD_RequestTerminationCode tc) {
   (void)conn;
@@ -712,15 +888,28 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     return;
   *con_cls = NULL;
   if (r->state != REQ_DONE) {
-    /* Ended before we answered (a malformed request, a client that left
-     * while sending its body): libmicrohttpd answered or closed. */
-    r->log_status = tc == MHD_REQUEST_TERMINATED_COMPLETED_OK ? 400 : 499;
-  } else if (r->log_status == 0) {
-    r->log_status = r->status;
+    if (r->log_status == 0)
+      r->log_status = cut_short_status(conn, tc);
+  } else if (r->no_response) {
+    r->log_status = 499; /* the client left while BUSY (conn_end) */
+  } else {
+    if (r->log_status == 0)
+      r->log_status = r->status;
+    /* A handler's answer that could not be delivered: the client left
+     * after the handler was done.  The request was still in progress, so
+     * it is cancelled now, once: 499 and one "client gone" counted.  (A
+     * source the drain fired first keeps its reason and the status.) */
+    if (tc != MHD_REQUEST_TERMINATED_COMPLETED_OK &&
+        tc != MHD_REQUEST_TERMINATED_DAEMON_SHUTDOWN && r->busy &&
+        cancel_source_cancel_with(r->cc->src, CANCEL_CLIENT_GONE,
+                                  "answer not delivered") == 1) {
+      r->log_status = 499;
+      cancel_reason why;
+      if (r->cancel_fields[0] == '\0' &&
+          cancel_token_reason(cancel_source_token(r->cc->src), &why) == 1)
+        cancel_logfmt_reason(r->cancel_fields, sizeof r->cancel_fields, &why);
+    }
   }
-  if (tc != MHD_REQUEST_TERMINATED_COMPLETED_OK && !r->no_response &&
-      r->state == REQ_DONE)
-    r->log_status = 499; /* the answer could not be delivered */
   if (cancel_log_enabled(r->level)) {
     char path[256], err[160] = "", after[96] = "";
     cancel_logfmt_quote(path, sizeof path, r->url);
@@ -743,15 +932,11 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
   }
   bool counted = r->dispatched;
   free_request(r);
-  if (counted) {
-    pthread_mutex_lock(&s->mu);
-    __atomic_sub_fetch(&s->in_flight, 1, __ATOMIC_RELAXED);
-    /* Only a stopper cares, and only it waits there: waking the idle pool
-     * threads on every request cost more than the request. */
-    if (s->stopping_waits)
-      pthread_cond_signal(&s->done_cv);
-    pthread_mutex_unlock(&s->mu);
-  }
+  if (counted)
+    __atomic_sub_fetch(&s->in_flight, 1, __ATOMIC_SEQ_CST);
+  __atomic_sub_fetch(&s->open, 1, __ATOMIC_SEQ_CST);
+  active(s);
+  wake_stopper(s);
 }
 
 static void on_connection(void *cls, struct MHD_Connection *conn,
@@ -760,6 +945,8 @@ static void on_connection(void *cls, struct MHD_Connection *conn,
   (void)conn;
   cancel_http_server *s = cls;
   if (code == MHD_CONNECTION_NOTIFY_STARTED) {
+    __atomic_add_fetch(&s->conns, 1, __ATOMIC_SEQ_CST);
+    active(s);
     /* The source and the watch come with the first request: a connection
      * that never sends one costs an allocation only. */
     *socket_context =
@@ -768,13 +955,64 @@ static void on_connection(void *cls, struct MHD_Connection *conn,
   }
   struct conn_ctx *c = *socket_context;
   *socket_context = NULL;
-  if (c == NULL)
-    return;
-  if (c->watching)
-    (void)cancel_unwatch(&c->watch);
-  cancel_source_unref(c->src);
-  free(c);
+  if (c != NULL) {
+    /* Waits for a callback running on the reactor: c is ours after. */
+    if (c->watching)
+      (void)cancel_unwatch(&c->watch);
+    cancel_source_unref(c->src);
+    free(c);
+  }
+  __atomic_sub_fetch(&s->conns, 1, __ATOMIC_SEQ_CST);
+  wake_stopper(s);
 }
+
+/* The level of one of libmicrohttpd's own messages, by what it means.  A
+ * client that left, timed out or sent something malformed is a normal
+ * event of a server on a network (the access line tells it already):
+ * debug.  Resource exhaustion and failures of the machinery (accept,
+ * memory, threads, epoll) are the operator's business: warn or error.
+ * A message not listed stays a warning. */
+static const struct {
+  const char *prefix;
+  int level;
+} mhd_levels[] = {
+    /* Ours: refusing a resumed connection is how we close it for a client
+     * that left (libmicrohttpd calls that an internal error). */
+    {"Application reported internal error", CANCEL_LOG_DEBUG},
+    /* The client left, or its connection failed. */
+    {"Socket has been disconnected", CANCEL_LOG_DEBUG},
+    {"Connection socket is closed", CANCEL_LOG_DEBUG},
+    {"Connection was closed by remote side", CANCEL_LOG_DEBUG},
+    {"The connection was forcibly closed", CANCEL_LOG_DEBUG},
+    {"The socket is no longer available", CANCEL_LOG_DEBUG},
+    {"The socket is not connected", CANCEL_LOG_DEBUG},
+    {"Failed to send data in request", CANCEL_LOG_DEBUG},
+    {"Failed to send the response", CANCEL_LOG_DEBUG},
+    {"Failed to send the chunked response", CANCEL_LOG_DEBUG},
+    {"Failed to send the footers", CANCEL_LOG_DEBUG},
+    {"Failed to push the data from buffers", CANCEL_LOG_DEBUG},
+    {"Too late to send an error response", CANCEL_LOG_DEBUG},
+    {"Too late for error response", CANCEL_LOG_DEBUG},
+    /* The client sent something malformed or too large: answered 4xx. */
+    {"Error processing request", CANCEL_LOG_DEBUG},
+    {"Received HTTP/1.1 request without", CANCEL_LOG_DEBUG},
+    {"Too large value of 'Content-Length'", CANCEL_LOG_DEBUG},
+    {"Failed to parse `Content-Length'", CANCEL_LOG_DEBUG},
+    {"Not enough memory in pool to", CANCEL_LOG_DEBUG},
+    {"Refused wrong status code", CANCEL_LOG_ERROR},
+    {"Wrong status code", CANCEL_LOG_ERROR},
+    /* Limits and exhaustion: the service is refusing work. */
+    {"Server reached connection limit", CANCEL_LOG_WARN},
+    {"Hit process or system resource limit", CANCEL_LOG_ERROR},
+    {"Error accepting connection", CANCEL_LOG_ERROR},
+    {"Error allocating memory", CANCEL_LOG_ERROR},
+    {"Closing connection (out of memory)", CANCEL_LOG_ERROR},
+    {"Not enough system resources", CANCEL_LOG_ERROR},
+    {"Failed to create", CANCEL_LOG_ERROR},
+    {"Call to epoll", CANCEL_LOG_ERROR},
+    {"Failed to signal", CANCEL_LOG_ERROR},
+    {"Internal server error", CANCEL_LOG_ERROR},
+};
 
 static void on_mhd_log(void *cls, const char *fmt, va_list ap) {
   (void)cls;
@@ -785,11 +1023,13 @@ static void on_mhd_log(void *cls, const char *fmt, va_list ap) {
     msg[--n] = '\0';
   char q[300];
   cancel_logfmt_quote(q, sizeof q, msg);
-  /* Refusing a resumed connection is how we close it for a client that
-   * left: libmicrohttpd calls that an internal error; it is not one. */
-  int level = strstr(msg, "Application reported internal error") != NULL
-                  ? CANCEL_LOG_DEBUG
-                  : CANCEL_LOG_WARN;
+  int level = CANCEL_LOG_WARN;
+  for (size_t i = 0; i < sizeof mhd_levels / sizeof mhd_levels[0]; i++)
+    if (strncmp(msg, mhd_levels[i].prefix, strlen(mhd_levels[i].prefix)) ==
+        0) {
+      level = mhd_levels[i].level;
+      break;
+    }
   cancel_log(level, "http", "libmicrohttpd", "detail=%s", q);
 }
 
@@ -935,6 +1175,7 @@ int cancel_http_server_start(cancel_http_server *s,
       on_mhd_log, s, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
       MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
       MHD_OPTION_NOTIFY_CONNECTION, on_connection, s,
+      MHD_OPTION_URI_LOG_CALLBACK, on_uri, s,
       MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)60, MHD_OPTION_END);
   if (s->d == NULL) {
     int e = errno;
@@ -974,7 +1215,17 @@ int cancel_http_server_stop(cancel_http_server *s, int64_t deadline) {
        * hand them to the daemon, which answers them 503 with Connection:
        * close (stopping_flag).  Then shut the socket down: it stops
        * listening (later connections are refused, not queued and reset)
-       * while its descriptor stays valid for the daemon's thread. */
+       * while its descriptor stays valid for the daemon's thread.
+       * First a filter that drops every packet the socket receives: no
+       * handshake completes from then on, so the queue drained below is
+       * the last one.  Without it a connection the kernel completes
+       * between the last accept and the shutdown is reset, with the
+       * request its client may have sent on it already.  (A client whose
+       * handshake was dropped is refused when it tries again.) */
+      struct sock_filter drop[] = {BPF_STMT(BPF_RET | BPF_K, 0)};
+      struct sock_fprog prog = {.len = 1, .filter = drop};
+      (void)setsockopt(s->lfd, SOL_SOCKET, SO_ATTACH_FILTER, &prog,
+                       sizeof prog);
       fcntl(s->lfd, F_SETFL, fcntl(s->lfd, F_GETFL) | O_NONBLOCK);
       for (;;) {
         struct sockaddr_storage sa;
@@ -984,7 +1235,11 @@ int cancel_http_server_stop(cancel_http_server *s, int64_t deadline) {
         if (fd < 0)
           break;
         /* On failure libmicrohttpd closes fd itself. */
-        (void)MHD_add_connection(s->d, fd, (struct sockaddr *)&sa, salen);
+        if (MHD_add_connection(s->d, fd, (struct sockaddr *)&sa, salen) ==
+            MHD_YES) {
+          s->handed = true;
+          active(s);
+        }
       }
       (void)shutdown(s->lfd, SHUT_RDWR);
     }
@@ -999,25 +1254,46 @@ int cancel_http_server_stop(cancel_http_server *s, int64_t deadline) {
                  ? 0.0
                  : (double)s->o.drain_timeout_ns / 1e6);
 
-  /* Wait for every request in flight to be answered. */
+  /* Wait until every request that started (its request line read) has
+   * been answered, and every connection is closed or quiet.  Each request
+   * that comes on an open connection meanwhile is answered 503 with
+   * Connection: close, which closes it; MHD_stop_daemon then closes only
+   * connections that had no request for KEEPALIVE_GRACE, so that none is
+   * closed under a request that is being read or was just sent. */
   bool timed_out = false;
   pthread_mutex_lock(&s->mu);
-  s->stopping_waits = true;
-  while (s->in_flight > 0) {
-    if (deadline == CANCEL_NEVER) {
-      pthread_cond_wait(&s->done_cv, &s->mu);
-      continue;
+  __atomic_store_n(&s->stopping_waits, true, __ATOMIC_SEQ_CST);
+  for (;;) {
+    int64_t now = cancel_now(), wake = deadline;
+    if (__atomic_load_n(&s->open, __ATOMIC_SEQ_CST) == 0 &&
+        __atomic_load_n(&s->in_flight, __ATOMIC_SEQ_CST) == 0) {
+      /* Connections handed over from the listen queue may not have
+       * reached on_connection yet: they count as open for one grace. */
+      if (__atomic_load_n(&s->conns, __ATOMIC_SEQ_CST) == 0 && !s->handed)
+        break;
+      int64_t quiet =
+          add_sat(__atomic_load_n(&s->last_active, __ATOMIC_RELAXED),
+                  KEEPALIVE_GRACE);
+      if (now >= quiet)
+        break;
+      if (quiet < wake)
+        wake = quiet;
     }
-    struct timespec ts = {.tv_sec = (time_t)(deadline / 1000000000),
-                          .tv_nsec = (long)(deadline % 1000000000)};
-    if (pthread_cond_timedwait(&s->done_cv, &s->mu, &ts) == ETIMEDOUT &&
-        s->in_flight > 0) {
+    if (now >= deadline) {
       timed_out = true;
       break;
     }
+    if (wake == CANCEL_NEVER) {
+      pthread_cond_wait(&s->done_cv, &s->mu);
+      continue;
+    }
+    struct timespec ts = {.tv_sec = (time_t)(wake / 1000000000),
+                          .tv_nsec = (long)(wake % 1000000000)};
+    (void)pthread_cond_timedwait(&s->done_cv, &s->mu, &ts);
   }
-  size_t left = s->in_flight, running = s->running;
-  s->stopping_waits = false;
+  size_t left = __atomic_load_n(&s->open, __ATOMIC_SEQ_CST),
+         running = s->running;
+  __atomic_store_n(&s->stopping_waits, false, __ATOMIC_SEQ_CST);
   pthread_mutex_unlock(&s->mu);
   if (timed_out && running > 0) {
     /* Handlers that ignore their tokens still hold connections: the
@@ -1028,6 +1304,11 @@ int cancel_http_server_stop(cancel_http_server *s, int64_t deadline) {
                s->o.name, running, left, (double)(cancel_now() - t0) / 1e6);
     return -ETIMEDOUT;
   }
+  if (left > 0)
+    /* Requests still being read at the deadline (a client too slow to
+     * finish sending): closed by the daemon's stop, logged 503. */
+    cancel_log(CANCEL_LOG_INFO, "http", "stop closes unfinished requests",
+               "server=%s requests=%zu", s->o.name, left);
   pool_stop(s);
   MHD_stop_daemon(s->d);
   s->d = NULL;
