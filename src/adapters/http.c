@@ -35,6 +35,7 @@
 #include <linux/filter.h>
 #include <microhttpd.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -157,7 +158,8 @@ struct cancel_http_server {
   pthread_cond_t cv;      /* the queue is not empty, or closing: the pool */
   pthread_cond_t done_cv; /* in_flight went down: the stopper only */
   bool stopping_waits;    /* atomic: a stopper waits on done_cv */
-  bool handed; /* the stopper handed connections from the listen queue */
+  bool handed;   /* the stopper handed connections from the listen queue */
+  bool filtered; /* the listen socket drops new handshakes, still open */
   cancel_http_request *head, *tail;
   size_t in_flight; /* atomic reads outside mu */
   /* What a graceful stop waits for (atomics; changed on the daemon's
@@ -824,6 +826,7 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn,
   if (*upload_size > 0) {
     size_t n = *upload_size;
     *upload_size = 0;
+    active(s); /* a body arriving holds a graceful stop */
     if (r->too_large || r->body_len + n > r->srv->o.max_body) {
       r->too_large = true;
       return MHD_YES; /* read and drop the rest, answer 413 at the end */
@@ -872,8 +875,20 @@ static unsigned cut_short_status(struct MHD_Connection *conn,
   }
   case MHD_REQUEST_TERMINATED_TIMEOUT_REACHED:
     return 408; /* the client was too slow to send it */
-  case MHD_REQUEST_TERMINATED_DAEMON_SHUTDOWN:
-    return 503; /* a stop's deadline cut it */
+  case MHD_REQUEST_TERMINATED_DAEMON_SHUTDOWN: {
+    /* The stop closed it while it was being read: a client still there
+     * was refused (503); one that had left already (libmicrohttpd 0.9.75
+     * can miss a close that comes with the last bytes) is told by its
+     * socket. */
+    const union MHD_ConnectionInfo *fi =
+        MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+    struct pollfd p = {.fd = fi != NULL ? fi->connect_fd : -1,
+                       .events = POLLRDHUP};
+    return p.fd >= 0 && poll(&p, 1, 0) == 1 &&
+                   (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0
+               ? 400
+               : 503;
+  }
   default:
     return 400; /* the client left with its request unfinished */
   }
@@ -1201,6 +1216,26 @@ size_t cancel_http_server_in_flight(const cancel_http_server *s) {
   return s != NULL ? __atomic_load_n(&s->in_flight, __ATOMIC_RELAXED) : 0;
 }
 
+/* Hands the connections waiting in the quiesced listen socket's queue to
+ * the daemon, which answers their requests 503 with Connection: close
+ * (stopping_flag). */
+static void hand_over(cancel_http_server *s) {
+  for (;;) {
+    struct sockaddr_storage sa;
+    socklen_t salen = sizeof sa;
+    int fd = accept4(s->lfd, (struct sockaddr *)&sa, &salen,
+                     SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0)
+      return;
+    /* On failure libmicrohttpd closes fd itself. */
+    if (MHD_add_connection(s->d, fd, (struct sockaddr *)&sa, salen) ==
+        MHD_YES) {
+      s->handed = true;
+      active(s);
+    }
+  }
+}
+
 int cancel_http_server_stop(cancel_http_server *s, int64_t deadline) {
   if (s == NULL || (s->state != SRV_RUNNING && s->state != SRV_STUCK))
     return -EINVAL;
@@ -1211,37 +1246,28 @@ int cancel_http_server_stop(cancel_http_server *s, int64_t deadline) {
   if (s->state == SRV_RUNNING) {
     s->lfd = MHD_quiesce_daemon(s->d);
     if (s->lfd != MHD_INVALID_SOCKET) {
-      /* Connections the kernel accepted already wait in the listen queue:
-       * hand them to the daemon, which answers them 503 with Connection:
-       * close (stopping_flag).  Then shut the socket down: it stops
-       * listening (later connections are refused, not queued and reset)
-       * while its descriptor stays valid for the daemon's thread.
-       * First a filter that drops every packet the socket receives: no
-       * handshake completes from then on, so the queue drained below is
-       * the last one.  Without it a connection the kernel completes
-       * between the last accept and the shutdown is reset, with the
-       * request its client may have sent on it already.  (A client whose
-       * handshake was dropped is refused when it tries again.) */
-      struct sock_filter drop[] = {BPF_STMT(BPF_RET | BPF_K, 0)};
-      struct sock_fprog prog = {.len = 1, .filter = drop};
-      (void)setsockopt(s->lfd, SOL_SOCKET, SO_ATTACH_FILTER, &prog,
-                       sizeof prog);
+      /* A filter that drops new handshakes (SYN without ACK) while the
+       * ones under way complete: the listen queue stops growing, and what
+       * is in it is handed to the daemon (hand_over) until the end of the
+       * wait below, then the socket is shut down.  Without the filter, a
+       * connection the kernel completes between the last accept and the
+       * shutdown is reset, with the request its client may have sent on
+       * it already.  A client whose SYN was dropped is refused when it
+       * tries again.  If the filter cannot be set: shut down now. */
+      struct sock_filter syn_drop[] = {
+          BPF_STMT(BPF_LD | BPF_B | BPF_ABS, 13), /* TCP flags */
+          BPF_STMT(BPF_ALU | BPF_AND | BPF_K, 0x12),
+          BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0x02, 0, 1),
+          BPF_STMT(BPF_RET | BPF_K, 0),
+          BPF_STMT(BPF_RET | BPF_K, 0xffffffffu),
+      };
+      struct sock_fprog prog = {.len = 5, .filter = syn_drop};
+      s->filtered = setsockopt(s->lfd, SOL_SOCKET, SO_ATTACH_FILTER, &prog,
+                               sizeof prog) == 0;
       fcntl(s->lfd, F_SETFL, fcntl(s->lfd, F_GETFL) | O_NONBLOCK);
-      for (;;) {
-        struct sockaddr_storage sa;
-        socklen_t salen = sizeof sa;
-        int fd = accept4(s->lfd, (struct sockaddr *)&sa, &salen,
-                         SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (fd < 0)
-          break;
-        /* On failure libmicrohttpd closes fd itself. */
-        if (MHD_add_connection(s->d, fd, (struct sockaddr *)&sa, salen) ==
-            MHD_YES) {
-          s->handed = true;
-          active(s);
-        }
-      }
-      (void)shutdown(s->lfd, SHUT_RDWR);
+      hand_over(s);
+      if (!s->filtered)
+        (void)shutdown(s->lfd, SHUT_RDWR);
     }
   }
   int64_t t0 = cancel_now();
@@ -1254,19 +1280,26 @@ int cancel_http_server_stop(cancel_http_server *s, int64_t deadline) {
                  ? 0.0
                  : (double)s->o.drain_timeout_ns / 1e6);
 
-  /* Wait until every request that started (its request line read) has
-   * been answered, and every connection is closed or quiet.  Each request
-   * that comes on an open connection meanwhile is answered 503 with
-   * Connection: close, which closes it; MHD_stop_daemon then closes only
-   * connections that had no request for KEEPALIVE_GRACE, so that none is
-   * closed under a request that is being read or was just sent. */
+  /* Wait until every request handed to a handler has been answered, and
+   * every connection is closed or quiet.  Each request that comes on an
+   * open connection meanwhile is answered 503 with Connection: close,
+   * which closes it; MHD_stop_daemon then closes only connections that
+   * had nothing happen for KEEPALIVE_GRACE (no request started or ended,
+   * no body bytes, no connection opened), so that none is closed under a
+   * request that is arriving or was just sent.  A request stuck in its
+   * headers that long (a client gone without libmicrohttpd seeing it, or
+   * one sending a byte at a time) does not hold the stop. */
   bool timed_out = false;
   pthread_mutex_lock(&s->mu);
   __atomic_store_n(&s->stopping_waits, true, __ATOMIC_SEQ_CST);
   for (;;) {
+    if (s->filtered) {
+      pthread_mutex_unlock(&s->mu);
+      hand_over(s);
+      pthread_mutex_lock(&s->mu);
+    }
     int64_t now = cancel_now(), wake = deadline;
-    if (__atomic_load_n(&s->open, __ATOMIC_SEQ_CST) == 0 &&
-        __atomic_load_n(&s->in_flight, __ATOMIC_SEQ_CST) == 0) {
+    if (__atomic_load_n(&s->in_flight, __ATOMIC_SEQ_CST) == 0) {
       /* Connections handed over from the listen queue may not have
        * reached on_connection yet: they count as open for one grace. */
       if (__atomic_load_n(&s->conns, __ATOMIC_SEQ_CST) == 0 && !s->handed)
@@ -1295,6 +1328,10 @@ int cancel_http_server_stop(cancel_http_server *s, int64_t deadline) {
          running = s->running;
   __atomic_store_n(&s->stopping_waits, false, __ATOMIC_SEQ_CST);
   pthread_mutex_unlock(&s->mu);
+  if (s->filtered) {
+    (void)shutdown(s->lfd, SHUT_RDWR);
+    s->filtered = false;
+  }
   if (timed_out && running > 0) {
     /* Handlers that ignore their tokens still hold connections: the
      * daemon must stay up for them (see the header). */
@@ -1305,8 +1342,8 @@ int cancel_http_server_stop(cancel_http_server *s, int64_t deadline) {
     return -ETIMEDOUT;
   }
   if (left > 0)
-    /* Requests still being read at the deadline (a client too slow to
-     * finish sending): closed by the daemon's stop, logged 503. */
+    /* Requests still being read (a client too slow to finish sending, or
+     * gone unseen): closed by the daemon's stop, logged 503 or 400. */
     cancel_log(CANCEL_LOG_INFO, "http", "stop closes unfinished requests",
                "server=%s requests=%zu", s->o.name, left);
   pool_stop(s);
