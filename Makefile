@@ -3,6 +3,8 @@
 #   make deps    install the Debian packages everything below needs
 #   make         configure and build (RelWithDebInfo) into build/
 #   make check   tests in three builds (normal, ASan+UBSan, TSan) + valgrind
+#   make fuzz    the libFuzzer harnesses, FUZZ_SECONDS (300) each
+#   make faults  fail every faultable call of the core, one at a time (ASan)
 #   make bench   build (Release) and run the benchmarks
 #   make demo    build and run the example programs
 #   make format  clang-format the sources
@@ -13,6 +15,8 @@
 #   VALGRIND_TIMEOUT=600                   seconds per program under valgrind
 #   CANCEL_TEST_TIME_SCALE=5               widen the tests' timing tolerances
 #   JOBS=4                                 parallel compile jobs
+#   FUZZ_SECONDS=600                       seconds per harness (make fuzz)
+#   CHECK_FUZZ_SECONDS=25                  the same in make check
 
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -ec
@@ -30,7 +34,8 @@ CTEST_FLAGS ?= --output-on-failure -j2 --no-tests=error
 
 DEPS_CHECK := build-essential cmake pkg-config libcmocka-dev valgrind libuv1-dev \
               libsqlite3-dev libcurl4-openssl-dev libpq-dev postgresql \
-              libmicrohttpd-dev curl wrk perl prometheus
+              libmicrohttpd-dev curl wrk perl prometheus \
+              libjansson-dev jq clang libclang-rt-14-dev
 # node may come from outside Debian: only ask for nodejs when none is found.
 DEPS_BENCH := golang-go g++ $(if $(shell command -v node),,nodejs)
 DEPS_FORMAT := clang-format
@@ -54,8 +59,8 @@ define apt_install
 endef
 
 .PHONY: all build deps deps-check deps-bench deps-format check \
-	check-normal check-asan check-tsan check-valgrind check-summary \
-	bench demo format clean
+	check-normal check-asan check-tsan check-valgrind check-fuzz \
+	check-summary fuzz fuzz-build faults bench demo format clean
 
 all: build
 
@@ -132,7 +137,7 @@ endef
 check: deps-check
 	@rm -f $(TALLY)
 	@rc=0; \
-	for step in check-normal check-asan check-tsan check-valgrind; do \
+	for step in check-normal check-asan check-tsan check-valgrind check-fuzz; do \
 	  $(MAKE) --no-print-directory $$step || rc=1; \
 	done; \
 	$(MAKE) --no-print-directory check-summary || rc=1; \
@@ -179,6 +184,44 @@ check-valgrind:
 	echo "$$passed $$failed valgrind" >> $(TALLY); \
 	[ $$failed -eq 0 ]
 
+# ----------------------------------------------------------------------
+# Fuzzing: clang's libFuzzer, every object instrumented and under
+# ASan+UBSan (build-fuzz/).  make check runs each harness for
+# CHECK_FUZZ_SECONDS on its committed corpus; make fuzz for FUZZ_SECONDS.
+# ----------------------------------------------------------------------
+
+FUZZ_SECONDS ?= 300
+CHECK_FUZZ_SECONDS ?= 25
+FUZZ_CMAKE := -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCANCEL_FUZZ=ON \
+	-DCANCEL_BUILD_TESTS=OFF -DCANCEL_BUILD_EXAMPLES=OFF
+
+fuzz-build:
+	CC=clang $(CMAKE) -S . -B build-fuzz $(FUZZ_CMAKE)
+	$(CMAKE) --build build-fuzz -j$(JOBS)
+
+fuzz: deps-check fuzz-build
+	tests/fuzz/run.sh build-fuzz $(FUZZ_SECONDS)
+
+check-fuzz:
+	@mkdir -p $(dir $(TALLY))
+	@echo "== fuzz: each harness for $(CHECK_FUZZ_SECONDS) s"
+	@if ! $(MAKE) --no-print-directory fuzz-build >/dev/null 2>&1; then \
+	  echo "0 1 fuzz (build failed)" >> $(TALLY); exit 1; \
+	fi
+	@rc=0; out=$$(tests/fuzz/run.sh build-fuzz $(CHECK_FUZZ_SECONDS)) || rc=$$?; \
+	echo "$$out"; \
+	set -- $$(echo "$$out" | sed -n 's/^\([0-9]*\) passed, \([0-9]*\) failed$$/\1 \2/p') 0 1; \
+	echo "$$1 $$2 fuzz" >> $(TALLY); \
+	exit $$rc
+
+# Fault injection: tests/faults/sweep.c, in the ASan build, every fault
+# point of every scenario (make check's fault_sample test takes at most 40
+# of each).
+faults: deps-check
+	$(CMAKE) -S . -B build-asan $(ASAN_CMAKE)
+	$(CMAKE) --build build-asan -j$(JOBS) --target fault_sweep
+	$(SLOW_ENV) build-asan/tests/fault_sweep
+
 check-summary:
 	@echo "== summary"
 	@awk '{ p = $$1; f = $$2; sub(/^[0-9]+ [0-9]+ /, ""); \
@@ -224,4 +267,4 @@ format: deps-format
 	find bench -maxdepth 1 -name '*.c' -print0 | xargs -0 -r clang-format -i
 
 clean:
-	rm -rf build build-asan build-tsan build-bench build-check
+	rm -rf build build-asan build-tsan build-bench build-check build-fuzz

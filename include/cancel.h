@@ -440,7 +440,11 @@ CANCEL_API size_t cancel_shields_open(void);
  * signal never ends a wait early.  A blocked thread is woken through a
  * per-thread primitive (a futex, or one eventfd per thread for descriptor
  * waits) registered on the token for the duration of the wait: no
- * descriptor and no allocation per token or per wait.
+ * descriptor and no allocation per token or per wait.  That eventfd is made
+ * by a thread's first descriptor wait (cancel_poll and every call below
+ * built on it, and the process waits of cancel/process.h): that wait
+ * returns -EMFILE or -ENFILE when no descriptor is left for it, -ENOMEM
+ * when the kernel has no memory, and the next wait tries again.
  * ====================================================================== */
 
 /* Sleeps for ns (>= 0), or until `deadline`.  Returns 0 when the time is

@@ -24,10 +24,13 @@
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
+#include <jansson.h>
 #include <limits.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 /* ---- Configuration --------------------------------------------------------
@@ -43,6 +46,7 @@ struct config {
   long rows, work, commit_delay_ms, watchdog_ms;
   long header_timeout_ms, body_timeout_ms, idle_timeout_ms, max_conns,
       max_conns_per_ip;
+  long job_attempts, job_backoff_ms, job_backoff_max_ms, job_timeout_ms;
   bool ignore_tokens, no_cancellation, seeded_bug, no_diagnostics;
 };
 
@@ -73,6 +77,14 @@ static const char usage[] =
     "(2000)\n"
     "  --work N              REPORTD_WORK, CPU work per row (20000)\n"
     "  --commit-delay MS     REPORTD_COMMIT_DELAY_MS, slow job COMMIT (0)\n"
+    "  --job-attempts N      REPORTD_JOB_ATTEMPTS, attempts before a job\n"
+    "                        fails (5)\n"
+    "  --job-backoff MS      REPORTD_JOB_BACKOFF_MS, the wait after a job's\n"
+    "                        first failed attempt, doubled after each next\n"
+    "                        one, with jitter (1000)\n"
+    "  --job-backoff-max MS  REPORTD_JOB_BACKOFF_MAX_MS, its cap (60000)\n"
+    "  --job-timeout MS      REPORTD_JOB_TIMEOUT_MS, one attempt's budget\n"
+    "                        (30000)\n"
     "  --watchdog MS         REPORTD_WATCHDOG_MS, report work still running\n"
     "                        this long after its cancel (100; 0: off)\n"
     "  --seeded-bug          serve GET /buggy/reports/{id}, whose aggregation\n"
@@ -114,7 +126,11 @@ static bool configure(int argc, char **argv, struct config *c) {
                        .body_timeout_ms = 60000,
                        .idle_timeout_ms = 60000,
                        .max_conns = 4096,
-                       .max_conns_per_ip = 256};
+                       .max_conns_per_ip = 256,
+                       .job_attempts = 5,
+                       .job_backoff_ms = 1000,
+                       .job_backoff_max_ms = 60000,
+                       .job_timeout_ms = 30000};
   /* The environment first, the flags over it. */
   static const struct {
     const char *env, *flag;
@@ -146,6 +162,14 @@ static bool configure(int argc, char **argv, struct config *c) {
        offsetof(struct config, max_conns)},
       {"REPORTD_MAX_CONNECTIONS_PER_IP", "max-connections-per-ip", 0, 1000000,
        offsetof(struct config, max_conns_per_ip)},
+      {"REPORTD_JOB_ATTEMPTS", "job-attempts", 1, 1000,
+       offsetof(struct config, job_attempts)},
+      {"REPORTD_JOB_BACKOFF_MS", "job-backoff", 1, 86400000,
+       offsetof(struct config, job_backoff_ms)},
+      {"REPORTD_JOB_BACKOFF_MAX_MS", "job-backoff-max", 1, 86400000,
+       offsetof(struct config, job_backoff_max_ms)},
+      {"REPORTD_JOB_TIMEOUT_MS", "job-timeout", 1, 3600000,
+       offsetof(struct config, job_timeout_ms)},
   };
   for (size_t i = 0; i < sizeof nums / sizeof nums[0]; i++)
     if (!number(nums[i].env, getenv(nums[i].env), nums[i].lo, nums[i].hi,
@@ -265,33 +289,68 @@ static const cancel_token *pass(const struct service *s,
   return s->cfg.ignore_tokens ? NULL : tok;
 }
 
+/* A response body as it comes in; a downstream sending more than this is
+ * broken, not slow. */
+#define BODY_MAX (16u << 20)
+
 struct body {
-  char buf[4096];
-  size_t len;
+  char *buf;
+  size_t len, cap;
 };
 
 static size_t body_write(char *p, size_t size, size_t n, void *arg) {
   struct body *b = arg;
   size_t len = size * n;
-  if (len > sizeof b->buf - 1 - b->len)
+  if (len > BODY_MAX - b->len)
     return 0; /* too large: curl fails the transfer */
+  if (b->len + len > b->cap) {
+    size_t cap = b->cap ? b->cap : 4096;
+    while (cap < b->len + len)
+      cap *= 2;
+    char *buf = realloc(b->buf, cap);
+    if (buf == NULL)
+      return 0;
+    b->buf = buf;
+    b->cap = cap;
+  }
   memcpy(b->buf + b->len, p, len);
   b->len += len;
-  b->buf[b->len] = '\0';
   return len;
 }
 
-/* GET <downstream>/meta/<id>: the report's title.  -ENOENT for 404,
- * -EPROTO for another status, the adapter's errors otherwise. */
+/* What went wrong, in words, for a log line and a job's last_error.  Only
+ * printable ASCII is kept (the rest becomes '?'): jansson's messages quote
+ * the bytes they choked on, and those come from the downstream. */
+static void say(char *why, size_t len, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void say(char *why, size_t len, const char *fmt, ...) {
+  if (why == NULL || len == 0)
+    return;
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(why, len, fmt, ap);
+  va_end(ap);
+  for (char *c = why; *c != '\0'; c++)
+    if (*c < 0x20 || *c > 0x7e)
+      *c = '?';
+}
+
+/* GET <downstream>/meta/<id>: the report's title, into *title (free() it;
+ * *tlen bytes, NUL bytes possible).  Returns -ENOENT for a 404, -EINVAL for
+ * another 4xx (our request is wrong: asking again will not help), -EPROTO
+ * for a 5xx or another status (the downstream may recover), -EBADMSG for a
+ * 200 whose body is not the JSON object we expect, the adapter's errors
+ * otherwise; `why` says it in words. */
 static int fetch_metadata(const struct service *s, const cancel_token *tok,
-                          long id, long delay_ms, char *title, size_t tlen) {
+                          long id, long delay_ms, char **title, size_t *tlen,
+                          char *why, size_t whylen) {
   CURL *e = curl_easy_init();
   if (e == NULL)
     return -ENOMEM;
   char url[512];
   snprintf(url, sizeof url, "%s/meta/%ld?delay_ms=%ld", s->cfg.downstream, id,
            delay_ms);
-  struct body b = {.len = 0};
+  struct body b = {0};
   curl_easy_setopt(e, CURLOPT_URL, url);
   curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, body_write);
   curl_easy_setopt(e, CURLOPT_WRITEDATA, &b);
@@ -300,34 +359,55 @@ static int fetch_metadata(const struct service *s, const cancel_token *tok,
   long status = 0;
   curl_easy_getinfo(e, CURLINFO_RESPONSE_CODE, &status);
   curl_easy_cleanup(e);
-  if (rc < 0)
-    return rc;
-  if (status == 404)
-    return -ENOENT;
-  if (status == 504 && cancel_token_remaining(tok) < CANCEL_MSEC(50)) {
+  if (rc == 0 && status == 504 &&
+      cancel_token_remaining(tok) < CANCEL_MSEC(50)) {
     /* The downstream gave up on the budget we sent it, which is ours:
      * our own deadline is a moment away.  Let it fire, so that the edge
      * names our timeout, not a downstream failure. */
-    return cancel_sleep(tok, CANCEL_MSEC(100)) == -ECANCELED ? -ECANCELED
-                                                             : -EPROTO;
+    rc = cancel_sleep(tok, CANCEL_MSEC(100)) == -ECANCELED ? -ECANCELED : 0;
   }
-  if (status != 200)
-    return -EPROTO;
-  /* {"id":42,"title":"Report 42"}: the title's value. */
-  const char *t = strstr(b.buf, "\"title\":\"");
-  if (t == NULL)
-    return -EPROTO;
-  t += 9;
-  size_t n = strcspn(t, "\"");
-  snprintf(title, tlen, "%.*s", (int)n, t);
-  return 0;
+  if (rc < 0) {
+    say(why, whylen, "downstream: %s", cancel_strerror(rc));
+  } else if (status == 404) {
+    rc = -ENOENT;
+    say(why, whylen, "downstream: 404, no such report");
+  } else if (status != 200) {
+    rc = status >= 400 && status < 500 ? -EINVAL : -EPROTO;
+    say(why, whylen, "downstream: HTTP %ld", status);
+  } else {
+    /* {"id":42,"title":"Report 42"}: the title's value, whatever bytes it
+     * holds (NUL too: JSON_ALLOW_NUL), checked as UTF-8 by jansson. */
+    json_error_t err;
+    json_t *root =
+        json_loadb(b.buf != NULL ? b.buf : "", b.len, JSON_ALLOW_NUL, &err);
+    json_t *t = json_object_get(root, "title");
+    if (root == NULL) {
+      rc = -EBADMSG;
+      say(why, whylen, "downstream sent invalid JSON: %s (at byte %d)",
+          err.text, err.position);
+    } else if (!json_is_string(t)) {
+      rc = -EBADMSG;
+      say(why, whylen, "downstream sent JSON without a string title");
+    } else {
+      *tlen = json_string_length(t);
+      if ((*title = malloc(*tlen + 1)) == NULL) {
+        rc = -ENOMEM;
+      } else {
+        memcpy(*title, json_string_value(t), *tlen + 1);
+      }
+    }
+    json_decref(root);
+  }
+  free(b.buf);
+  return rc;
 }
 
 struct report {
   long id, rows;
   double sum, max;
   uint64_t digest;
-  char title[128];
+  char *title; /* title_len bytes of UTF-8 (malloc()) */
+  size_t title_len;
 };
 
 /* The CPU part: a mixing loop per row standing in for real aggregation
@@ -364,45 +444,77 @@ __attribute__((noinline)) int aggregate_ignoring_token(const double *v,
   return aggregate(NULL, v, n, work, out);
 }
 
-/* The service method: one token, passed to every step. */
-static int build_report_ex(const struct service *s, const cancel_token *tok,
-                           long id, long delay_ms, bool buggy,
-                           struct report *out);
-
+/* The service method: one token, passed to every step.  On success the
+ * caller frees out->title; `why` (may be NULL) says what failed. */
 static int build_report(const struct service *s, const cancel_token *tok,
-                        long id, long delay_ms, struct report *out) {
-  return build_report_ex(s, tok, id, delay_ms, false, out);
-}
-
-static int build_report_ex(const struct service *s, const cancel_token *tok,
-                           long id, long delay_ms, bool buggy,
-                           struct report *out) {
-  out->id = id;
-  int rc = fetch_metadata(s, tok, id, delay_ms, out->title, sizeof out->title);
+                        long id, long delay_ms, bool buggy, struct report *out,
+                        char *why, size_t whylen) {
+  *out = (struct report){.id = id};
+  int rc = fetch_metadata(s, tok, id, delay_ms, &out->title, &out->title_len,
+                          why, whylen);
   if (rc < 0)
     return rc;
   double *v = NULL;
   size_t n = 0;
   rc = store_load_rows(s->db, tok, id, &v, &n);
-  if (rc < 0)
-    return rc;
-  rc = buggy ? aggregate_ignoring_token(v, n, s->cfg.work, out)
-             : aggregate(tok, v, n, s->cfg.work, out);
-  free(v);
+  if (rc == 0) {
+    rc = buggy ? aggregate_ignoring_token(v, n, s->cfg.work, out)
+               : aggregate(tok, v, n, s->cfg.work, out);
+    free(v);
+  } else if (rc == -ENOENT) {
+    say(why, whylen, "no rows for report %ld", id);
+  } else {
+    say(why, whylen, "database: %s", cancel_strerror(rc));
+  }
+  if (rc < 0) {
+    free(out->title);
+    out->title = NULL;
+  }
   return rc;
 }
 
-static int report_json(const struct report *r, char *buf, size_t len) {
-  return snprintf(buf, len,
-                  "{\"id\":%ld,\"title\":\"%s\",\"rows\":%ld,\"sum\":%.2f,"
-                  "\"max\":%.2f,\"digest\":\"%016" PRIx64 "\"}\n",
-                  r->id, r->title, r->rows, r->sum, r->max, r->digest);
+/* x rounded to cents, as a double: what the report shows. */
+static double cents(double x) {
+  char text[64];
+  snprintf(text, sizeof text, "%.2f", x);
+  return strtod(text, NULL);
 }
 
+/* The report as JSON, or NULL (out of memory). */
+static json_t *report_object(const struct report *r) {
+  char digest[17];
+  snprintf(digest, sizeof digest, "%016" PRIx64, r->digest);
+  return json_pack("{s:I,s:s%,s:I,s:f,s:f,s:s}", "id", (json_int_t)r->id,
+                   "title", r->title, r->title_len, "rows", (json_int_t)r->rows,
+                   "sum", cents(r->sum), "max", cents(r->max), "digest",
+                   digest);
+}
+
+/* The text of a JSON value: compact, reals with up to 15 significant
+ * digits (cents print as cents).  NULL: out of memory. */
+static char *dump(const json_t *v) {
+  return v != NULL ? json_dumps(v, JSON_COMPACT | JSON_REAL_PRECISION(15))
+                   : NULL;
+}
+
+/* Answers obj (whose reference this call takes over, NULL: out of memory)
+ * as JSON, with the newline the bodies have always ended with. */
 static int respond_json(cancel_http_request *req, unsigned status,
-                        const char *json) {
-  return cancel_http_respond(req, status, "application/json", json,
-                             strlen(json));
+                        json_t *obj) {
+  char *text = dump(obj);
+  json_decref(obj);
+  if (text == NULL)
+    return -ENOMEM;
+  size_t n = strlen(text);
+  char *body = realloc(text, n + 2);
+  if (body == NULL) {
+    free(text);
+    return -ENOMEM;
+  }
+  memcpy(body + n, "\n", 2);
+  int rc = cancel_http_respond(req, status, "application/json", body, n + 1);
+  free(body);
+  return rc;
 }
 
 static int respond_text(cancel_http_request *req, unsigned status,
@@ -431,20 +543,23 @@ static int report(cancel_http_request *req, const cancel_token *tok,
   if (d != NULL && !parse_number(d, 0, 600000, &delay))
     return respond_text(req, 400, "downstream_delay_ms: 0..600000\n");
   struct report r;
-  int rc = build_report_ex(s, pass(s, tok), id, delay, buggy, &r);
+  char why[256] = "";
+  int rc = build_report(s, pass(s, tok), id, delay, buggy, &r, why, sizeof why);
   if (rc == -ENOENT)
     return respond_text(req, 404, "no such report\n");
-  if (rc == -ECONNREFUSED || rc == -EPROTO || rc == -EHOSTUNREACH) {
+  if (rc == -ECONNREFUSED || rc == -EPROTO || rc == -EHOSTUNREACH ||
+      rc == -EINVAL || rc == -EBADMSG) {
+    char q[300];
+    cancel_logfmt_quote(q, sizeof q, why);
     cancel_log(CANCEL_LOG_WARN, "reportd", "downstream failed",
-               "id=%" PRIu64 " error=\"%s\"", cancel_http_request_id(req),
-               cancel_strerror(rc));
+               "id=%" PRIu64 " error=%s", cancel_http_request_id(req), q);
     return respond_text(req, 502, "downstream failed\n");
   }
   if (rc < 0)
     return rc; /* -ECANCELED and the rest: the edge answers */
-  char json[512];
-  report_json(&r, json, sizeof json);
-  return respond_json(req, 200, json);
+  json_t *o = report_object(&r);
+  free(r.title);
+  return respond_json(req, 200, o);
 }
 
 static int h_report(cancel_http_request *req, const cancel_token *tok,
@@ -485,9 +600,7 @@ static int h_scan(cancel_http_request *req, const cancel_token *tok,
   int rc = store_scan(s->db, pass(s, tok), n, &count);
   if (rc < 0)
     return rc;
-  char json[64];
-  snprintf(json, sizeof json, "{\"count\":%ld}\n", count);
-  return respond_json(req, 200, json);
+  return respond_json(req, 200, json_pack("{s:I}", "count", (json_int_t)count));
 }
 
 static int h_health(cancel_http_request *req, const cancel_token *tok,
@@ -507,26 +620,57 @@ static int h_job_add(cancel_http_request *req, const cancel_token *tok,
   int rc = store_job_add(s->db, pass(s, tok), report, &job);
   if (rc < 0)
     return rc;
-  char json[64];
-  snprintf(json, sizeof json, "{\"job\":%ld}\n", job);
-  return respond_json(req, 202, json);
+  return respond_json(req, 202, json_pack("{s:I}", "job", (json_int_t)job));
+}
+
+/* A Unix time in milliseconds as RFC 3339 (UTC, milliseconds), or JSON
+ * null for -1 (not recorded: a job from an older reportd). */
+static json_t *timestamp(int64_t ms) {
+  if (ms < 0)
+    return json_null();
+  time_t t = (time_t)(ms / 1000);
+  struct tm tm;
+  char text[40];
+  if (gmtime_r(&t, &tm) == NULL)
+    return json_null();
+  size_t n = strftime(text, sizeof text, "%Y-%m-%dT%H:%M:%S", &tm);
+  snprintf(text + n, sizeof text - n, ".%03dZ", (int)(ms % 1000));
+  return json_string(text);
+}
+
+/* A text column as JSON: its string, or null (none, or not UTF-8). */
+static json_t *text_or_null(const char *v) {
+  json_t *j = v != NULL ? json_string(v) : NULL;
+  return j != NULL ? j : json_null();
 }
 
 static int h_job_get(cancel_http_request *req, const cancel_token *tok,
                      void *arg) {
   struct service *s = arg;
-  long job;
-  char state[32];
-  if (!param_number(req, "job", 1000000000000L, &job))
+  long id;
+  if (!param_number(req, "job", 1000000000000L, &id))
     return respond_text(req, 400, "job: a number\n");
-  int rc = store_job_state(s->db, pass(s, tok), job, state, sizeof state);
+  struct store_job j;
+  int rc = store_job_get(s->db, pass(s, tok), id, &j);
   if (rc == -ENOENT)
     return respond_text(req, 404, "no such job\n");
   if (rc < 0)
     return rc;
-  char json[96];
-  snprintf(json, sizeof json, "{\"job\":%ld,\"state\":\"%s\"}\n", job, state);
-  return respond_json(req, 200, json);
+  bool pending = strcmp(j.state, "pending") == 0;
+  json_t *result =
+      j.result != NULL ? json_loads(j.result, JSON_ALLOW_NUL, NULL) : NULL;
+  /* "o": each value's reference goes to the object (or is dropped when
+   * the pack fails); a NULL value fails it: out of memory. */
+  json_t *o = json_pack(
+      "{s:I,s:I,s:s,s:I,s:I,s:o,s:o,s:o,s:o,s:o}", "job", (json_int_t)id,
+      "report", (json_int_t)j.report, "state", j.state, "attempts",
+      (json_int_t)j.attempts, "max_attempts", (json_int_t)s->cfg.job_attempts,
+      "last_error", text_or_null(j.error), "created_at",
+      timestamp(j.created_ms), "updated_at", timestamp(j.updated_ms),
+      "next_attempt_at", pending ? timestamp(j.next_ms) : json_null(), "result",
+      result != NULL ? result : json_null());
+  store_job_clear(&j);
+  return respond_json(req, 200, o);
 }
 
 static int h_in_flight(cancel_http_request *req, const cancel_token *tok,
@@ -542,16 +686,86 @@ static int h_in_flight(cancel_http_request *req, const cancel_token *tok,
 /* ---- The jobs worker
  * ---------------------------------------------------------- */
 
+/* An error that another attempt would meet again: the downstream does not
+ * know the report (404) or refuses our request (another 4xx), sent what
+ * is not a report's JSON, or there are no rows.  Everything else (a 5xx,
+ * a refused connection, a timeout, the database) may pass. */
+static bool permanent(int rc) {
+  return rc == -ENOENT || rc == -EINVAL || rc == -EBADMSG;
+}
+
+/* The wait before attempt `attempts + 1`, after `attempts` failed ones:
+ * the base doubled per failure, capped, then "equal jitter" (a uniform
+ * draw from its upper half), so that jobs that failed together do not
+ * all come back together, and none comes back sooner than half its
+ * wait. */
+static int64_t backoff_ms(const struct config *c, long attempts,
+                          uint64_t *rng) {
+  int64_t d = c->job_backoff_ms;
+  for (long i = 1; i < attempts && d < c->job_backoff_max_ms; i++)
+    d *= 2;
+  if (d > c->job_backoff_max_ms)
+    d = c->job_backoff_max_ms;
+  /* xorshift64: jitter needs no more. */
+  *rng ^= *rng << 13;
+  *rng ^= *rng >> 7;
+  *rng ^= *rng << 17;
+  return d - d / 2 + (int64_t)(*rng % (uint64_t)(d / 2 + 1));
+}
+
+/* One attempt at job `job`, on a token of its own: the stopping token
+ * with the attempt's timeout.  Returns 0 (done), -ECANCELED (stopping:
+ * the job stays as it was, to be tried again after a restart), or the
+ * attempt's error with `why` set (the attempt's timeout is -ETIMEDOUT). */
+static int job_attempt(struct service *s, const cancel_token *stopping,
+                       long job, long report, long attempt, char *why,
+                       size_t whylen) {
+  cancel_source *src = NULL;
+  int rc = cancel_source_new_timeout(&src, "job attempt", stopping,
+                                     CANCEL_MSEC(s->cfg.job_timeout_ms));
+  if (rc < 0) {
+    say(why, whylen, "cannot arm the attempt's timeout: %s",
+        cancel_strerror(rc));
+    return rc;
+  }
+  const cancel_token *tok = pass(s, cancel_source_token(src));
+  struct report r;
+  rc = build_report(s, tok, report, 0, false, &r, why, whylen);
+  if (rc == 0) {
+    json_t *o = report_object(&r);
+    char *body = dump(o);
+    json_decref(o);
+    free(r.title);
+    rc = body != NULL ? store_job_finish(s->db, tok, job, report, attempt, body)
+                      : -ENOMEM;
+    free(body);
+    if (rc < 0 && rc != -ECANCELED)
+      say(why, whylen, "database: %s", cancel_strerror(rc));
+  }
+  if (rc == -ECANCELED && !cancel_token_is_cancelled(stopping)) {
+    rc = -ETIMEDOUT;
+    say(why, whylen, "attempt timed out after %ld ms", s->cfg.job_timeout_ms);
+  }
+  cancel_source_unref(src);
+  return rc;
+}
+
 static int jobs_worker(const cancel_token *stopping, void *arg) {
   struct service *s = arg;
+  const struct config *c = &s->cfg;
   const cancel_token *tok = pass(s, stopping);
+  uint64_t rng = (uint64_t)cancel_now() ^ ((uint64_t)getpid() << 32) ^ 1;
   for (;;) {
-    long job, report;
-    int rc = store_job_next(s->db, tok, &job, &report);
+    long job, report, attempts;
+    int64_t wait_ms = -1;
+    int rc = store_job_next(s->db, tok, &job, &report, &attempts, &wait_ms);
     if (rc == -ENOENT) {
-      /* Nothing to do: the cancellable sleep is the whole shutdown story
-       * of an idle worker. */
-      rc = cancel_sleep(stopping, CANCEL_MSEC(s->cfg.poll_ms));
+      /* Nothing due: sleep until the first job in its backoff is due, or
+       * a poll's time for new ones.  The cancellable sleep is the whole
+       * shutdown story of an idle worker, backoffs included. */
+      if (wait_ms < 0 || wait_ms > c->poll_ms)
+        wait_ms = c->poll_ms;
+      rc = cancel_sleep(stopping, CANCEL_MSEC(wait_ms > 0 ? wait_ms : 1));
       if (rc == -ECANCELED)
         return -ECANCELED;
       continue;
@@ -561,35 +775,54 @@ static int jobs_worker(const cancel_token *stopping, void *arg) {
     if (rc < 0) {
       cancel_log(CANCEL_LOG_WARN, "reportd", "jobs poll failed", "error=\"%s\"",
                  cancel_strerror(rc));
-      if (cancel_sleep(stopping, CANCEL_MSEC(s->cfg.poll_ms)) == -ECANCELED)
+      if (cancel_sleep(stopping, CANCEL_MSEC(c->poll_ms)) == -ECANCELED)
         return -ECANCELED;
       continue;
     }
     int64_t t0 = cancel_now();
-    cancel_log(CANCEL_LOG_INFO, "reportd", "job started", "job=%ld report=%ld",
-               job, report);
-    struct report r;
-    char json[512];
-    rc = build_report(s, tok, report, 0, &r);
-    if (rc == 0) {
-      report_json(&r, json, sizeof json);
-      rc = store_job_finish(s->db, tok, job, report, json);
-    }
+    long attempt = attempts + 1;
+    cancel_log(CANCEL_LOG_INFO, "reportd", "job started",
+               "job=%ld report=%ld attempt=%ld/%ld", job, report, attempt,
+               c->job_attempts);
+    char why[256] = "";
+    rc = job_attempt(s, stopping, job, report, attempt, why, sizeof why);
     double ms = (double)(cancel_now() - t0) / 1e6;
     if (rc == 0) {
       cancel_log(CANCEL_LOG_INFO, "reportd", "job committed",
-                 "job=%ld report=%ld dur_ms=%.1f stopping=%d", job, report, ms,
-                 cancel_token_is_cancelled(stopping));
-    } else if (rc == -ECANCELED) {
+                 "job=%ld report=%ld attempt=%ld dur_ms=%.1f stopping=%d", job,
+                 report, attempt, ms, cancel_token_is_cancelled(stopping));
+      continue;
+    }
+    if (rc == -ECANCELED) {
       cancel_log(CANCEL_LOG_INFO, "reportd", "job cancelled",
                  "job=%ld report=%ld dur_ms=%.1f state=pending", job, report,
                  ms);
       return -ECANCELED;
-    } else {
+    }
+    /* A failed attempt: one warning each, the last one saying the job
+     * failed.  The job is put back with the time of its next attempt, so
+     * the worker goes on with the jobs behind it meanwhile. */
+    bool final = permanent(rc) || attempt >= c->job_attempts;
+    int64_t retry = final ? -1 : backoff_ms(c, attempt, &rng);
+    char q[300];
+    cancel_logfmt_quote(q, sizeof q, why);
+    if (final)
       cancel_log(CANCEL_LOG_WARN, "reportd", "job failed",
-                 "job=%ld report=%ld error=\"%s\"", job, report,
-                 cancel_strerror(rc));
-      if (cancel_sleep(stopping, CANCEL_MSEC(s->cfg.poll_ms)) == -ECANCELED)
+                 "job=%ld report=%ld attempts=%ld error=%s permanent=%d "
+                 "dur_ms=%.1f",
+                 job, report, attempt, q, permanent(rc), ms);
+    else
+      cancel_log(CANCEL_LOG_WARN, "reportd", "job attempt failed",
+                 "job=%ld report=%ld attempt=%ld/%ld error=%s "
+                 "retry_in_ms=%" PRId64 " dur_ms=%.1f",
+                 job, report, attempt, c->job_attempts, q, retry, ms);
+    rc = store_job_attempt_failed(s->db, tok, job, attempt, why, retry);
+    if (rc == -ECANCELED)
+      return -ECANCELED;
+    if (rc < 0) {
+      cancel_log(CANCEL_LOG_WARN, "reportd", "job state not stored",
+                 "job=%ld error=\"%s\"", job, cancel_strerror(rc));
+      if (cancel_sleep(stopping, CANCEL_MSEC(c->poll_ms)) == -ECANCELED)
         return -ECANCELED;
     }
   }

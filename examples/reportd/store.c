@@ -91,9 +91,12 @@ static int sq_run(sqlite3 *db, const cancel_token *tok, const char *sql,
 
 static int sq_exec(sqlite3 *db, const char *sql) {
   int rc = cancel_sqlite_exec(NULL, db, sql);
-  if (rc < 0)
-    cancel_log(CANCEL_LOG_ERROR, "reportd", "sqlite",
-               "sql=\"%.40s\" error=\"%s\"", sql, sqlite3_errmsg(db));
+  if (rc < 0) {
+    char head[41];
+    snprintf(head, sizeof head, "%s", sql);
+    cancel_log_field f[] = {{"sql", head}, {"error", sqlite3_errmsg(db)}};
+    cancel_log_fields(CANCEL_LOG_ERROR, "reportd", "sqlite", f, 2);
+  }
   return rc;
 }
 
@@ -118,9 +121,11 @@ static int sq_open(store *s, sqlite3 **dbp) {
       s->cfg.sqlite_path, &db,
       SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL);
   if (rc != SQLITE_OK) {
-    cancel_log(CANCEL_LOG_ERROR, "reportd", "cannot open database",
-               "path=\"%s\" error=\"%s\"", s->cfg.sqlite_path,
-               db != NULL ? sqlite3_errmsg(db) : "out of memory");
+    cancel_log_field f[] = {
+        {"path", s->cfg.sqlite_path},
+        {"error", db != NULL ? sqlite3_errmsg(db) : "out of memory"}};
+    cancel_log_fields(CANCEL_LOG_ERROR, "reportd", "cannot open database", f,
+                      2);
     sqlite3_close(db);
     return -EIO;
   }
@@ -146,13 +151,35 @@ static int sq_seed(store *s, sqlite3 *db) {
                   "CREATE INDEX IF NOT EXISTS rows_report ON rows(report_id);"
                   "CREATE TABLE IF NOT EXISTS jobs (id INTEGER PRIMARY KEY"
                   " AUTOINCREMENT, report_id INTEGER NOT NULL,"
-                  " state TEXT NOT NULL DEFAULT 'pending');"
+                  " state TEXT NOT NULL DEFAULT 'pending',"
+                  " attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT,"
+                  " created_at INTEGER, updated_at INTEGER,"
+                  " next_at INTEGER NOT NULL DEFAULT 0);"
                   "CREATE TABLE IF NOT EXISTS reports_out (job_id INTEGER"
                   " PRIMARY KEY, report_id INTEGER NOT NULL, body TEXT)") < 0)
     return -EIO;
+  /* A jobs table made by an older reportd: the columns the retries need
+   * (SQLite has no ADD COLUMN IF NOT EXISTS). */
   long n = 0;
-  int rc =
-      sq_run(db, NULL, "SELECT count(*) FROM reports", NULL, 0, count_row, &n);
+  int rc = sq_run(db, NULL,
+                  "SELECT count(*) FROM pragma_table_info('jobs') "
+                  "WHERE name = 'next_at'",
+                  NULL, 0, count_row, &n);
+  if (rc == 0 && n == 0 &&
+      sq_exec(db, "ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL "
+                  "DEFAULT 0;"
+                  "ALTER TABLE jobs ADD COLUMN last_error TEXT;"
+                  "ALTER TABLE jobs ADD COLUMN created_at INTEGER;"
+                  "ALTER TABLE jobs ADD COLUMN updated_at INTEGER;"
+                  "ALTER TABLE jobs ADD COLUMN next_at INTEGER NOT NULL "
+                  "DEFAULT 0") < 0)
+    return -EIO;
+  if (rc == 0 && sq_exec(db, "CREATE INDEX IF NOT EXISTS jobs_due ON "
+                             "jobs(state, next_at, id)") < 0)
+    return -EIO;
+  if (rc == 0)
+    rc = sq_run(db, NULL, "SELECT count(*) FROM reports", NULL, 0, count_row,
+                &n);
   if (rc < 0 || n > 0)
     return rc;
   long args[1] = {s->cfg.rows_per_report};
@@ -226,6 +253,13 @@ static int pg_seed(store *s, PGconn *c) {
       "CREATE INDEX IF NOT EXISTS rows_report ON rows(report_id);"
       "CREATE TABLE IF NOT EXISTS jobs (id bigserial PRIMARY KEY,"
       " report_id bigint NOT NULL, state text NOT NULL DEFAULT 'pending');"
+      /* Fresh, or made by an older reportd: the columns the retries need. */
+      "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS attempts bigint NOT NULL"
+      " DEFAULT 0, ADD COLUMN IF NOT EXISTS last_error text,"
+      " ADD COLUMN IF NOT EXISTS created_at bigint,"
+      " ADD COLUMN IF NOT EXISTS updated_at bigint,"
+      " ADD COLUMN IF NOT EXISTS next_at bigint NOT NULL DEFAULT 0;"
+      "CREATE INDEX IF NOT EXISTS jobs_due ON jobs(state, next_at, id);"
       "CREATE TABLE IF NOT EXISTS reports_out (job_id bigint PRIMARY KEY,"
       " report_id bigint NOT NULL, body text)",
       NULL);
@@ -387,23 +421,37 @@ int store_scan(store *s, const cancel_token *tok, long n, long *count) {
   return rc;
 }
 
+/* ---- Jobs ------------------------------------------------------------------
+ */
+
+/* The wall clock in Unix milliseconds: job times outlive the process, so
+ * not CLOCK_MONOTONIC. */
+static long now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return (long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
 int store_job_add(store *s, const cancel_token *tok, long report, long *job) {
   struct conn *c;
   int rc = conn_get(s, &c);
   if (rc < 0)
     return rc;
-  long args[1] = {report};
+  long args[2] = {report, now_ms()};
   if (s->pg) {
     PGresult *r = NULL;
     rc = pg_run(c->h, tok,
-                "INSERT INTO jobs (report_id) VALUES ($1) RETURNING id", args,
-                1, &r);
+                "INSERT INTO jobs (report_id, created_at, updated_at, next_at)"
+                " VALUES ($1, $2, $2, $2) RETURNING id",
+                args, 2, &r);
     if (rc == 0)
       *job = strtol(PQgetvalue(r, 0, 0), NULL, 10);
     PQclear(r);
   } else {
-    rc = sq_run(c->h, tok, "INSERT INTO jobs (report_id) VALUES (?1)", args, 1,
-                NULL, NULL);
+    rc = sq_run(c->h, tok,
+                "INSERT INTO jobs (report_id, created_at, updated_at, next_at)"
+                " VALUES (?1, ?2, ?2, ?2)",
+                args, 2, NULL, NULL);
     if (rc == 0)
       *job = (long)sqlite3_last_insert_rowid(c->h);
   }
@@ -411,87 +459,198 @@ int store_job_add(store *s, const cancel_token *tok, long report, long *job) {
   return rc;
 }
 
-struct text {
-  char *buf;
-  size_t len;
+void store_job_clear(struct store_job *j) {
+  free(j->error);
+  free(j->result);
+  j->error = j->result = NULL;
+}
+
+/* The columns store_job_get reads, in this order. */
+#define JOB_COLUMNS                                                            \
+  "report_id, state, attempts, last_error, created_at, updated_at, next_at,"   \
+  " (SELECT body FROM reports_out WHERE job_id = jobs.id)"
+
+struct job_row {
+  struct store_job *j;
   bool found;
+  int rc;
 };
 
-static int text_row(sqlite3_stmt *st, void *ctx) {
-  struct text *t = ctx;
-  const unsigned char *v = sqlite3_column_text(st, 0);
-  snprintf(t->buf, t->len, "%s", v != NULL ? (const char *)v : "");
-  t->found = true;
+/* A copy of a text column's value (NULL stays NULL); false when out of
+ * memory. */
+static bool dup_text(const char *v, char **out) {
+  *out = NULL;
+  return v == NULL || (*out = strdup(v)) != NULL;
+}
+
+static int job_row(sqlite3_stmt *st, void *ctx) {
+  struct job_row *jr = ctx;
+  struct store_job *j = jr->j;
+  const unsigned char *state = sqlite3_column_text(st, 1);
+  j->report = (long)sqlite3_column_int64(st, 0);
+  snprintf(j->state, sizeof j->state, "%s",
+           state != NULL ? (const char *)state : "");
+  j->attempts = (long)sqlite3_column_int64(st, 2);
+  for (int i = 4; i <= 6; i++) {
+    int64_t v = sqlite3_column_type(st, i) == SQLITE_NULL
+                    ? -1
+                    : (int64_t)sqlite3_column_int64(st, i);
+    *(i == 4 ? &j->created_ms : i == 5 ? &j->updated_ms : &j->next_ms) = v;
+  }
+  if (!dup_text((const char *)sqlite3_column_text(st, 3), &j->error) ||
+      !dup_text((const char *)sqlite3_column_text(st, 7), &j->result))
+    return -ENOMEM;
+  jr->found = true;
   return 0;
 }
 
-int store_job_state(store *s, const cancel_token *tok, long job, char *state,
-                    size_t len) {
+static void pg_job_row(PGresult *r, struct job_row *jr) {
+  struct store_job *j = jr->j;
+  j->report = strtol(PQgetvalue(r, 0, 0), NULL, 10);
+  snprintf(j->state, sizeof j->state, "%s", PQgetvalue(r, 0, 1));
+  j->attempts = strtol(PQgetvalue(r, 0, 2), NULL, 10);
+  for (int i = 4; i <= 6; i++) {
+    int64_t v =
+        PQgetisnull(r, 0, i) ? -1 : strtoll(PQgetvalue(r, 0, i), NULL, 10);
+    *(i == 4 ? &j->created_ms : i == 5 ? &j->updated_ms : &j->next_ms) = v;
+  }
+  if (!dup_text(PQgetisnull(r, 0, 3) ? NULL : PQgetvalue(r, 0, 3), &j->error) ||
+      !dup_text(PQgetisnull(r, 0, 7) ? NULL : PQgetvalue(r, 0, 7), &j->result))
+    jr->rc = -ENOMEM;
+  jr->found = true;
+}
+
+int store_job_get(store *s, const cancel_token *tok, long job,
+                  struct store_job *out) {
+  *out = (struct store_job){.id = job};
   struct conn *c;
   int rc = conn_get(s, &c);
   if (rc < 0)
     return rc;
   long args[1] = {job};
-  struct text t = {state, len, false};
+  struct job_row jr = {out, false, 0};
   if (s->pg) {
     PGresult *r = NULL;
-    rc = pg_run(c->h, tok, "SELECT state FROM jobs WHERE id = $1", args, 1, &r);
+    rc = pg_run(c->h, tok, "SELECT " JOB_COLUMNS " FROM jobs WHERE id = $1",
+                args, 1, &r);
     if (rc == 0 && PQntuples(r) > 0) {
-      snprintf(state, len, "%s", PQgetvalue(r, 0, 0));
-      t.found = true;
+      pg_job_row(r, &jr);
+      rc = jr.rc;
     }
     PQclear(r);
   } else {
-    rc = sq_run(c->h, tok, "SELECT state FROM jobs WHERE id = ?1", args, 1,
-                text_row, &t);
+    rc = sq_run(c->h, tok, "SELECT " JOB_COLUMNS " FROM jobs WHERE id = ?1",
+                args, 1, job_row, &jr);
   }
   conn_put(s, c, rc);
-  return rc == 0 && !t.found ? -ENOENT : rc;
+  if (rc == 0 && !jr.found)
+    rc = -ENOENT;
+  if (rc < 0)
+    store_job_clear(out);
+  return rc;
 }
 
-struct pair {
-  long a, b;
+struct next {
+  long job, report, attempts, next_at;
   bool found;
 };
 
-static int pair_row(sqlite3_stmt *st, void *ctx) {
-  struct pair *p = ctx;
-  p->a = (long)sqlite3_column_int64(st, 0);
-  p->b = (long)sqlite3_column_int64(st, 1);
+static int next_row(sqlite3_stmt *st, void *ctx) {
+  struct next *p = ctx;
+  p->job = (long)sqlite3_column_int64(st, 0);
+  p->report = (long)sqlite3_column_int64(st, 1);
+  p->attempts = (long)sqlite3_column_int64(st, 2);
+  p->next_at = (long)sqlite3_column_int64(st, 3);
   p->found = true;
   return 0;
 }
 
-int store_job_next(store *s, const cancel_token *tok, long *job, long *report) {
+int store_job_next(store *s, const cancel_token *tok, long *job, long *report,
+                   long *attempts, int64_t *wait_ms) {
   struct conn *c;
   int rc = conn_get(s, &c);
   if (rc < 0)
     return rc;
-  struct pair p = {0};
-  static const char sql[] = "SELECT id, report_id FROM jobs WHERE state = "
-                            "'pending' ORDER BY id LIMIT 1";
+  /* One query: the pending job due first.  When its time has not come,
+   * none has, and its next_at says how long to wait. */
+  struct next p = {0};
+  long now = now_ms();
+  static const char sql[] =
+      "SELECT id, report_id, attempts, next_at FROM jobs WHERE state = "
+      "'pending' ORDER BY next_at, id LIMIT 1";
   if (s->pg) {
     PGresult *r = NULL;
     rc = pg_run(c->h, tok, sql, NULL, 0, &r);
     if (rc == 0 && PQntuples(r) > 0) {
-      p.a = strtol(PQgetvalue(r, 0, 0), NULL, 10);
-      p.b = strtol(PQgetvalue(r, 0, 1), NULL, 10);
+      p.job = strtol(PQgetvalue(r, 0, 0), NULL, 10);
+      p.report = strtol(PQgetvalue(r, 0, 1), NULL, 10);
+      p.attempts = strtol(PQgetvalue(r, 0, 2), NULL, 10);
+      p.next_at = strtol(PQgetvalue(r, 0, 3), NULL, 10);
       p.found = true;
     }
     PQclear(r);
   } else {
-    rc = sq_run(c->h, tok, sql, NULL, 0, pair_row, &p);
+    rc = sq_run(c->h, tok, sql, NULL, 0, next_row, &p);
   }
   conn_put(s, c, rc);
-  if (rc == 0 && !p.found)
+  if (rc < 0)
+    return rc;
+  if (!p.found || p.next_at > now) {
+    *wait_ms = p.found ? p.next_at - now : -1;
     return -ENOENT;
-  *job = p.a;
-  *report = p.b;
-  return rc;
+  }
+  *job = p.job;
+  *report = p.report;
+  *attempts = p.attempts;
+  return 0;
+}
+
+int store_job_attempt_failed(store *s, const cancel_token *tok, long job,
+                             long attempts, const char *error,
+                             int64_t retry_in_ms) {
+  struct conn *c;
+  int rc = conn_get(s, &c);
+  if (rc < 0)
+    return rc;
+  long now = now_ms();
+  long next = retry_in_ms >= 0 ? now + (long)retry_in_ms : now;
+  const char *state = retry_in_ms >= 0 ? "pending" : "failed";
+  if (s->pg) {
+    char a[4][24];
+    snprintf(a[0], sizeof a[0], "%ld", job);
+    snprintf(a[1], sizeof a[1], "%ld", attempts);
+    snprintf(a[2], sizeof a[2], "%ld", now);
+    snprintf(a[3], sizeof a[3], "%ld", next);
+    const char *vals[6] = {a[0], a[1], a[2], a[3], error, state};
+    rc = cancel_pq_exec_params(
+        tok, c->h,
+        "UPDATE jobs SET attempts = $2, updated_at = $3, next_at = $4,"
+        " last_error = $5, state = $6 WHERE id = $1",
+        6, NULL, vals, NULL, NULL, 0, NULL);
+  } else {
+    sqlite3_stmt *st = NULL;
+    rc = cancel_sqlite_prepare(
+        tok, c->h,
+        "UPDATE jobs SET attempts = ?2, updated_at = ?3, next_at = ?4,"
+        " last_error = ?5, state = ?6 WHERE id = ?1",
+        -1, &st, NULL);
+    if (rc == 0) {
+      sqlite3_bind_int64(st, 1, job);
+      sqlite3_bind_int64(st, 2, attempts);
+      sqlite3_bind_int64(st, 3, now);
+      sqlite3_bind_int64(st, 4, next);
+      sqlite3_bind_text(st, 5, error, -1, SQLITE_STATIC);
+      sqlite3_bind_text(st, 6, state, -1, SQLITE_STATIC);
+      rc = cancel_sqlite_step(tok, st);
+      sqlite3_finalize(st);
+    }
+  }
+  conn_put(s, c, rc);
+  return rc < 0 ? rc : 0;
 }
 
 struct finish {
-  long job, report;
+  long job, report, attempts, now;
   const char *body;
 };
 
@@ -510,16 +669,20 @@ static int sq_finish_work(const cancel_token *tok, sqlite3 *db, void *arg) {
   sqlite3_finalize(st);
   if (rc < 0)
     return rc;
-  long args[1] = {f->job};
-  return sq_run(db, tok, "UPDATE jobs SET state = 'done' WHERE id = ?1", args,
-                1, NULL, NULL);
+  long args[3] = {f->job, f->attempts, f->now};
+  return sq_run(db, tok,
+                "UPDATE jobs SET state = 'done', attempts = ?2,"
+                " updated_at = ?3 WHERE id = ?1",
+                args, 3, NULL, NULL);
 }
 
 static int pg_finish_work(const cancel_token *tok, PGconn *c, void *arg) {
   struct finish *f = arg;
-  char job[24], report[24];
+  char job[24], report[24], attempts[24], now[24];
   snprintf(job, sizeof job, "%ld", f->job);
   snprintf(report, sizeof report, "%ld", f->report);
+  snprintf(attempts, sizeof attempts, "%ld", f->attempts);
+  snprintf(now, sizeof now, "%ld", f->now);
   const char *vals[3] = {job, report, f->body};
   int rc = cancel_pq_exec_params(
       tok, c,
@@ -528,18 +691,20 @@ static int pg_finish_work(const cancel_token *tok, PGconn *c, void *arg) {
       3, NULL, vals, NULL, NULL, 0, NULL);
   if (rc < 0)
     return rc;
+  const char *uvals[3] = {job, attempts, now};
   return cancel_pq_exec_params(tok, c,
-                               "UPDATE jobs SET state = 'done' WHERE id = $1",
-                               1, NULL, vals, NULL, NULL, 0, NULL);
+                               "UPDATE jobs SET state = 'done', attempts = $2,"
+                               " updated_at = $3 WHERE id = $1",
+                               3, NULL, uvals, NULL, NULL, 0, NULL);
 }
 
 int store_job_finish(store *s, const cancel_token *tok, long job, long report,
-                     const char *body) {
+                     long attempts, const char *body) {
   struct conn *c;
   int rc = conn_get(s, &c);
   if (rc < 0)
     return rc;
-  struct finish f = {job, report, body};
+  struct finish f = {job, report, attempts, now_ms(), body};
   if (s->pg) {
     rc = cancel_pq_transaction(tok, c->h, pg_finish_work, &f, 0);
   } else {

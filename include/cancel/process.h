@@ -148,7 +148,9 @@ CANCEL_API int cancel_child_adopt(cancel_child *c, pid_t pid);
  *   -EBUSY   another thread is using this handle (misuse, reported);
  *   -EPERM   the child may not be signalled any more (it became a
  *            set-user-ID program): it is still held;
- *   -errno   from poll(2) (-ENOMEM); the child is still held.
+ *   -errno   from poll(2) (-ENOMEM), or -EMFILE / -ENFILE: no
+ *            descriptor for the calling thread's wake eventfd (see
+ *            "Waiting" in cancel.h); the child is still held.
  * *status is written only for 0 and -ECANCELED.  One thread at a time per
  * handle; cancelling tok from any thread (or a callback) is the way for
  * another thread to stop the child. */
