@@ -46,9 +46,19 @@ static void hangup(void *arg, uint32_t events) {
   cancel_source_unref(src);
 }
 
-int cancel_watch_hangup(cancel_watch *w, cancel_source *src, int fd) {
-  if (w == NULL || src == NULL)
-    return -EINVAL;
+/* cancel_watch_hangup_fn's callback on the reactor, once. */
+static void hangup_fn(void *arg, uint32_t events) {
+  cancel_watch *w = arg;
+  /* Before fn: fn may unwatch (and free) w, and must then learn that the
+   * watch fired.  w is not touched after. */
+  void (*fn)(void *, int) = w->fn;
+  void *fn_arg = w->fn_arg;
+  st_relaxed(&w->fired, 1);
+  fn(fn_arg, (events & EPOLLERR) ? 1 : 0);
+}
+
+static int arm(cancel_watch *w, cancel_source *src, int fd,
+               void (*fn)(void *, int), void *arg) {
   if (fd < 0)
     return -EBADF;
   if (ld_acquire(&w->state) == WATCH_ARMED)
@@ -57,13 +67,15 @@ int cancel_watch_hangup(cancel_watch *w, cancel_source *src, int fd) {
   if (dup < 0)
     return -errno; /* EBADF, EMFILE */
   w->fd = dup;
-  w->src = cancel_source_ref(src);
+  w->src = src != NULL ? cancel_source_ref(src) : NULL;
+  w->fn = fn;
+  w->fn_arg = arg;
   st_relaxed(&w->fired, 0);
   st_relaxed(&w->state, WATCH_ARMED);
   /* The callback may run before this returns (a peer gone already): every
    * field it reads is set above. */
   int rc = cancel__reactor_watch_add(&w->rw, dup, EPOLLRDHUP | EPOLLONESHOT,
-                                     hangup, w);
+                                     fn != NULL ? hangup_fn : hangup, w);
   if (rc < 0) {
     st_relaxed(&w->state, 0);
     close(dup);
@@ -73,6 +85,19 @@ int cancel_watch_hangup(cancel_watch *w, cancel_source *src, int fd) {
     return rc;
   }
   return 0;
+}
+
+int cancel_watch_hangup(cancel_watch *w, cancel_source *src, int fd) {
+  if (w == NULL || src == NULL)
+    return -EINVAL;
+  return arm(w, src, fd, NULL, NULL);
+}
+
+int cancel_watch_hangup_fn(cancel_watch *w, int fd,
+                           void (*fn)(void *arg, int reset), void *arg) {
+  if (w == NULL || fn == NULL)
+    return -EINVAL;
+  return arm(w, NULL, fd, fn, arg);
 }
 
 int cancel_unwatch(cancel_watch *w) {

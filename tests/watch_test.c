@@ -12,6 +12,7 @@
  */
 #include "test_util.h"
 
+#include "cancel/diag.h"
 #include "cancel/watch.h"
 #include "internal.h"
 
@@ -1088,9 +1089,70 @@ static void test_fork(void **state) {
   watched_fini(&x);
 }
 
+/* ---- cancel_watch_hangup_fn: a callback instead of a cancel ----------- */
+
+struct hup_rec {
+  sem_t sem;
+  int count, reset;
+  bool on_reactor;
+};
+
+static void hup_cb(void *arg, int reset) {
+  struct hup_rec *h = arg;
+  h->reset = reset;
+  h->on_reactor = cancel__on_reactor();
+  __atomic_add_fetch(&h->count, 1, __ATOMIC_SEQ_CST);
+  sem_post(&h->sem);
+}
+
+static void test_hangup_fn(void **state) {
+  (void)state;
+  cancel_metrics m0, m1;
+  cancel_metrics_get(&m0);
+  /* Peer closed: reset 0; reset: 1; on the reactor, once; nothing is
+   * cancelled, so no "client gone" is counted. */
+  for (int rst = 0; rst < 2; rst++) {
+    struct hup_rec h = {0};
+    sem_init(&h.sem, 0, 0);
+    cancel_watch w = {0};
+    int mine, peer;
+    tcp_pair(&mine, &peer);
+    assert_int_equal(cancel_watch_hangup_fn(&w, mine, hup_cb, &h), 0);
+    if (rst)
+      close_reset(peer);
+    else
+      close(peer);
+    assert_int_equal(test_sem_wait_ns(&h.sem, must_wait()), 0);
+    assert_int_equal(h.reset, rst);
+    assert_true(h.on_reactor);
+    assert_int_equal(cancel_unwatch(&w), 0);
+    assert_int_equal(test_load(&h.count), 1);
+    close(mine);
+    sem_destroy(&h.sem);
+  }
+  cancel_metrics_get(&m1);
+  assert_int_equal(m1.cancellations[CANCEL_CLIENT_GONE],
+                   m0.cancellations[CANCEL_CLIENT_GONE]);
+  /* Never fired: unwatch says 1.  Bad arguments. */
+  struct hup_rec h = {0};
+  cancel_watch w = {0};
+  int mine, peer;
+  unix_pair(&mine, &peer);
+  assert_int_equal(cancel_watch_hangup_fn(&w, mine, hup_cb, &h), 0);
+  assert_int_equal(cancel_watch_hangup_fn(&w, mine, hup_cb, &h), -EBUSY);
+  assert_int_equal(cancel_unwatch(&w), 1);
+  assert_int_equal(test_load(&h.count), 0);
+  assert_int_equal(cancel_watch_hangup_fn(&w, mine, NULL, &h), -EINVAL);
+  assert_int_equal(cancel_watch_hangup_fn(NULL, mine, hup_cb, &h), -EINVAL);
+  assert_int_equal(cancel_watch_hangup_fn(&w, -1, hup_cb, &h), -EBADF);
+  close(mine);
+  close(peer);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_tcp_peer_close),
+      cmocka_unit_test(test_hangup_fn),
       cmocka_unit_test(test_unix_peer_close),
       cmocka_unit_test(test_tcp_shutdown_wr),
       cmocka_unit_test(test_unix_shutdown_wr),

@@ -12,9 +12,14 @@
  *              requests in flight may finish first (kind shutdown)
  *   client     "client <addr>:<port>", the connection's, linked to drain;
  *              cancelled with kind client gone when the connection hangs
- *              up (its descriptor is watched for EPOLLRDHUP from its first
- *              request until it closes, cancel_watch_hangup; the
- *              connection is suspended while a handler runs)
+ *              up while a request of it is in a handler (its descriptor
+ *              is watched for EPOLLRDHUP from its first request until it
+ *              closes, cancel_watch_hangup_fn; the connection is
+ *              suspended while a handler runs), or when the answer a
+ *              handler gave could not be delivered.  A connection that
+ *              closes idle, or after its answer went out, cancels
+ *              nothing: cancel_cancellations_total{kind="client gone"}
+ *              counts exactly the requests logged 499
  *   route      "route timeout", the route's timeout (kind timeout)
  *   deadline   "deadline header grpc-timeout" or "... X-Request-Timeout-Ms":
  *              the caller's budget, when a request carries one (capped by
@@ -38,9 +43,11 @@
  *                 a handler that returns -ECANCELED although its token did
  *                 not fire (an inner source of its own): 500, error;
  *   other < 0     500, logged at error with cancel_strerror.
- * Nothing cancellation-related is logged as an error.  Every request ends
- * with one access line (component "http", msg "request"): id, method,
- * path, route, status, dur_ms, and for cancellations the reason's fields
+ * Nothing cancellation-related is logged as an error.  Every request that
+ * started (its request line was read) ends with one access line
+ * (component "http", msg "request"), whatever happens to it: id, method
+ * ("-" when the headers never came), path, route, status, dur_ms, and
+ * for cancellations the reason's fields
  * (cancel_logfmt_reason), after_cancel_ms: how long the handler ran
  * after its token fired, and handler_end_mono_us: when it returned, on
  * CLOCK_MONOTONIC (cancel_now() / 1000), which other processes of the
@@ -48,11 +55,24 @@
  *
  * Requests the server answers itself: 404 (no route), 405 (route exists,
  * other method; with Allow), 413 (body over max_body), 400 (malformed
- * request: libmicrohttpd's own answer, or one of the checks below), 501
- * (a Transfer-Encoding other than chunked), 503 with Connection: close (a
- * request that arrives on an open connection after stopping fired).
- * HEAD is answered by the route that answers GET (the handler sees the
- * method "HEAD"; the body it sets is not sent).
+ * request: libmicrohttpd's own answer, logged with its status, or one of
+ * the checks below), 501 (a Transfer-Encoding other than chunked), 503
+ * with Connection: close (a request that arrives on an open connection
+ * after stopping fired).  HEAD is answered by the route that answers GET
+ * (the handler sees the method "HEAD"; the body it sets is not sent).
+ *
+ * The status logged for a request that ended before it was answered:
+ *   400  the client left with it unfinished (headers or body cut short:
+ *        it is the request that is bad, as nginx logs it; 499 stays for a
+ *        complete request whose client left before the answer);
+ *   408  its read timed out: its header or body time passed
+ *        (header_timeout_ns, body_timeout_ns: the server cut the
+ *        connection, see the options), or nothing moved on the connection
+ *        for idle_timeout_ns (libmicrohttpd's connection timeout).  Logged
+ *        at info: a slow client is a normal event, not the server's error;
+ *   503  a stop closed it while it was being read.
+ * A status logged for an answer that could not be delivered is that
+ * answer's status, except for a handler's answer (499, above).
  *
  * Strictness (RFC 9112 and 9110; a proxy in front and this server must
  * never disagree on where a request ends): answered 400 with Connection:
@@ -74,10 +94,21 @@
  * Route captures are percent-decoded: a handler that takes a number reads
  * it with cancel_http_request_param_u64, which accepts one spelling.
  *
+ * libmicrohttpd's own messages go through the log sink (msg
+ * "libmicrohttpd") at the level their meaning deserves: a client that
+ * left, timed out or sent something malformed at debug (the access line
+ * tells it); limits and resource exhaustion (accept, memory, threads,
+ * epoll) at warn or error; anything else at warn.
+ *
  * Graceful stop (cancel_http_server_stop, or stopping firing under
- * cancel_http_server_run): stop accepting connections, let the requests in
+ * cancel_http_server_run): stop accepting connections (new handshakes are
+ * dropped, the ones under way are still served), let the requests in
  * flight finish until the drain shield fires them (they answer 503),
- * resume every suspended connection, stop the daemon.
+ * answer every request that arrives on an open connection meanwhile (503
+ * with Connection: close, which closes it), then stop the daemon once
+ * every connection is closed or has been quiet for 250 ms (no request
+ * starting or ending, no body arriving): a request that has reached the
+ * server is answered before its connection closes.
  *
  * Link with -lcancel-http -lcancel -lmicrohttpd (pkg-config: cancel-http).
  */
@@ -146,8 +177,9 @@ typedef struct cancel_http_options {
    *   whose handler runs is never idle.  0: 60 s.
    * A connection cut by the header or body timeout is closed without an
    *   answer and logged at info ("request read timed out", its client and
-   *   phase; a request cut in its body also gets its access line, status
-   *   408).
+   *   phase); a request on it whose request line had arrived, cut in its
+   *   headers or its body, also gets its access line, status 408 (see
+   *   the statuses of a request that ended before it was answered).
    *
    * max_connections: connections open at once; at the limit
    *   libmicrohttpd accepts no more until one closes.  0: 4096.
@@ -203,11 +235,14 @@ CANCEL_API uint16_t cancel_http_server_port(const cancel_http_server *srv);
 /* Graceful stop: stops accepting, waits for the requests in flight until
  * `deadline` (absolute; their tokens fire when the drain shield does, or
  * now if stopping has not fired: the server is then stopped with kind
- * shutdown, detail "server stop"), resumes every connection and stops the
- * daemon.  Returns 0 (every request answered), -ETIMEDOUT (handlers still
- * running at the deadline: they ignore their tokens; the daemon is left
- * running for them and the server cannot be freed until a later call
- * returns 0), -EINVAL (NULL, or not started).  Call it from one thread. */
+ * shutdown, detail "server stop") and for open connections to close or go
+ * quiet (see above), then stops the daemon (a request still being read
+ * then, from a client too slow to finish sending it, is closed and logged
+ * 503).  Returns 0 (every request handed to a handler answered),
+ * -ETIMEDOUT (handlers still running at the deadline: they ignore their
+ * tokens; the daemon is left running for them and the server cannot be
+ * freed until a later call returns 0), -EINVAL (NULL, or not started).
+ * Call it from one thread. */
 CANCEL_API int cancel_http_server_stop(cancel_http_server *srv,
                                        int64_t deadline);
 

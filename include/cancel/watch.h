@@ -56,6 +56,8 @@ typedef struct cancel_watch {
   int fd;                    /* the watch's own duplicate of the socket */
   uint32_t state;            /* atomic: armed or not */
   uint32_t fired;            /* the hang-up was seen (reactor thread) */
+  void (*fn)(void *arg, int reset); /* cancel_watch_hangup_fn's, or NULL */
+  void *fn_arg;
 } cancel_watch;
 
 /* Watches `fd` (a connected socket; a pipe or any pollable descriptor
@@ -133,6 +135,23 @@ CANCEL_API int cancel_watch_hangup(cancel_watch *w, cancel_source *src, int fd);
  * callback, with the one rule of cancel_unregister(): do not call it while
  * holding a lock that a callback of src takes. */
 CANCEL_API int cancel_unwatch(cancel_watch *w);
+
+/* The same watch, calling fn(arg, reset) on the library's internal thread
+ * instead of cancelling a source: reset is 1 when the connection failed
+ * (EPOLLERR, e.g. an RST), 0 when the peer closed or shut down its
+ * sending side.  For a watch that lives longer than the work it guards
+ * (a keep-alive connection's, armed once): fn decides whether there is
+ * anything to cancel, so that a peer leaving an idle connection cancels
+ * nothing.  fn follows the callback rules of cancel.h (short, never
+ * blocking); it may cancel sources.  One-shot like cancel_watch_hangup;
+ * cancel_unwatch() removes it (1: fn never ran and never will, 0: it ran
+ * or is running; it waits for fn as it waits for a cancel).
+ * Returns 0, -EBADF, -EPERM, -EINVAL (w or fn NULL), -EBUSY, -EMFILE,
+ * -ENOMEM, -EAGAIN, as cancel_watch_hangup.  Thread-safety and fork() as
+ * cancel_watch_hangup. */
+CANCEL_API int cancel_watch_hangup_fn(cancel_watch *w, int fd,
+                                      void (*fn)(void *arg, int reset),
+                                      void *arg);
 
 /* ======================================================================
  * Shutdown signals: SIGINT and SIGTERM through signalfd

@@ -33,8 +33,10 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <linux/filter.h>
 #include <microhttpd.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -58,6 +60,14 @@
 /* A connection's read deadline once the sweeper cut it. */
 #define READ_CUT INT64_MIN
 #define MAX_PARAMS 8
+/* A graceful stop closes a keep-alive connection only once it has had no
+ * request for this long (and no other connection had one either): a
+ * client that has just been answered sends its next request within
+ * microseconds on loopback, within a round trip elsewhere, and that
+ * request must find the connection open, to be answered 503 with
+ * Connection: close.  Closing at once would race it (Go's Shutdown and
+ * nginx do, and leave the retry to the client). */
+#define KEEPALIVE_GRACE CANCEL_MSEC(250)
 
 struct kv {
   const char *k, *v;
@@ -70,14 +80,36 @@ struct kvs {
 
 enum req_state { REQ_NEW, REQ_QUEUED, REQ_DONE };
 
+/* Where a connection is, for its hang-up watch (conn_ctx.state):
+ *   IDLE  no request of ours on it: between requests, or sending an answer
+ *         that is already decided (libmicrohttpd tells us whether it got
+ *         through);
+ *   BUSY  a request handed to a handler, until the handler's result is
+ *         classified;
+ *   LEFT  the peer went away while BUSY: the source was cancelled, the
+ *         request is answered 499 (nothing sent);
+ *   GONE  the peer went away while IDLE: nothing was cancelled (an idle
+ *         keep-alive connection closing, or a client that read its answer
+ *         and left).  A request that is complete all the same (its client
+ *         half-closed after sending it) starts LEFT.
+ * The watch's callback (reactor thread) and the request's own steps (the
+ * daemon's thread, a pool thread) move it by compare-and-swap, so exactly
+ * one of them decides, and the kind "client gone" is counted once per
+ * request answered 499, never for a connection that cancelled nothing. */
+enum { CONN_IDLE, CONN_BUSY, CONN_LEFT, CONN_GONE };
+
 /* A connection's own source, "client <addr>:<port>", linked to the drain
  * and cancelled by a hang-up watch armed once per connection (on its first
  * request): a keep-alive connection pays for the watch once, not per
  * request.  Made on libmicrohttpd's thread, freed there when the
- * connection closes; requests hold a reference while they run. */
+ * connection closes; requests hold a reference while they run.  The watch
+ * calls conn_hangup (cancel_watch_hangup_fn) rather than cancelling the
+ * source whenever the peer leaves: it cancels only a BUSY connection. */
 struct conn_ctx {
   cancel_source *src;
   cancel_watch watch;
+  uint32_t state; /* atomic: CONN_* */
+  uint32_t hup;   /* atomic: 0 before the watch fired, then 1 + reset */
   bool watching;
   bool tried; /* the source and watch were attempted */
   /* The read deadline (header_timeout_ns, body_timeout_ns): the time by
@@ -104,7 +136,11 @@ struct cancel_http_request {
   uint64_t id;
   int64_t t0, t_handler_end;
   enum req_state state;
+  bool seen;                /* on_access had it: method and url are set */
   bool dispatched;          /* counted in in_flight */
+  bool busy;                /* made its connection BUSY (conn_begin) */
+  struct conn_ctx *cc;      /* the connection's (NULL: no memory for it);
+                               its src is NULL without cancellation */
   const char *method, *url; /* libmicrohttpd's, valid until completion */
   const cancel_http_route *route;
   char *pathbuf; /* url split into segments: the captures point here */
@@ -146,9 +182,16 @@ struct cancel_http_server {
   pthread_mutex_t mu;
   pthread_cond_t cv;      /* the queue is not empty, or closing: the pool */
   pthread_cond_t done_cv; /* in_flight went down: the stopper only */
-  bool stopping_waits;    /* a stopper waits on done_cv; mu */
+  bool stopping_waits;    /* atomic: a stopper waits on done_cv */
+  bool handed;   /* the stopper handed connections from the listen queue */
+  bool filtered; /* the listen socket drops new handshakes, still open */
   cancel_http_request *head, *tail;
   size_t in_flight; /* atomic reads outside mu */
+  /* What a graceful stop waits for (atomics; changed on the daemon's
+   * thread, read by the stopper, which waits on done_cv): */
+  size_t open;         /* requests started (request line read), not ended */
+  size_t nconns;       /* connections open */
+  int64_t last_active; /* a request started or ended, a connection opened */
   size_t running;   /* handlers running now */
   bool closing;     /* pool threads exit */
   pthread_t *threads;
@@ -413,11 +456,34 @@ static int64_t header_budget(cancel_http_request *r, const char **which) {
   return best;
 }
 
+static const char *hup_detail(uint32_t hup) {
+  return hup == 2 ? "connection reset" : "peer closed";
+}
+
+/* The hang-up watch's callback, on the reactor thread, once (one-shot):
+ * cancels the connection's source only when a request is BUSY on it.
+ * c stays valid: on_connection removes the watch (waiting for a callback
+ * that runs) before it frees c. */
+static void conn_hangup(void *arg, int reset) {
+  struct conn_ctx *c = arg;
+  uint32_t hup = reset ? 2 : 1;
+  st_relaxed(&c->hup, hup);
+  uint32_t cur = ld_acquire(&c->state);
+  for (;;) {
+    if (cur != CONN_IDLE && cur != CONN_BUSY)
+      return; /* not expected: the watch is one-shot */
+    uint32_t next = cur == CONN_BUSY ? CONN_LEFT : CONN_GONE;
+    if (__atomic_compare_exchange_n(&c->state, &cur, next, false,
+                                    __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+      break;
+  }
+  if (cur == CONN_BUSY)
+    cancel_source_cancel_with(c->src, CANCEL_CLIENT_GONE, hup_detail(hup));
+}
+
 /* The connection's source, made and watched on its first request. */
 static cancel_source *conn_source(cancel_http_request *r) {
-  const union MHD_ConnectionInfo *ci =
-      MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
-  struct conn_ctx *c = ci != NULL ? ci->socket_context : NULL;
+  struct conn_ctx *c = r->cc;
   if (c == NULL)
     return NULL;
   if (!c->tried) {
@@ -430,15 +496,54 @@ static cancel_source *conn_source(cancel_http_request *r) {
     const union MHD_ConnectionInfo *fi =
         MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
     /* Without a watch the requests still have their timeouts and the
-     * shutdown; only the client's hang-up goes unseen: say so. */
+     * shutdown; only the client's hang-up goes unseen: say so.  The
+     * callback may run before this returns (a peer gone already): c is
+     * complete. */
     if (fi == NULL ||
-        cancel_watch_hangup(&c->watch, c->src, fi->connect_fd) < 0)
+        cancel_watch_hangup_fn(&c->watch, fi->connect_fd, conn_hangup, c) < 0)
       cancel_log(CANCEL_LOG_WARN, "http", "client hang-up not watched",
                  "id=%" PRIu64, r->id);
     else
       c->watching = true;
   }
   return c->src;
+}
+
+/* The request is handed to a handler: its connection is BUSY, so that a
+ * hang-up from now on cancels it.  A peer that left already (it
+ * half-closed after sending this request) cancels it at once. */
+static void conn_begin(cancel_http_request *r) {
+  struct conn_ctx *c = r->cc;
+  if (c == NULL || c->src == NULL)
+    return;
+  r->busy = true;
+  uint32_t cur = CONN_IDLE;
+  if (__atomic_compare_exchange_n(&c->state, &cur, CONN_BUSY, false,
+                                  __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+    return;
+  if (cur == CONN_GONE) {
+    st_release(&c->state, CONN_LEFT);
+    cancel_source_cancel_with(c->src, CANCEL_CLIENT_GONE,
+                              hup_detail(ld_relaxed(&c->hup)));
+  }
+}
+
+/* The handler's result is classified: the connection is IDLE again (the
+ * answer goes out, or libmicrohttpd says why not).  Returns whether the
+ * client left while the request was BUSY: its source was (or is being,
+ * on the reactor) cancelled with kind client gone, and the request is
+ * answered 499.  The one exception: the drain fired the source first
+ * (shutdown), which is then the reason, and the 503 goes out. */
+static bool conn_end(cancel_http_request *r) {
+  struct conn_ctx *c = r->cc;
+  if (!r->busy)
+    return false;
+  uint32_t cur = CONN_BUSY;
+  if (__atomic_compare_exchange_n(&c->state, &cur, CONN_IDLE, false,
+                                  __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+    return false;
+  int kind = cancel_token_kind(cancel_source_token(c->src));
+  return kind == CANCEL_NONE || kind == CANCEL_CLIENT_GONE;
 }
 
 static int build_sources(cancel_http_request *r) {
@@ -467,18 +572,13 @@ static int build_sources(cancel_http_request *r) {
   return 0;
 }
 
-/* Drops the request's sources.  Returns whether the client hung up (the
- * connection's source was cancelled by its watch). */
-static bool teardown_sources(cancel_http_request *r) {
-  bool gone =
-      r->client != NULL &&
-      cancel_token_kind(cancel_source_token(r->client)) == CANCEL_CLIENT_GONE;
+/* Drops the request's sources. */
+static void teardown_sources(cancel_http_request *r) {
   cancel_source_unref(r->deadline_src);
   cancel_source_unref(r->route_src);
   cancel_source_unref(r->client);
   r->deadline_src = r->route_src = r->client = NULL;
   r->tok = NULL;
-  return gone;
 }
 
 /* ---- Slow clients: read deadlines and their sweeper --------------------- */
@@ -615,23 +715,6 @@ static void sweeper_stop(cancel_http_server *s) {
   s->sweeping = false;
 }
 
-/* libmicrohttpd's URI log callback: the request line is in.  On a
- * keep-alive connection this starts the next request's header time (its
- * first request's counts from the accept).  Returns no request context:
- * on_access still sees NULL first. */
-static void *on_request_line(void *cls, const char *uri,
-                             struct MHD_Connection *conn) {
-  (void)uri;
-  cancel_http_server *s = cls;
-  struct conn_ctx *c = conn_ctx_of(conn);
-  if (c == NULL)
-    return NULL;
-  c->bad_escape = false; /* the unescaper runs next, for this request */
-  if (c->requests++ > 0)
-    (void)read_deadline_set(c, deadline_in(s->o.header_timeout_ns), "headers");
-  return NULL;
-}
-
 /* libmicrohttpd's unescaper for the path and the query: its own, but a
  * "%00" is noted so that the request is refused instead of being read
  * as the shorter string that libmicrohttpd's C strings would give. */
@@ -741,7 +824,7 @@ static enum MHD_Result scan_header(void *cls, enum MHD_ValueKind kind,
  * header).  Returns 0, or the status to answer with *why set. */
 static unsigned check_request(cancel_http_request *r, const char *version,
                               const char **why) {
-  struct conn_ctx *c = conn_ctx_of(r->conn);
+  struct conn_ctx *c = r->cc;
   if (c != NULL && c->bad_escape) {
     c->bad_escape = false;
     *why = "NUL in the decoded path or query";
@@ -851,7 +934,9 @@ static void run_request(cancel_http_request *r) {
   cancel_scope_end(&scope);
   r->t_handler_end = cancel_now();
   classify(r, rc);
-  if (teardown_sources(r) || r->no_response) {
+  bool gone = conn_end(r);
+  teardown_sources(r);
+  if (gone || r->no_response) {
     /* The client is gone: whatever the handler answered, nobody reads
      * it.  Logged as nginx does (499), not as an error. */
     r->no_response = true;
@@ -957,7 +1042,7 @@ static enum MHD_Result dispatch(cancel_http_request *r) {
   cancel_http_server *s = r->srv;
   /* The whole request is in: its read deadline ends, unless it passed
    * first (then the sweeper is closing the connection). */
-  if (!read_deadline_set(conn_ctx_of(r->conn), CANCEL_NEVER, NULL))
+  if (!read_deadline_set(r->cc, CANCEL_NEVER, NULL))
     return MHD_NO;
   if (ld_acquire(&s->stopping_flag)) {
     r->close_conn = true;
@@ -966,8 +1051,12 @@ static enum MHD_Result dispatch(cancel_http_request *r) {
   if (r->too_large)
     return answer_now(r, 413, "request body too large\n");
   r->pathbuf = malloc(strlen(r->url) + 1);
-  if (r->pathbuf == NULL)
+  if (r->pathbuf == NULL) {
+    r->log_status = 500;
+    r->level = CANCEL_LOG_ERROR;
+    snprintf(r->error, sizeof r->error, "no memory for the path");
     return MHD_NO;
+  }
   bool other;
   char allow[128];
   r->route = find_route(r, &other, allow, sizeof allow);
@@ -986,6 +1075,7 @@ static enum MHD_Result dispatch(cancel_http_request *r) {
     teardown_sources(r);
     return answer_now(r, 503, "out of memory\n");
   }
+  conn_begin(r);
   MHD_suspend_connection(r->conn);
   r->state = REQ_QUEUED;
   r->dispatched = true;
@@ -1001,6 +1091,65 @@ static enum MHD_Result dispatch(cancel_http_request *r) {
   return MHD_YES;
 }
 
+/* Only a stopper waits on done_cv: waking the idle pool threads on every
+ * request cost more than the request.  Sequentially consistent with the
+ * stopper's store of stopping_waits and its loads of the counters: one of
+ * the two sees the other's write, so no wake-up is lost. */
+static void wake_stopper(cancel_http_server *s) {
+  if (__atomic_load_n(&s->stopping_waits, __ATOMIC_SEQ_CST)) {
+    pthread_mutex_lock(&s->mu);
+    pthread_cond_signal(&s->done_cv);
+    pthread_mutex_unlock(&s->mu);
+  }
+}
+
+static void active(cancel_http_server *s) {
+  __atomic_store_n(&s->last_active, cancel_now(), __ATOMIC_RELAXED);
+}
+
+/* A request starts when its request line is read: from then on it is
+ * open (a graceful stop waits for it), it gets one access line whatever
+ * happens, and the method is "-" until the headers are in. */
+static cancel_http_request *new_request(cancel_http_server *s,
+                                        struct MHD_Connection *conn,
+                                        const char *url) {
+  cancel_http_request *r = calloc(1, sizeof *r);
+  if (r == NULL)
+    return NULL;
+  r->srv = s;
+  r->conn = conn;
+  r->id = __atomic_add_fetch(&s->next_id, 1, __ATOMIC_RELAXED);
+  r->t0 = cancel_now();
+  r->method = "-";
+  r->url = url != NULL ? url : "-";
+  r->after_cancel_ms = -1;
+  r->level = CANCEL_LOG_INFO;
+  r->cc = conn_ctx_of(conn);
+  __atomic_add_fetch(&s->open, 1, __ATOMIC_SEQ_CST);
+  active(s);
+  return r;
+}
+
+/* libmicrohttpd's URI log callback (MHD_OPTION_URI_LOG_CALLBACK, the one
+ * callback of the request line): the request line is in, the headers may
+ * still be on their way.  On a keep-alive connection this starts the next
+ * request's header time (its first request's counts from the accept);
+ * and the request starts here (new_request).  Returns the request, which
+ * on_access gets as its context, or NULL without memory (on_access tries
+ * once more). */
+static void *on_request_line(void *cls, const char *uri,
+                             struct MHD_Connection *conn) {
+  cancel_http_server *s = cls;
+  struct conn_ctx *c = conn_ctx_of(conn);
+  if (c != NULL) {
+    c->bad_escape = false; /* the unescaper runs next, for this request */
+    if (c->requests++ > 0)
+      (void)read_deadline_set(c, deadline_in(s->o.header_timeout_ns),
+                              "headers");
+  }
+  return new_request(s, conn, uri);
+}
+
 static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn,
                                  const char *url, const char *method,
                                  const char *version, const char *upload,
@@ -1008,25 +1157,26 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn,
   cancel_http_server *s = cls;
   cancel_http_request *r = *con_cls;
   if (r == NULL) {
-    r = calloc(1, sizeof *r);
+    /* on_request_line had no memory for it: once more. */
+    r = new_request(s, conn, url);
     if (r == NULL)
       return MHD_NO;
-    r->srv = s;
-    r->conn = conn;
-    r->id = __atomic_add_fetch(&s->next_id, 1, __ATOMIC_RELAXED);
-    r->t0 = cancel_now();
+    *con_cls = r;
+  }
+  if (!r->seen) {
+    /* The headers are in.  libmicrohttpd's strings, valid until the
+     * request ends (on_request_line's uri is the same buffer, decoded
+     * in place). */
+    r->seen = true;
     r->method = method;
     r->url = url;
-    r->after_cancel_ms = -1;
-    *con_cls = r;
-    /* The headers are in: the body's time starts. */
-    if (!read_deadline_set(conn_ctx_of(conn), deadline_in(s->o.body_timeout_ns),
-                           "body"))
+    /* The body's time starts. */
+    if (!read_deadline_set(r->cc, deadline_in(s->o.body_timeout_ns), "body"))
       return MHD_NO;
     const char *why = NULL;
     unsigned st = check_request(r, version, &why);
     if (st != 0) {
-      (void)read_deadline_set(conn_ctx_of(conn), CANCEL_NEVER, NULL);
+      (void)read_deadline_set(r->cc, CANCEL_NEVER, NULL);
       snprintf(r->error, sizeof r->error, "bad request: %s", why);
       r->close_conn = true; /* where the request ends is in doubt */
       return answer_now(r, st,
@@ -1044,13 +1194,18 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn,
   if (*upload_size > 0) {
     size_t n = *upload_size;
     *upload_size = 0;
+    active(s); /* a body arriving holds a graceful stop */
     if (r->too_large || r->body_len + n > r->srv->o.max_body) {
       r->too_large = true;
       return MHD_YES; /* read and drop the rest, answer 413 at the end */
     }
     char *b = realloc(r->body, r->body_len + n + 1);
-    if (b == NULL)
+    if (b == NULL) {
+      r->log_status = 500;
+      r->level = CANCEL_LOG_ERROR;
+      snprintf(r->error, sizeof r->error, "no memory for the body");
       return MHD_NO;
+    }
     memcpy(b + r->body_len, upload, n);
     r->body = b;
     r->body_len += n;
@@ -1075,6 +1230,43 @@ static void free_request(cancel_http_request *r) {
   free(r);
 }
 
+/* The status in the access line of a request that ended before the
+ * server answered it (see the header).  `cut`: the sweeper cut the
+ * connection because the request's header or body time passed; the
+ * termination code then only says that libmicrohttpd read the end of the
+ * stream, as for a client that left. */
+static unsigned cut_short_status(struct MHD_Connection *conn,
+                                 enum MHD_RequestTerminationCode tc, bool cut) {
+  if (cut)
+    return 408; /* the client was too slow to send it: we cut it */
+  switch (tc) {
+  case MHD_REQUEST_TERMINATED_COMPLETED_OK: {
+    /* libmicrohttpd answered it itself: a malformed request. */
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(conn, MHD_CONNECTION_INFO_HTTP_STATUS);
+    return ci != NULL && ci->http_status >= 100 ? ci->http_status : 400;
+  }
+  case MHD_REQUEST_TERMINATED_TIMEOUT_REACHED:
+    return 408; /* nothing moved for idle_timeout_ns: libmicrohttpd cut it */
+  case MHD_REQUEST_TERMINATED_DAEMON_SHUTDOWN: {
+    /* The stop closed it while it was being read: a client still there
+     * was refused (503); one that had left already (libmicrohttpd 0.9.75
+     * can miss a close that comes with the last bytes) is told by its
+     * socket. */
+    const union MHD_ConnectionInfo *fi =
+        MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+    struct pollfd p = {.fd = fi != NULL ? fi->connect_fd : -1,
+                       .events = POLLRDHUP};
+    return p.fd >= 0 && poll(&p, 1, 0) == 1 &&
+                   (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0
+               ? 400
+               : 503;
+  }
+  default:
+    return 400; /* the client left with its request unfinished */
+  }
+}
+
 static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
                          enum MHD_RequestTerminationCode tc) {
   cancel_http_server *s = cls;
@@ -1088,18 +1280,27 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     return;
   *con_cls = NULL;
   if (r->state != REQ_DONE) {
-    /* Ended before we answered (a malformed request, a client that left
-     * while sending its body): libmicrohttpd answered or closed. */
-    r->log_status = tc == MHD_REQUEST_TERMINATED_COMPLETED_OK ? 400 : 499;
-  } else if (r->log_status == 0) {
-    r->log_status = r->status;
-  }
-  if (tc != MHD_REQUEST_TERMINATED_COMPLETED_OK && !r->no_response &&
-      r->state == REQ_DONE)
-    r->log_status = 499; /* the answer could not be delivered */
-  if (cut && r->state != REQ_DONE) {
-    r->log_status = 408; /* the body did not come in time: we cut it */
-    r->level = CANCEL_LOG_INFO;
+    if (r->log_status == 0)
+      r->log_status = cut_short_status(conn, tc, cut);
+  } else if (r->no_response) {
+    r->log_status = 499; /* the client left while BUSY (conn_end) */
+  } else {
+    if (r->log_status == 0)
+      r->log_status = r->status;
+    /* A handler's answer that could not be delivered: the client left
+     * after the handler was done.  The request was still in progress, so
+     * it is cancelled now, once: 499 and one "client gone" counted.  (A
+     * source the drain fired first keeps its reason and the status.) */
+    if (tc != MHD_REQUEST_TERMINATED_COMPLETED_OK &&
+        tc != MHD_REQUEST_TERMINATED_DAEMON_SHUTDOWN && r->busy &&
+        cancel_source_cancel_with(r->cc->src, CANCEL_CLIENT_GONE,
+                                  "answer not delivered") == 1) {
+      r->log_status = 499;
+      cancel_reason why;
+      if (r->cancel_fields[0] == '\0' &&
+          cancel_token_reason(cancel_source_token(r->cc->src), &why) == 1)
+        cancel_logfmt_reason(r->cancel_fields, sizeof r->cancel_fields, &why);
+    }
   }
   if (cancel_log_enabled(r->level)) {
     /* Method and path are the client's bytes: quoted (a TAB or a quote in
@@ -1130,15 +1331,11 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
   }
   bool counted = r->dispatched;
   free_request(r);
-  if (counted) {
-    pthread_mutex_lock(&s->mu);
-    __atomic_sub_fetch(&s->in_flight, 1, __ATOMIC_RELAXED);
-    /* Only a stopper cares, and only it waits there: waking the idle pool
-     * threads on every request cost more than the request. */
-    if (s->stopping_waits)
-      pthread_cond_signal(&s->done_cv);
-    pthread_mutex_unlock(&s->mu);
-  }
+  if (counted)
+    __atomic_sub_fetch(&s->in_flight, 1, __ATOMIC_SEQ_CST);
+  __atomic_sub_fetch(&s->open, 1, __ATOMIC_SEQ_CST);
+  active(s);
+  wake_stopper(s);
 }
 
 static void on_connection(void *cls, struct MHD_Connection *conn,
@@ -1146,6 +1343,8 @@ static void on_connection(void *cls, struct MHD_Connection *conn,
                           enum MHD_ConnectionNotificationCode code) {
   cancel_http_server *s = cls;
   if (code == MHD_CONNECTION_NOTIFY_STARTED) {
+    __atomic_add_fetch(&s->nconns, 1, __ATOMIC_SEQ_CST);
+    active(s);
     /* The source and the watch come with the first request: a connection
      * that never sends one costs an allocation and its read deadline. */
     struct conn_ctx *c = calloc(1, sizeof *c);
@@ -1164,25 +1363,75 @@ static void on_connection(void *cls, struct MHD_Connection *conn,
   }
   struct conn_ctx *c = *socket_context;
   *socket_context = NULL;
-  if (c == NULL)
-    return;
-  if (c->listed)
-    conn_list_del(s, c);
-  if (read_was_cut(c)) {
-    char name[96], srv[64], client[112];
-    client_name(conn, name, sizeof name);
-    cancel_logfmt_quote(srv, sizeof srv, s->o.name);
-    cancel_logfmt_quote(client, sizeof client, name + 7);
-    cancel_log(CANCEL_LOG_INFO, "http", "request read timed out",
-               "server=%s client=%s phase=\"%s\" waited_ms=%.0f", srv,
-               client, c->read_phase,
-               (double)(cancel_now() - c->read_since) / 1e6);
+  if (c != NULL) {
+    if (c->listed)
+      conn_list_del(s, c);
+    if (read_was_cut(c)) {
+      char name[96], srv[64], client[112];
+      client_name(conn, name, sizeof name);
+      cancel_logfmt_quote(srv, sizeof srv, s->o.name);
+      cancel_logfmt_quote(client, sizeof client, name + 7);
+      cancel_log(CANCEL_LOG_INFO, "http", "request read timed out",
+                 "server=%s client=%s phase=\"%s\" waited_ms=%.0f", srv, client,
+                 c->read_phase, (double)(cancel_now() - c->read_since) / 1e6);
+    }
+    /* Waits for a callback running on the reactor: c is ours after. */
+    if (c->watching)
+      (void)cancel_unwatch(&c->watch);
+    cancel_source_unref(c->src);
+    free(c);
   }
-  if (c->watching)
-    (void)cancel_unwatch(&c->watch);
-  cancel_source_unref(c->src);
-  free(c);
+  __atomic_sub_fetch(&s->nconns, 1, __ATOMIC_SEQ_CST);
+  wake_stopper(s);
 }
+
+/* The level of one of libmicrohttpd's own messages, by what it means.  A
+ * client that left, timed out or sent something malformed is a normal
+ * event of a server on a network (the access line tells it already):
+ * debug.  Resource exhaustion and failures of the machinery (accept,
+ * memory, threads, epoll) are the operator's business: warn or error.
+ * A message not listed stays a warning. */
+static const struct {
+  const char *prefix;
+  int level;
+} mhd_levels[] = {
+    /* Ours: refusing a resumed connection is how we close it for a client
+     * that left (libmicrohttpd calls that an internal error). */
+    {"Application reported internal error", CANCEL_LOG_DEBUG},
+    /* The client left, or its connection failed. */
+    {"Socket has been disconnected", CANCEL_LOG_DEBUG},
+    {"Connection socket is closed", CANCEL_LOG_DEBUG},
+    {"Connection was closed by remote side", CANCEL_LOG_DEBUG},
+    {"The connection was forcibly closed", CANCEL_LOG_DEBUG},
+    {"The socket is no longer available", CANCEL_LOG_DEBUG},
+    {"The socket is not connected", CANCEL_LOG_DEBUG},
+    {"Failed to send data in request", CANCEL_LOG_DEBUG},
+    {"Failed to send the response", CANCEL_LOG_DEBUG},
+    {"Failed to send the chunked response", CANCEL_LOG_DEBUG},
+    {"Failed to send the footers", CANCEL_LOG_DEBUG},
+    {"Failed to push the data from buffers", CANCEL_LOG_DEBUG},
+    {"Too late to send an error response", CANCEL_LOG_DEBUG},
+    {"Too late for error response", CANCEL_LOG_DEBUG},
+    /* The client sent something malformed or too large: answered 4xx. */
+    {"Error processing request", CANCEL_LOG_DEBUG},
+    {"Received HTTP/1.1 request without", CANCEL_LOG_DEBUG},
+    {"Too large value of 'Content-Length'", CANCEL_LOG_DEBUG},
+    {"Failed to parse `Content-Length'", CANCEL_LOG_DEBUG},
+    {"Not enough memory in pool to", CANCEL_LOG_DEBUG},
+    {"Refused wrong status code", CANCEL_LOG_ERROR},
+    {"Wrong status code", CANCEL_LOG_ERROR},
+    /* Limits and exhaustion: the service is refusing work. */
+    {"Server reached connection limit", CANCEL_LOG_WARN},
+    {"Hit process or system resource limit", CANCEL_LOG_ERROR},
+    {"Error accepting connection", CANCEL_LOG_ERROR},
+    {"Error allocating memory", CANCEL_LOG_ERROR},
+    {"Closing connection (out of memory)", CANCEL_LOG_ERROR},
+    {"Not enough system resources", CANCEL_LOG_ERROR},
+    {"Failed to create", CANCEL_LOG_ERROR},
+    {"Call to epoll", CANCEL_LOG_ERROR},
+    {"Failed to signal", CANCEL_LOG_ERROR},
+    {"Internal server error", CANCEL_LOG_ERROR},
+};
 
 static void on_mhd_log(void *cls, const char *fmt, va_list ap) {
   (void)cls;
@@ -1193,11 +1442,12 @@ static void on_mhd_log(void *cls, const char *fmt, va_list ap) {
     msg[--n] = '\0';
   char q[300];
   cancel_logfmt_quote(q, sizeof q, msg);
-  /* Refusing a resumed connection is how we close it for a client that
-   * left: libmicrohttpd calls that an internal error; it is not one. */
-  int level = strstr(msg, "Application reported internal error") != NULL
-                  ? CANCEL_LOG_DEBUG
-                  : CANCEL_LOG_WARN;
+  int level = CANCEL_LOG_WARN;
+  for (size_t i = 0; i < sizeof mhd_levels / sizeof mhd_levels[0]; i++)
+    if (strncmp(msg, mhd_levels[i].prefix, strlen(mhd_levels[i].prefix)) == 0) {
+      level = mhd_levels[i].level;
+      break;
+    }
   cancel_log(level, "http", "libmicrohttpd", "detail=%s", q);
 }
 
@@ -1417,6 +1667,26 @@ size_t cancel_http_server_in_flight(const cancel_http_server *s) {
   return s != NULL ? __atomic_load_n(&s->in_flight, __ATOMIC_RELAXED) : 0;
 }
 
+/* Hands the connections waiting in the quiesced listen socket's queue to
+ * the daemon, which answers their requests 503 with Connection: close
+ * (stopping_flag). */
+static void hand_over(cancel_http_server *s) {
+  for (;;) {
+    struct sockaddr_storage sa;
+    socklen_t salen = sizeof sa;
+    int fd = accept4(s->lfd, (struct sockaddr *)&sa, &salen,
+                     SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0)
+      return;
+    /* On failure libmicrohttpd closes fd itself. */
+    if (MHD_add_connection(s->d, fd, (struct sockaddr *)&sa, salen) ==
+        MHD_YES) {
+      s->handed = true;
+      active(s);
+    }
+  }
+}
+
 int cancel_http_server_stop(cancel_http_server *s, int64_t deadline) {
   if (s == NULL || (s->state != SRV_RUNNING && s->state != SRV_STUCK))
     return -EINVAL;
@@ -1427,23 +1697,28 @@ int cancel_http_server_stop(cancel_http_server *s, int64_t deadline) {
   if (s->state == SRV_RUNNING) {
     s->lfd = MHD_quiesce_daemon(s->d);
     if (s->lfd != MHD_INVALID_SOCKET) {
-      /* Connections the kernel accepted already wait in the listen queue:
-       * hand them to the daemon, which answers them 503 with Connection:
-       * close (stopping_flag).  Then shut the socket down: it stops
-       * listening (later connections are refused, not queued and reset)
-       * while its descriptor stays valid for the daemon's thread. */
+      /* A filter that drops new handshakes (SYN without ACK) while the
+       * ones under way complete: the listen queue stops growing, and what
+       * is in it is handed to the daemon (hand_over) until the end of the
+       * wait below, then the socket is shut down.  Without the filter, a
+       * connection the kernel completes between the last accept and the
+       * shutdown is reset, with the request its client may have sent on
+       * it already.  A client whose SYN was dropped is refused when it
+       * tries again.  If the filter cannot be set: shut down now. */
+      struct sock_filter syn_drop[] = {
+          BPF_STMT(BPF_LD | BPF_B | BPF_ABS, 13), /* TCP flags */
+          BPF_STMT(BPF_ALU | BPF_AND | BPF_K, 0x12),
+          BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0x02, 0, 1),
+          BPF_STMT(BPF_RET | BPF_K, 0),
+          BPF_STMT(BPF_RET | BPF_K, 0xffffffffu),
+      };
+      struct sock_fprog prog = {.len = 5, .filter = syn_drop};
+      s->filtered = setsockopt(s->lfd, SOL_SOCKET, SO_ATTACH_FILTER, &prog,
+                               sizeof prog) == 0;
       fcntl(s->lfd, F_SETFL, fcntl(s->lfd, F_GETFL) | O_NONBLOCK);
-      for (;;) {
-        struct sockaddr_storage sa;
-        socklen_t salen = sizeof sa;
-        int fd = accept4(s->lfd, (struct sockaddr *)&sa, &salen,
-                         SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (fd < 0)
-          break;
-        /* On failure libmicrohttpd closes fd itself. */
-        (void)MHD_add_connection(s->d, fd, (struct sockaddr *)&sa, salen);
-      }
-      (void)shutdown(s->lfd, SHUT_RDWR);
+      hand_over(s);
+      if (!s->filtered)
+        (void)shutdown(s->lfd, SHUT_RDWR);
     }
   }
   int64_t t0 = cancel_now();
@@ -1458,25 +1733,56 @@ int cancel_http_server_stop(cancel_http_server *s, int64_t deadline) {
                  ? 0.0
                  : (double)s->o.drain_timeout_ns / 1e6);
 
-  /* Wait for every request in flight to be answered. */
+  /* Wait until every request handed to a handler has been answered, and
+   * every connection is closed or quiet.  Each request that comes on an
+   * open connection meanwhile is answered 503 with Connection: close,
+   * which closes it; MHD_stop_daemon then closes only connections that
+   * had nothing happen for KEEPALIVE_GRACE (no request started or ended,
+   * no body bytes, no connection opened), so that none is closed under a
+   * request that is arriving or was just sent.  A request stuck in its
+   * headers that long (a client gone without libmicrohttpd seeing it, or
+   * one sending a byte at a time) does not hold the stop. */
   bool timed_out = false;
   pthread_mutex_lock(&s->mu);
-  s->stopping_waits = true;
-  while (s->in_flight > 0) {
-    if (deadline == CANCEL_NEVER) {
-      pthread_cond_wait(&s->done_cv, &s->mu);
-      continue;
+  __atomic_store_n(&s->stopping_waits, true, __ATOMIC_SEQ_CST);
+  for (;;) {
+    if (s->filtered) {
+      pthread_mutex_unlock(&s->mu);
+      hand_over(s);
+      pthread_mutex_lock(&s->mu);
     }
-    struct timespec ts = cancel__timespec_at(deadline);
-    if (pthread_cond_timedwait(&s->done_cv, &s->mu, &ts) == ETIMEDOUT &&
-        s->in_flight > 0) {
+    int64_t now = cancel_now(), wake = deadline;
+    if (__atomic_load_n(&s->in_flight, __ATOMIC_SEQ_CST) == 0) {
+      /* Connections handed over from the listen queue may not have
+       * reached on_connection yet: they count as open for one grace. */
+      if (__atomic_load_n(&s->nconns, __ATOMIC_SEQ_CST) == 0 && !s->handed)
+        break;
+      int64_t quiet = cancel__add_sat(
+          __atomic_load_n(&s->last_active, __ATOMIC_RELAXED), KEEPALIVE_GRACE);
+      if (now >= quiet)
+        break;
+      if (quiet < wake)
+        wake = quiet;
+    }
+    if (now >= deadline) {
       timed_out = true;
       break;
     }
+    if (wake == CANCEL_NEVER) {
+      pthread_cond_wait(&s->done_cv, &s->mu);
+      continue;
+    }
+    struct timespec ts = cancel__timespec_at(wake);
+    (void)pthread_cond_timedwait(&s->done_cv, &s->mu, &ts);
   }
-  size_t left = s->in_flight, running = s->running;
-  s->stopping_waits = false;
+  size_t left = __atomic_load_n(&s->open, __ATOMIC_SEQ_CST),
+         running = s->running;
+  __atomic_store_n(&s->stopping_waits, false, __ATOMIC_SEQ_CST);
   pthread_mutex_unlock(&s->mu);
+  if (s->filtered) {
+    (void)shutdown(s->lfd, SHUT_RDWR);
+    s->filtered = false;
+  }
   if (timed_out && running > 0) {
     /* Handlers that ignore their tokens still hold connections: the
      * daemon must stay up for them (see the header). */
@@ -1486,6 +1792,11 @@ int cancel_http_server_stop(cancel_http_server *s, int64_t deadline) {
                srv, running, left, (double)(cancel_now() - t0) / 1e6);
     return -ETIMEDOUT;
   }
+  if (left > 0)
+    /* Requests still being read (a client too slow to finish sending, or
+     * gone unseen): closed by the daemon's stop, logged 503 or 400. */
+    cancel_log(CANCEL_LOG_INFO, "http", "stop closes unfinished requests",
+               "server=%s requests=%zu", srv, left);
   pool_stop(s);
   MHD_stop_daemon(s->d);
   s->d = NULL;
