@@ -31,6 +31,8 @@ CTEST_FLAGS ?= --output-on-failure -j2 --no-tests=error
 DEPS_CHECK := build-essential cmake pkg-config libcmocka-dev valgrind libuv1-dev \
               libsqlite3-dev libcurl4-openssl-dev libpq-dev postgresql \
               libmicrohttpd-dev curl wrk perl prometheus
+# spin: the model check of the registration protocol (tests/model).
+DEPS_CHECK += spin
 # node may come from outside Debian: only ask for nodejs when none is found.
 DEPS_BENCH := golang-go g++ $(if $(shell command -v node),,nodejs)
 DEPS_FORMAT := clang-format
