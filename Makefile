@@ -36,6 +36,8 @@ DEPS_CHECK := build-essential cmake pkg-config libcmocka-dev valgrind libuv1-dev
               libsqlite3-dev libcurl4-openssl-dev libpq-dev postgresql \
               libmicrohttpd-dev curl wrk perl prometheus \
               libjansson-dev jq clang libclang-rt-14-dev
+# spin: the model check of the registration protocol (tests/model).
+DEPS_CHECK += spin
 # node may come from outside Debian: only ask for nodejs when none is found.
 DEPS_BENCH := golang-go g++ $(if $(shell command -v node),,nodejs)
 DEPS_FORMAT := clang-format
