@@ -244,7 +244,8 @@ int cancel__reactor_watch_del(struct cancel__fdwatch *w);
  * storage, and the next wait (or thread exit) lets it land first.  That
  * saves a second wake-up per cancellation. */
 struct cancel__waiter {
-  uint32_t woken;     /* futex word; 1 once the callback is done */
+  uint32_t woken;     /* 1 once the callback is done (a sleep waits on the
+                         token's state word, see wait.c) */
   int efd;            /* eventfd for descriptor waits, -1 until needed */
   bool keyed;         /* the thread-exit destructor is armed */
   cancel_reg reg;     /* the wait's registration */

@@ -1,14 +1,16 @@
 /*
  * The wake primitive and the basic waits.
  *
- * Each thread has one waiter: a futex word for pure waits (sleeps) and,
- * created the first time the thread waits on descriptors, one eventfd that
- * is polled next to them.  A wait registers a callback on the token that
- * sets the word (or writes the eventfd) and wakes the thread, blocks, and
- * unregisters before it returns: cancel_unregister() waits for a callback
- * running on another thread, so a late wake-up can never reach the next
- * wait.  Nothing is allocated and no descriptor is created per token or
- * per wait.
+ * Each thread has one waiter: a word its wait's callback sets when done
+ * (the futex a sleep on the NULL token sleeps on; a sleep on a token
+ * sleeps on the token's own state word, shared by all its sleepers: see
+ * wake_futex) and, created the first time the thread waits on
+ * descriptors, one eventfd that is polled next to them.  A wait registers
+ * a callback on the token that sets the word (or writes the eventfd) and
+ * wakes the thread, blocks, and unregisters before it returns:
+ * cancel_unregister() waits for a callback running on another thread, so
+ * a late wake-up can never reach the next wait.  Nothing is allocated and
+ * no descriptor is created per token or per wait.
  */
 #define _GNU_SOURCE
 #include "internal.h"
@@ -115,10 +117,24 @@ int cancel__wait_end(struct cancel__waiter *w) {
 
 /* ---- Waking ----------------------------------------------------------- */
 
+/* The sleepers of a token all sleep on one futex word, the token's own
+ * state word, rather than each on its own: the kernel finds a futex's
+ * waiters by walking a hash bucket, and since Linux 6.16 a process's
+ * private futexes share a table sized by the CPU count (16 buckets on two
+ * CPUs), whatever the number of threads.  Waking 30,000 sleepers one word
+ * each walked a bucket of ~1,900 waiters 30,000 times (7-10 s); waking
+ * them all on one word is one walk, and the later callbacks of the same
+ * cancel find the bucket empty (the woken sleepers unregister themselves
+ * meanwhile, so the canceller has fewer callbacks to run).  cancel__fire
+ * publishes ST_CANCELLED before it runs the first callback, so a sleeper
+ * that compares the word after that store does not sleep, and one queued
+ * before it is woken here. */
 static void wake_futex(void *arg) {
   struct cancel__waiter *w = arg;
+  /* Read before `woken` is published: after it, w may be reused. */
+  uint32_t *word = &w->reg.src->tok.state;
   cancel__wait_done(w);
-  cancel__futex_wake_all(&w->woken); /* by address only */
+  cancel__futex_wake_all(word); /* the source is alive: it is firing */
 }
 
 static void wake_efd(void *arg) {
@@ -168,12 +184,19 @@ int cancel_sleep_until(const cancel_token *tok, int64_t deadline) {
   if (cancel__wait_begin(w, tok, wake_futex, "cancel_sleep") == 1)
     return -ECANCELED;
   struct timespec ts = cancel__abs_timespec(deadline);
-  while (!ld_acquire(&w->woken)) {
+  /* The token's state word (see wake_futex), or for the NULL token, which
+   * nothing wakes, the thread's own word. */
+  uint32_t *word = tok != NULL ? (uint32_t *)&tok->state : &w->woken;
+  for (;;) {
+    uint32_t v = ld_acquire(word);
+    if ((v & ST_CANCELLED) || ld_acquire(&w->woken))
+      break;
     if (deadline != CANCEL_NEVER && cancel_now() >= deadline)
       break;
-    /* FUTEX_WAIT_BITSET takes an absolute CLOCK_MONOTONIC deadline:
+    /* FUTEX_WAIT_BITSET takes an absolute CLOCK_MONOTONIC deadline.  A
+     * word that changed meanwhile (the source lock taken or released),
      * EINTR and spurious returns just go round the loop. */
-    syscall(SYS_futex, &w->woken, FUTEX_WAIT_BITSET | FUTEX_PRIVATE_FLAG, 0,
+    syscall(SYS_futex, word, FUTEX_WAIT_BITSET | FUTEX_PRIVATE_FLAG, v,
             deadline == CANCEL_NEVER ? NULL : &ts, NULL,
             FUTEX_BITSET_MATCH_ANY);
   }
