@@ -405,7 +405,9 @@ CANCEL_API size_t cancel_shields_open(void);
  * signal never ends a wait early.  A blocked thread is woken through a
  * per-thread primitive (a futex, or one eventfd per thread for descriptor
  * waits) registered on the token for the duration of the wait: no
- * descriptor and no allocation per token or per wait.
+ * descriptor and no allocation per token or per wait.  cancel_sleep
+ * sleeps on the token's own futex word, shared by all its sleepers, so
+ * that one cancel wakes ten thousand of them in linear time.
  * ====================================================================== */
 
 /* Sleeps for ns (>= 0), or until `deadline`.  Returns 0 when the time is
