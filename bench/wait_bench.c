@@ -28,6 +28,18 @@
  * the timed region) with a live token, next to plain read(2) on the same
  * pipe (impl plain).  Measured with the loop in bench.h.
  *
+ * cancel_wake_10000_threads, in milliseconds: 10,000 threads (64 KiB
+ * stacks) are asleep in cancel_sleep on one token; a sample is the time
+ * from just before the cancel to the last of them having returned
+ * -ECANCELED (each counts itself out, the last wakes the main thread,
+ * and they exit only after the sample).
+ * Next to it, impl futex_floor: the same threads each in FUTEX_WAIT on a
+ * word of its own, woken one FUTEX_WAKE each by the main thread (what a
+ * wake of every thread costs the kernel, with no library around it).
+ * BENCH_WAKE_THREADS=10000,20000,30000 adds cancel_wake_<n>_threads rows
+ * for other counts.  A count the system refuses (pthread_create: EAGAIN,
+ * ulimit -u, vm.max_map_count) prints n/a.
+ *
  * Environment: BENCH_QUICK=1 (10x fewer samples, smaller batches),
  * BENCH_ONLY=wake_latency_cond,poll_overhead (a scenario's p50 or p99 name
  * selects it too).
@@ -392,6 +404,167 @@ static void poll_overhead(const cancel_token *tok) {
 }
 
 /* ======================================================================
+ * cancel_wake_<n>_threads
+ * ====================================================================== */
+
+#define MASS_STACK (64 * 1024)
+#define MASS_ROUNDS 3 /* samples per count and impl (the median is kept) */
+
+struct mass {
+  const cancel_token *tok; /* NULL: the futex floor */
+  uint32_t *words;         /* the floor's words, one per thread */
+  int *tids;               /* atomic: each thread's kernel id */
+  uint32_t started;        /* atomic: threads that are about to block */
+  uint32_t left;           /* atomic futex word: threads not yet returned */
+  uint32_t release;        /* atomic futex word: 1 once they may exit */
+  uint32_t bad;            /* atomic: waits that did not return -ECANCELED */
+};
+
+struct mass_arg {
+  struct mass *m;
+  uint32_t i;
+};
+
+static void *mass_main(void *p) {
+  struct mass_arg *a = p;
+  struct mass *m = a->m;
+  __atomic_store_n(&m->tids[a->i], (int)syscall(SYS_gettid), __ATOMIC_RELAXED);
+  __atomic_add_fetch(&m->started, 1, __ATOMIC_RELEASE);
+  if (m->tok != NULL) {
+    if (cancel_sleep(m->tok, WAIT_LIMIT) != -ECANCELED)
+      __atomic_add_fetch(&m->bad, 1, __ATOMIC_RELAXED);
+  } else {
+    uint32_t *w = &m->words[a->i];
+    while (__atomic_load_n(w, __ATOMIC_ACQUIRE) == 0)
+      syscall(SYS_futex, w, FUTEX_WAIT_PRIVATE, 0, NULL, NULL, 0);
+  }
+  if (__atomic_sub_fetch(&m->left, 1, __ATOMIC_ACQ_REL) == 0)
+    syscall(SYS_futex, &m->left, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+  /* Thread exit (freeing the stack: madvise, TLB shootdowns) is not part
+   * of the wake-up: the threads wait until every one has been counted. */
+  while (__atomic_load_n(&m->release, __ATOMIC_ACQUIRE) == 0)
+    syscall(SYS_futex, &m->release, FUTEX_WAIT_PRIVATE, 0, NULL, NULL, 0);
+  return NULL;
+}
+
+/* One sample: n threads blocked, then woken.  Returns the ns from the
+ * cancel (or the first wake) to the last thread's return, 0 when the
+ * system could not start n threads, and dies on a wrong result. */
+static int64_t mass_sample(uint32_t n, bool floor) {
+  struct mass m = {0};
+  pthread_t *th = calloc(n, sizeof *th);
+  struct mass_arg *args = calloc(n, sizeof *args);
+  m.tids = calloc(n, sizeof *m.tids);
+  m.words = floor ? calloc(n, sizeof *m.words) : NULL;
+  if (th == NULL || args == NULL || m.tids == NULL || (floor && !m.words))
+    bench_die("calloc", -ENOMEM);
+  cancel_source src;
+  int rc = cancel_source_init(&src, "bench-mass");
+  if (rc != 0)
+    bench_die("cancel_source_init", rc);
+  m.tok = floor ? NULL : cancel_source_token(&src);
+  m.left = n;
+  pthread_attr_t attr;
+  pthread_attr_init(&attr);
+  pthread_attr_setstacksize(&attr, MASS_STACK);
+  uint32_t made = 0;
+  for (; made < n; made++) {
+    args[made].m = &m;
+    args[made].i = made;
+    if (pthread_create(&th[made], &attr, mass_main, &args[made]) != 0)
+      break;
+  }
+  pthread_attr_destroy(&attr);
+  int64_t t = 0;
+  if (made == n) {
+    await_word(&m.started, n, "mass: threads did not start");
+    for (uint32_t i = 0; i < n; i++) {
+      int64_t t0 = cancel_now();
+      while (!thread_asleep(__atomic_load_n(&m.tids[i], __ATOMIC_RELAXED))) {
+        sched_yield();
+        if (cancel_now() - t0 > WAIT_LIMIT)
+          bench_die("mass: a thread never fell asleep", (int)i);
+      }
+    }
+    int64_t t0 = cancel_now();
+    if (floor) {
+      for (uint32_t i = 0; i < n; i++) {
+        __atomic_store_n(&m.words[i], 1, __ATOMIC_RELEASE);
+        syscall(SYS_futex, &m.words[i], FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+      }
+    } else if ((rc = cancel_source_cancel(&src)) != 1) {
+      bench_die("cancel_source_cancel", rc);
+    }
+    uint32_t v;
+    while ((v = __atomic_load_n(&m.left, __ATOMIC_ACQUIRE)) != 0)
+      syscall(SYS_futex, &m.left, FUTEX_WAIT_PRIVATE, v, NULL, NULL, 0);
+    t = cancel_now() - t0;
+    if (__atomic_load_n(&m.bad, __ATOMIC_RELAXED) != 0)
+      bench_die("mass: waits that did not return -ECANCELED",
+                (int)m.bad);
+  } else {
+    /* Release the ones that started, then report the count as refused. */
+    if (floor)
+      for (uint32_t i = 0; i < made; i++) {
+        __atomic_store_n(&m.words[i], 1, __ATOMIC_RELEASE);
+        syscall(SYS_futex, &m.words[i], FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+      }
+    else
+      cancel_source_cancel(&src);
+  }
+  __atomic_store_n(&m.release, 1, __ATOMIC_RELEASE);
+  syscall(SYS_futex, &m.release, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+  for (uint32_t i = 0; i < made; i++)
+    pthread_join(th[i], NULL);
+  cancel_source_destroy(&src);
+  free(th);
+  free(args);
+  free(m.tids);
+  free(m.words);
+  return t;
+}
+
+static void mass_wake_row(uint32_t n) {
+  char name[64];
+  snprintf(name, sizeof name, "cancel_wake_%u_threads", n);
+  if (!bench_wanted(name) && !bench_wanted("cancel_wake"))
+    return;
+  const int rounds = bench_quick() ? 1 : MASS_ROUNDS;
+  int64_t lib[MASS_ROUNDS], flo[MASS_ROUNDS];
+  bool refused = false;
+  for (int r = 0; r < rounds && !refused; r++) { /* interleaved */
+    lib[r] = mass_sample(n, false);
+    flo[r] = mass_sample(n, true);
+    refused = lib[r] == 0 || flo[r] == 0;
+  }
+  if (refused) {
+    fprintf(stderr, "wait_bench: %s: the system refused %u threads\n", name,
+            n);
+    bench_row_na(name, "libcancel", "ms");
+    bench_row_na(name, "futex_floor", "ms");
+    return;
+  }
+  bench_row(name, "libcancel",
+            (double)bench_percentile(lib, (size_t)rounds, 50) / 1e6, "ms");
+  bench_row(name, "futex_floor",
+            (double)bench_percentile(flo, (size_t)rounds, 50) / 1e6, "ms");
+}
+
+static void mass_wake(void) {
+  mass_wake_row(10000);
+  const char *more = getenv("BENCH_WAKE_THREADS");
+  for (const char *p = more; p != NULL && *p != '\0';) {
+    char *end;
+    unsigned long n = strtoul(p, &end, 10);
+    if (end == p)
+      break;
+    if (n > 0 && n <= 1000000 && n != 10000)
+      mass_wake_row((uint32_t)n);
+    p = *end == ',' ? end + 1 : end;
+  }
+}
+
+/* ======================================================================
  * Driver
  * ====================================================================== */
 
@@ -428,6 +601,7 @@ int main(void) {
   close(fds[1]);
 
   poll_overhead(cancel_source_token(live));
+  mass_wake();
 
   if (cancel_token_is_cancelled(cancel_source_token(live)))
     bench_die("a live token was cancelled", 0);

@@ -441,11 +441,9 @@ CANCEL_API size_t cancel_shields_open(void);
  * signal never ends a wait early.  A blocked thread is woken through a
  * per-thread primitive (a futex, or one eventfd per thread for descriptor
  * waits) registered on the token for the duration of the wait: no
- * descriptor and no allocation per token or per wait.  That eventfd is made
- * by a thread's first descriptor wait (cancel_poll and every call below
- * built on it, and the process waits of cancel/process.h): that wait
- * returns -EMFILE or -ENFILE when no descriptor is left for it, -ENOMEM
- * when the kernel has no memory, and the next wait tries again.
+ * descriptor and no allocation per token or per wait.  cancel_sleep
+ * sleeps on the token's own futex word, shared by all its sleepers, so
+ * that one cancel wakes ten thousand of them in linear time.
  * ====================================================================== */
 
 /* Sleeps for ns (>= 0), or until `deadline`.  Returns 0 when the time is
@@ -594,6 +592,55 @@ CANCEL_API int cancel_thread_join(const cancel_token *tok, cancel_thread *t,
  * is torn down.  Returns the descriptor, -EINVAL (NULL token: it never
  * fires, there is nothing to poll), -EMFILE, -ENFILE, -ENOMEM. */
 CANCEL_API int cancel_token_fd(const cancel_token *tok);
+
+/* ======================================================================
+ * fork()
+ *
+ * The child of fork() has one thread, the one that called fork(), and a
+ * copy of the parent's memory: the library's state comes along as a copy,
+ * and what belonged to the parent's other threads (their stacks and
+ * thread-locals, which the child's next pthread_create() reuses, and the
+ * library's internal thread) does not.  In the child:
+ *
+ *   Sources and tokens are copies, independent from then on: a cancel in
+ *     one process is not seen in the other.  Each keeps its state (fired
+ *     or not, the reason, links, references, deadline).
+ *   Waits: those of the parent's other threads (every wait of this
+ *     header: cancel_sleep, cancel_poll, cancel_read..., cancel_cond_wait,
+ *     cancel_sem_wait, cancel_thread_join) are dropped: their threads do
+ *     not exist, and no cancel in the child reaches their registrations.
+ *     The child's own waits work on every token it holds, old or new.
+ *   Registrations (cancel_register) of the application are copies, still
+ *     registered.  The library cannot tell which thread owned one: a
+ *     registration (or a source) that lived in another thread's memory
+ *     (its stack, its thread-locals) MUST NOT be reached in the child, so
+ *     the child MUST NOT cancel, unregister from or destroy a source that
+ *     such a registration is on.  Heap and static ones are the child's.
+ *   Timers (cancel_source_cancel_after, cancel_source_cancel_at, shields'
+ *     grace periods) armed before fork() are not armed in the child: a
+ *     source keeps its deadline (cancel_token_deadline() and
+ *     cancel_token_remaining() report it), but nothing fires it.  Call
+ *     cancel_source_cancel_at() in the child to have it enforced there.
+ *     Timers the child arms work as in any process (the internal thread
+ *     starts afresh).
+ *   Hang-up watches (cancel/watch.h) are not armed in the child, and the
+ *     signal watch is not watching: see cancel_watch_hangup() and
+ *     cancel_signals_watch() for how the child releases its copies.
+ *   Token descriptors (cancel_token_fd) are the child's own: the same
+ *     number, now an eventfd of the child's, readable once the child's
+ *     copy of the token has fired (at once if it had fired before the
+ *     fork).  Cancels in the parent do not reach it, and the child's do
+ *     not reach the parent's.
+ *   Scopes (cancel/diag.h): only the forking thread's; the child's
+ *     watchdog and metrics see no other.
+ *
+ * Not made safe: a source that another thread was cancelling, registering
+ * on, unregistering from or destroying at the moment of fork() stays as
+ * that thread left it (half-cancelled, or its lock held for good): the
+ * child MUST NOT use it.  POSIX allows only async-signal-safe calls in the
+ * child of a multi-threaded process; the above holds on glibc, where the
+ * child may start threads.  A child that only calls exec needs none of it.
+ * ====================================================================== */
 
 #ifdef __cplusplus
 }

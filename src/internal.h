@@ -158,6 +158,12 @@ void cancel__link_attach(struct cancel__link *link, cancel_source *parent,
 int cancel__reg_remove_locked(cancel_source *src, uint32_t v, cancel_reg *reg);
 void cancel__list_push(cancel_source *src, cancel_reg *reg);
 
+/* After fork(), in the child (one thread): makes reg, a registration that
+ * a thread of the parent owned, as if it had been unregistered: off its
+ * source's list, without the source lock (whoever held it did not come
+ * along), so that no cancel in the child reaches it. */
+void cancel__reg_forget(cancel_reg *reg);
+
 /* Unhooks a link from its parent: waits for its callback if another thread
  * runs it.  Returns the parent if this was the last child of a zombie that
  * must now be torn down, else NULL. */
@@ -254,9 +260,12 @@ int cancel__reactor_watch_del(struct cancel__fdwatch *w);
  * storage, and the next wait (or thread exit) lets it land first.  That
  * saves a second wake-up per cancellation. */
 struct cancel__waiter {
-  uint32_t woken;     /* futex word; 1 once the callback is done */
+  uint32_t woken;     /* 1 once the callback is done (a sleep waits on the
+                         token's state word, see wait.c) */
   int efd;            /* eventfd for descriptor waits, -1 until needed */
   bool keyed;         /* the thread-exit destructor is armed */
+  bool listed;        /* in wait.c's list of every thread's waiter */
+  struct cancel__waiter *next, *prev; /* that list (for fork) */
   cancel_reg reg;     /* the wait's registration */
   void *obj;          /* what the callback wakes (a cond, a sem...) */
   void *obj2;         /* and its mutex, for a condition */

@@ -162,6 +162,15 @@ int cancel__reg_remove_locked(cancel_source *src, uint32_t v, cancel_reg *reg) {
   }
 }
 
+void cancel__reg_forget(cancel_reg *reg) {
+  /* A registration whose callback a thread of the parent was running
+   * stays the source's `running`: that cancel never finishes here. */
+  if ((ld_relaxed(&reg->state) & REG_STATE_MASK) == REG_LISTED &&
+      reg->src != NULL)
+    list_unlink(reg->src, reg);
+  st_relaxed(&reg->state, REG_IDLE);
+}
+
 int cancel_register(cancel_reg *reg, const cancel_token *tok, cancel_fn *fn,
                     void *arg) {
   if (reg == NULL || fn == NULL)

@@ -36,6 +36,10 @@ void cancel__futex_wait(uint32_t *addr, uint32_t expected) {
 
 void cancel__futex_wake_all(uint32_t *addr) {
   /* A private futex wake only uses the address as a key: it is safe even
-   * if the waiter has already returned and reused the memory. */
+   * if the waiter has already returned and reused the memory.  The kernel
+   * walks the whole hash bucket of addr for it (16 buckets per process on
+   * two CPUs, since Linux 6.16): many words with one waiter each, all
+   * woken, cost the square of their number, one word shared by all its
+   * waiters does not (see wait.c, wake_futex). */
   syscall(SYS_futex, addr, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
 }

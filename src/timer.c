@@ -136,6 +136,16 @@ int64_t cancel__timer_run_locked(void) {
 }
 
 void cancel__timer_atfork_child(void) {
+  /* The parent's timers are not armed in the child (cancel.h, "fork()"):
+   * a source in the heap may live in a thread's memory that the child
+   * does not have (a caller-storage source on a worker's stack), and a
+   * timer fired there would write into whatever reuses it.  Their
+   * sources keep their deadlines; the child re-arms what it wants. */
+  for (size_t i = 0; i < heap.len; i++) {
+    heap.v[i]->heap_idx = -1;
+    heap.v[i]->timer_at = CANCEL_NEVER;
+  }
+  heap.len = 0;
   heap.firing = NULL;
   heap.waiters = 0;
 }

@@ -1,14 +1,16 @@
 /*
  * The wake primitive and the basic waits.
  *
- * Each thread has one waiter: a futex word for pure waits (sleeps) and,
- * created the first time the thread waits on descriptors, one eventfd that
- * is polled next to them.  A wait registers a callback on the token that
- * sets the word (or writes the eventfd) and wakes the thread, blocks, and
- * unregisters before it returns: cancel_unregister() waits for a callback
- * running on another thread, so a late wake-up can never reach the next
- * wait.  Nothing is allocated and no descriptor is created per token or
- * per wait.
+ * Each thread has one waiter: a word its wait's callback sets when done
+ * (the futex a sleep on the NULL token sleeps on; a sleep on a token
+ * sleeps on the token's own state word, shared by all its sleepers: see
+ * wake_futex) and, created the first time the thread waits on
+ * descriptors, one eventfd that is polled next to them.  A wait registers
+ * a callback on the token that sets the word (or writes the eventfd) and
+ * wakes the thread, blocks, and unregisters before it returns:
+ * cancel_unregister() waits for a callback running on another thread, so
+ * a late wake-up can never reach the next wait.  Nothing is allocated and
+ * no descriptor is created per token or per wait.
  */
 #define _GNU_SOURCE
 #include "internal.h"
@@ -27,6 +29,13 @@ static pthread_key_t exit_key;
 static bool have_key; /* exit_key was created (exit_setup) */
 static pthread_once_t exit_once = PTHREAD_ONCE_INIT;
 
+/* Every thread's waiter, from its first wait to its exit: the child of a
+ * fork() finds there the registrations of the threads that did not come
+ * along.  Listing and unlisting are a thread's first wait and its exit,
+ * never a wait's path. */
+static pthread_mutex_t waiters_mu = PTHREAD_MUTEX_INITIALIZER;
+static struct cancel__waiter *waiters; /* waiters_mu */
+
 struct cancel__waiter *cancel__waiter_self(void) {
   return &self;
 }
@@ -41,11 +50,29 @@ static void settle(struct cancel__waiter *w) {
   }
 }
 
+static void unlist_locked(struct cancel__waiter *w) {
+  if (!w->listed)
+    return;
+  w->listed = false;
+  if (w->prev != NULL)
+    w->prev->next = w->next;
+  else
+    waiters = w->next;
+  if (w->next != NULL)
+    w->next->prev = w->prev;
+  w->next = w->prev = NULL;
+}
+
 /* At thread exit: no canceller may still write to this thread's waiter,
- * and its eventfd goes with it. */
+ * and its eventfd goes with it.  A destructor that runs after this one
+ * and waits again arms the hook anew (the keys are run again). */
 static void waiter_exit(void *arg) {
   struct cancel__waiter *w = arg;
   settle(w);
+  pthread_mutex_lock(&waiters_mu);
+  unlist_locked(w);
+  pthread_mutex_unlock(&waiters_mu);
+  w->keyed = false;
   if (w->efd >= 0) {
     close(w->efd);
     w->efd = -1;
@@ -55,20 +82,77 @@ static void waiter_exit(void *arg) {
   w->big_cap = 0;
 }
 
-/* After fork() the child's eventfd would be the parent's, and no canceller
- * of the parent exists in the child. */
+/* fork(): no thread lists or unlists a waiter while the child is made. */
+static void waiter_atfork_prepare(void) {
+  pthread_mutex_lock(&waiters_mu);
+}
+
+static void waiter_atfork_parent(void) {
+  pthread_mutex_unlock(&waiters_mu);
+}
+
+/* In the child, only the forking thread exists.  Every other thread's
+ * waiter is a copy in memory the child's next pthread_create() reuses (the
+ * dead threads' stacks and TLS, zeroed then): a registration of one left on
+ * its source would send the child's next cancel of that source into
+ * zeroed memory.  So each is taken off its source now, while the memory
+ * still holds it, and its eventfd (the parent's, shared) closed.  The
+ * forking thread's own eventfd is the parent's too, and the canceller of
+ * its last wait, if one was still finishing, is gone. */
 static void waiter_atfork_child(void) {
+  struct cancel__waiter *w = waiters;
+  while (w != NULL) {
+    struct cancel__waiter *next = w->next;
+    if (w != &self) {
+      cancel__reg_forget(&w->reg);
+      if (w->efd >= 0)
+        close(w->efd);
+      free(w->big);
+      w->next = w->prev = NULL;
+      w->listed = false;
+    }
+    w = next;
+  }
+  waiters = NULL;
+  if (self.listed) {
+    self.next = self.prev = NULL;
+    waiters = &self;
+  }
   if (self.efd >= 0) {
     close(self.efd);
     self.efd = -1;
   }
-  st_relaxed(&self.reg.state, REG_IDLE);
-  self.keyed = false;
+  /* A wait of this thread that is still registered (fork() from a signal
+   * handler that interrupted it) goes on in the child; a callback that a
+   * thread of the parent was finishing will never finish here. */
+  if ((ld_relaxed(&self.reg.state) & REG_STATE_MASK) != REG_LISTED)
+    st_relaxed(&self.reg.state, REG_IDLE);
+  pthread_mutex_unlock(&waiters_mu);
 }
 
 static void exit_setup(void) {
   have_key = pthread_key_create(&exit_key, waiter_exit) == 0;
-  pthread_atfork(NULL, NULL, waiter_atfork_child);
+  pthread_atfork(waiter_atfork_prepare, waiter_atfork_parent,
+                 waiter_atfork_child);
+}
+
+/* The thread's first wait: arm the exit hook and list the waiter (the
+ * slow path, once per thread). */
+static void __attribute__((noinline)) enlist(struct cancel__waiter *w) {
+  pthread_once(&exit_once, exit_setup);
+  w->keyed = true;
+  /* Without a key (none left) the thread's eventfd outlives it, and its
+   * waiter is not listed: the list must not keep a dead thread's. */
+  if (!have_key || pthread_setspecific(exit_key, w) != 0)
+    return;
+  pthread_mutex_lock(&waiters_mu);
+  w->prev = NULL;
+  w->next = waiters;
+  if (waiters != NULL)
+    waiters->prev = w;
+  waiters = w;
+  w->listed = true;
+  pthread_mutex_unlock(&waiters_mu);
 }
 
 int cancel__waiter_efd(struct cancel__waiter *w) {
@@ -83,13 +167,8 @@ int cancel__waiter_efd(struct cancel__waiter *w) {
 
 int cancel__wait_begin(struct cancel__waiter *w, const cancel_token *tok,
                        cancel_fn *fn, const char *name) {
-  if (!w->keyed) {
-    pthread_once(&exit_once, exit_setup);
-    /* Without a key (none left) the thread's eventfd outlives it. */
-    if (have_key)
-      pthread_setspecific(exit_key, w);
-    w->keyed = true;
-  }
+  if (__builtin_expect(!w->keyed, 0))
+    enlist(w);
   settle(w);
   st_relaxed(&w->woken, 0);
   cancel__scope_open(&w->scope, tok, name, CANCEL__SCOPE_WAIT);
@@ -115,10 +194,24 @@ int cancel__wait_end(struct cancel__waiter *w) {
 
 /* ---- Waking ----------------------------------------------------------- */
 
+/* The sleepers of a token all sleep on one futex word, the token's own
+ * state word, rather than each on its own: the kernel finds a futex's
+ * waiters by walking a hash bucket, and since Linux 6.16 a process's
+ * private futexes share a table sized by the CPU count (16 buckets on two
+ * CPUs), whatever the number of threads.  Waking 30,000 sleepers one word
+ * each walked a bucket of ~1,900 waiters 30,000 times (7-10 s); waking
+ * them all on one word is one walk, and the later callbacks of the same
+ * cancel find the bucket empty (the woken sleepers unregister themselves
+ * meanwhile, so the canceller has fewer callbacks to run).  cancel__fire
+ * publishes ST_CANCELLED before it runs the first callback, so a sleeper
+ * that compares the word after that store does not sleep, and one queued
+ * before it is woken here. */
 static void wake_futex(void *arg) {
   struct cancel__waiter *w = arg;
+  /* Read before `woken` is published: after it, w may be reused. */
+  uint32_t *word = &w->reg.src->tok.state;
   cancel__wait_done(w);
-  cancel__futex_wake_all(&w->woken); /* by address only */
+  cancel__futex_wake_all(word); /* the source is alive: it is firing */
 }
 
 static void wake_efd(void *arg) {
@@ -162,12 +255,19 @@ int cancel_sleep_until(const cancel_token *tok, int64_t deadline) {
   if (cancel__wait_begin(w, tok, wake_futex, "cancel_sleep") == 1)
     return -ECANCELED;
   struct timespec ts = cancel__abs_timespec(deadline);
-  while (!ld_acquire(&w->woken)) {
+  /* The token's state word (see wake_futex), or for the NULL token, which
+   * nothing wakes, the thread's own word. */
+  uint32_t *word = tok != NULL ? (uint32_t *)&tok->state : &w->woken;
+  for (;;) {
+    uint32_t v = ld_acquire(word);
+    if ((v & ST_CANCELLED) || ld_acquire(&w->woken))
+      break;
     if (deadline != CANCEL_NEVER && cancel_now() >= deadline)
       break;
-    /* FUTEX_WAIT_BITSET takes an absolute CLOCK_MONOTONIC deadline:
+    /* FUTEX_WAIT_BITSET takes an absolute CLOCK_MONOTONIC deadline.  A
+     * word that changed meanwhile (the source lock taken or released),
      * EINTR and spurious returns just go round the loop. */
-    syscall(SYS_futex, &w->woken, FUTEX_WAIT_BITSET | FUTEX_PRIVATE_FLAG, 0,
+    syscall(SYS_futex, word, FUTEX_WAIT_BITSET | FUTEX_PRIVATE_FLAG, v,
             deadline == CANCEL_NEVER ? NULL : &ts, NULL,
             FUTEX_BITSET_MATCH_ANY);
   }
