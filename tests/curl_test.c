@@ -681,6 +681,76 @@ static void test_fork_child_has_its_own(void **state) {
   kserver_stop(&ks);
 }
 
+/* fork() while another thread is inside cancel_curl_perform: in the child
+ * that thread is gone, and its stack (which held the transfer's
+ * registration on the token) is reused by the child's first threads.  A
+ * cancel of the token in the child must not reach that registration
+ * (cancel.h, "fork()": the waits of other threads are dropped). */
+struct performer {
+  const cancel_token *tok;
+  CURL *easy;
+  int rc;
+};
+
+static void *perform_main(void *arg) {
+  struct performer *p = arg;
+  p->rc = cancel_curl_perform(p->tok, p->easy);
+  return NULL;
+}
+
+static void *scribble_main(void *arg) {
+  (void)arg;
+  volatile unsigned char junk[48 * 1024];
+  for (size_t i = 0; i < sizeof junk; i++)
+    junk[i] = 0xa5;
+  return NULL;
+}
+
+static bool server_has_request(void *arg) {
+  struct server *sv = arg;
+  return __atomic_load_n(&sv->connections, __ATOMIC_SEQ_CST) > 0 &&
+         strstr(sv->request, "\r\n\r\n") != NULL;
+}
+
+static void test_fork_during_perform(void **state) {
+  (void)state;
+  struct server sv;
+  server_start(&sv, HANG);
+  CURL *e = easy_for(&sv);
+  cancel_source *s = new_src("req");
+  struct performer pf = {TOK(s), e, 1};
+  pthread_t t = test_thread_start(perform_main, &pf);
+  bool sent = test_wait_until(server_has_request, &sv, test_tol(CANCEL_SEC(5)));
+  fflush(NULL);
+  pid_t pid = sent ? fork() : -1;
+  if (pid == 0) {
+    /* The parent's performer's stack, reused and overwritten. */
+    for (int i = 0; i < 4; i++) {
+      pthread_t k;
+      if (pthread_create(&k, NULL, scribble_main, NULL) != 0)
+        _exit(20);
+      pthread_join(k, NULL);
+    }
+    _exit(cancel_source_cancel(s) == 1 ? 0 : 21);
+  }
+  cancel_source_cancel(s); /* the parent's performer stops */
+  test_thread_join(t);
+  assert_true(sent);
+  assert_true(pid > 0);
+  int st = 0;
+  assert_int_equal(waitpid(pid, &st, 0), pid);
+  if (WIFSIGNALED(st))
+    fail_msg("the child died of signal %d cancelling the token",
+             WTERMSIG(st));
+  assert_true(WIFEXITED(st));
+  assert_int_equal(WEXITSTATUS(st), 0);
+  assert_int_equal(pf.rc, -ECANCELED);
+  cancel_source_unref(s);
+  curl_easy_cleanup(e);
+  assert_int_equal(cancel_curl_thread_cleanup(), 0);
+  server_stop(&sv);
+}
+
 /* ---- A name server that does not answer ------------------------------- *
  * The threaded resolver runs getaddrinfo on a thread of its own, and
  * nothing interrupts getaddrinfo.  To make a lookup that is really slow,
@@ -1026,6 +1096,7 @@ int main(void) {
       cmocka_unit_test(test_reentrant_call),
       cmocka_unit_test(test_thread_exit_closes),
       cmocka_unit_test(test_fork_child_has_its_own),
+      cmocka_unit_test(test_fork_during_perform),
       cmocka_unit_test(test_grpc_format),
       cmocka_unit_test(test_cancel_during_slow_dns),
   };

@@ -51,6 +51,7 @@
 #include "cancel/diag.h"
 
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -103,6 +104,69 @@ static int map_curl(CURLcode c) {
 
 static void wake(void *arg) {
   curl_multi_wakeup((CURLM *)arg);
+}
+
+/* ---- Transfers in flight, for fork() ------------------------------------ *
+ * A transfer's registration on its token lives on the stack of the thread
+ * that runs it.  In the child of fork() that thread does not exist and the
+ * child's first threads reuse its stack, so a cancel in the child must not
+ * reach the registration (cancel.h, "fork()": the waits of other threads
+ * are dropped).  Transfers with a token are listed here (a lock per
+ * transfer: nothing next to one), and the child unregisters every one. */
+struct inflight {
+  cancel_reg reg;
+  struct inflight *next, *prev;
+};
+
+static pthread_mutex_t inflight_mu = PTHREAD_MUTEX_INITIALIZER;
+static struct inflight *inflight_head;
+static pthread_once_t inflight_once = PTHREAD_ONCE_INIT;
+
+static void inflight_prepare(void) {
+  pthread_mutex_lock(&inflight_mu);
+}
+static void inflight_parent(void) {
+  pthread_mutex_unlock(&inflight_mu);
+}
+static void inflight_child(void) {
+  /* Only the forking thread is left, and it is not inside a transfer. */
+  for (struct inflight *f = inflight_head; f != NULL; f = f->next)
+    (void)cancel_unregister(&f->reg);
+  inflight_head = NULL;
+  pthread_mutex_init(&inflight_mu, NULL);
+}
+static void inflight_setup(void) {
+  pthread_atfork(inflight_prepare, inflight_parent, inflight_child);
+}
+
+static void inflight_add(struct inflight *f, const cancel_token *tok,
+                         CURLM *multi) {
+  pthread_once(&inflight_once, inflight_setup);
+  pthread_mutex_lock(&inflight_mu);
+  /* Registered under the list's lock: a fork sees it listed once it is
+   * registered, and the child's unregister finds it in place. */
+  cancel_register(&f->reg, tok, wake, multi);
+  f->prev = NULL;
+  f->next = inflight_head;
+  if (inflight_head != NULL)
+    inflight_head->prev = f;
+  inflight_head = f;
+  pthread_mutex_unlock(&inflight_mu);
+}
+
+/* Unregisters (waiting for a wake running on another thread: a wake
+ * takes no lock of ours) and unlists, under the list's lock: a fork never
+ * sees it registered but unlisted. */
+static void inflight_del(struct inflight *f) {
+  pthread_mutex_lock(&inflight_mu);
+  cancel_unregister(&f->reg);
+  if (f->prev != NULL)
+    f->prev->next = f->next;
+  else
+    inflight_head = f->next;
+  if (f->next != NULL)
+    f->next->prev = f->prev;
+  pthread_mutex_unlock(&inflight_mu);
 }
 
 static void set_quick_exit(CURL *easy) {
@@ -305,8 +369,8 @@ static int perform(const cancel_token *tok, CURL *easy,
     rc = -EINVAL;
     goto out;
   }
-  cancel_reg reg;
-  cancel_register(&reg, tok, wake, multi);
+  struct inflight reg;
+  inflight_add(&reg, tok, multi);
   CURLcode code = CURLE_OK;
   bool finished = false, failed = false;
   while (!cancel_token_is_cancelled(tok)) {
@@ -333,7 +397,7 @@ static int perform(const cancel_token *tok, CURL *easy,
    * before the next call (or the cleanup) gets the handle.  A wake-up it
    * made after the transfer ended only makes the next poll on this multi
    * return once (curl_multi_poll drains the wake-up socket). */
-  cancel_unregister(&reg);
+  inflight_del(&reg);
   /* Every call, finished or not: an unfinished transfer is aborted (an
    * HTTP/1.x connection closed at once); a finished one's connection,
    * already back in the cache, stays there for the next call. */
