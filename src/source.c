@@ -248,23 +248,23 @@ static void teardown_list(cancel_source *src);
  * owner may have freed it.  reg may be freed as soon as a waiter sees
  * DONE; the wake only uses its address as a key. */
 static inline void reg_done_locked(cancel_source *src, cancel_reg *reg) {
+  if (src->flags & SF_GONE) {
+    src->flags &= ~SF_GONE;
+  } else {
+    uint32_t old = ld_relaxed(&reg->state);
+    st_release(&reg->state, REG_DONE);
+    if (old & REG_WAITERS)
+      cancel__futex_wake_all(&reg->state);
+  }
   uint32_t *w = src->unref_waiter;
   if (w != NULL) {
     /* The zombie's last unref waits for this callback (wait_running): on
-     * its own word, since reg may be freed by its callback.  A wake only
-     * uses the word's address as a key. */
+     * its own word, since reg may be freed by its callback.  Last: once
+     * woken, the owner frees reg.  A wake only uses the word's address. */
     src->unref_waiter = NULL;
     st_release(w, 1);
     cancel__futex_wake_all(w);
   }
-  if (src->flags & SF_GONE) {
-    src->flags &= ~SF_GONE;
-    return;
-  }
-  uint32_t old = ld_relaxed(&reg->state);
-  st_release(&reg->state, REG_DONE);
-  if (old & REG_WAITERS)
-    cancel__futex_wake_all(&reg->state);
 }
 
 /* Runs the callbacks of root (locked as v, its reason written) and of the

@@ -32,24 +32,6 @@
 #include <sys/socket.h>
 #include <sys/wait.h>
 
-#if defined(__SANITIZE_THREAD__)
-#define FORK_TEST_TSAN 1
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define FORK_TEST_TSAN 1
-#endif
-#endif
-
-#ifdef FORK_TEST_TSAN
-#define SKIP_UNDER_TSAN()                                                      \
-  do {                                                                         \
-    print_message("skipped under ThreadSanitizer (no threads in the child "    \
-                  "of a multi-threaded fork)\n");                              \
-    skip();                                                                    \
-  } while (0)
-#else
-#define SKIP_UNDER_TSAN() ((void)0)
-#endif
 
 #define LONG_WAIT CANCEL_SEC(60) /* longer than any test: only a cancel */
 
@@ -208,7 +190,7 @@ enum { CHILD_WAITERS = 2 };
 
 static int child_waits(void *arg) {
   struct waits_case *c = arg;
-#ifdef FORK_TEST_TSAN
+#ifdef TEST_TSAN
   /* Only the bare case runs here, without threads: what it still checks
    * is that the child's cancel does not reach the dead thread's wait. */
 #else
@@ -262,7 +244,7 @@ static int child_waits(void *arg) {
 
 static void check_fork_during_wait(int kind, bool bare) {
   if (!bare)
-    SKIP_UNDER_TSAN();
+    TEST_SKIP_UNDER_TSAN();
   cancel_source *s = new_src("forked");
   struct parked p;
   assert_int_equal(parked_init(&p, kind, TOK(s)), 0);
@@ -371,7 +353,7 @@ static void *stack_timer_main(void *arg) {
 
 static void test_fork_timer_not_armed_in_child(void **state) {
   (void)state;
-  SKIP_UNDER_TSAN();
+  TEST_SKIP_UNDER_TSAN();
   cancel_source *a = new_src("pre-fork timer");
   sem_t ready;
   sem_init(&ready, 0, 0);
@@ -506,7 +488,7 @@ static int child_watch(void *arg) {
     return 8;
   if (cancel_sleep(TOK(c->s), CANCEL_MSEC(50)) != 0)
     return 9;
-#ifndef FORK_TEST_TSAN
+#ifndef TEST_TSAN
   cancel_watch mine = {0};
   if (cancel_watch_hangup(&mine, c->s, c->a) != 0)
     return 10;

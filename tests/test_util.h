@@ -665,4 +665,27 @@ static inline bool test_log_has_level(int level) {
   return found;
 }
 
+/* ---- ThreadSanitizer --------------------------------------------------- */
+
+#if defined(__SANITIZE_THREAD__)
+#define TEST_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define TEST_TSAN 1
+#endif
+#endif
+
+/* TSan cannot follow threads in the child of a multi-threaded fork():
+ * a test that needs them skips there, saying so. */
+#ifdef TEST_TSAN
+#define TEST_SKIP_UNDER_TSAN()                                                 \
+  do {                                                                         \
+    print_message("skipped under ThreadSanitizer (no threads in the child "    \
+                  "of a multi-threaded fork)\n");                              \
+    skip();                                                                    \
+  } while (0)
+#else
+#define TEST_SKIP_UNDER_TSAN() ((void)0)
+#endif
+
 #endif /* CANCEL_TEST_UTIL_H */
