@@ -32,6 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <setjmp.h>
 #include <stdarg.h>
@@ -135,6 +136,125 @@ static inline void *test_thread_join(pthread_t t) {
     fail();
   }
   return ret;
+}
+
+/* ---- Helper threads that a failed test stops ------------------------- *
+ * cmocka ends a failed assertion with a longjmp out of the test function:
+ * its frame is gone, and a helper thread still using what the test kept
+ * there would crash the whole run later, far from the failure.  So a test
+ * whose helpers outlive a possible failure shares with them only memory
+ * from test_shared() (freed after the test), starts them with
+ * test_helper_start() and a stop function, and joins them with
+ * test_helper_join().  After every test, passed or failed, the teardown
+ * below (cmocka_unit_test is redefined to run it) calls the stop function
+ * of each helper still running, joins it, then frees the shared blocks:
+ * a failing test reports, stops its helpers, and the next test runs. */
+
+typedef void test_stop_fn(void *arg);
+
+#define TEST_HELPERS_MAX 64
+#define TEST_SHARED_MAX 64
+
+static struct test_helper_slot {
+  pthread_t thread;
+  test_stop_fn *stop;
+  void *arg;
+  bool live;
+} test_helpers_[TEST_HELPERS_MAX];
+static void *test_shared_[TEST_SHARED_MAX];
+
+/* A zeroed block that lives until the end of the running test (so helper
+ * threads may use it after a failure).  Fails the test when memory or the
+ * table runs out. */
+static inline void *test_shared(size_t size) {
+  for (int i = 0; i < TEST_SHARED_MAX; i++)
+    if (test_shared_[i] == NULL) {
+      void *p = calloc(1, size);
+      if (p == NULL) {
+        print_error("test_shared: out of memory\n");
+        fail();
+      }
+      test_shared_[i] = p;
+      return p;
+    }
+  print_error("test_shared: more than %d blocks in one test\n",
+              TEST_SHARED_MAX);
+  fail();
+  return NULL;
+}
+
+/* Starts fn(arg) as a helper of the running test.  stop(arg) MUST make fn
+ * return soon whatever state the test left (set its quit flag and post
+ * what it waits on, cancel its token); arg MUST NOT point into the test's
+ * frame (use test_shared()).  Fails the test if the thread cannot start. */
+static inline pthread_t test_helper_start(test_thread_fn *fn, void *arg,
+                                          test_stop_fn *stop) {
+  for (int i = 0; i < TEST_HELPERS_MAX; i++) {
+    struct test_helper_slot *h = &test_helpers_[i];
+    if (h->live)
+      continue;
+    int rc = pthread_create(&h->thread, NULL, fn, arg);
+    if (rc != 0) {
+      print_error("pthread_create: %s\n", strerror(rc));
+      fail();
+    }
+    h->stop = stop;
+    h->arg = arg;
+    h->live = true;
+    return h->thread;
+  }
+  print_error("test_helper_start: more than %d helpers\n", TEST_HELPERS_MAX);
+  fail();
+  return pthread_self();
+}
+
+/* Joins a helper started by test_helper_start() and returns its result. */
+static inline void *test_helper_join(pthread_t t) {
+  for (int i = 0; i < TEST_HELPERS_MAX; i++) {
+    struct test_helper_slot *h = &test_helpers_[i];
+    if (h->live && pthread_equal(h->thread, t)) {
+      h->live = false;
+      void *ret = NULL;
+      pthread_join(t, &ret);
+      return ret;
+    }
+  }
+  print_error("test_helper_join: not a helper of this test\n");
+  fail();
+  return NULL;
+}
+
+/* The teardown of every test: stops and joins what a failed test left
+ * running, then frees its shared blocks. */
+static inline int test_helpers_teardown(void **state) {
+  (void)state;
+  for (int i = 0; i < TEST_HELPERS_MAX; i++) {
+    struct test_helper_slot *h = &test_helpers_[i];
+    if (!h->live)
+      continue;
+    fprintf(stderr, "test teardown: stopping helper thread %d\n", i);
+    h->stop(h->arg);
+    pthread_join(h->thread, NULL);
+    h->live = false;
+  }
+  for (int i = 0; i < TEST_SHARED_MAX; i++) {
+    free(test_shared_[i]);
+    test_shared_[i] = NULL;
+  }
+  return 0;
+}
+
+#undef cmocka_unit_test
+#define cmocka_unit_test(f)                                                    \
+  { #f, f, NULL, test_helpers_teardown, NULL }
+
+/* A test that cannot go on safely (a thread it started cannot be stopped)
+ * ends the program with a report instead of a crash: exit status 1, which
+ * CTest counts as a failed test. */
+static inline void test_give_up(const char *why) {
+  fprintf(stderr, "test program ended: %s\n", why);
+  fflush(NULL);
+  _exit(1);
 }
 
 /* Runs fn(arg) on another thread and waits for it. */
@@ -491,10 +611,8 @@ static inline void test_waiter_end(struct test_waiter *w, int64_t timeout_ns,
                 timeout_ns / 1000000);
     if (rescue != NULL)
       rescue(rescue_arg);
-    if (test_sem_wait_ns(&w->finished, CANCEL_SEC(10)) != 0) {
-      fprintf(stderr, "waiter still blocked after rescue: aborting\n");
-      abort();
-    }
+    if (test_sem_wait_ns(&w->finished, CANCEL_SEC(10)) != 0)
+      test_give_up("a waiter thread is still blocked after its rescue");
   }
   test_thread_join(w->thread);
   sem_destroy(&w->started);
