@@ -1216,7 +1216,7 @@ static void rescue_drain(void *arg) {
       if (read(d->fd, buf, sizeof buf) <= 0)
         break;
     int v = 0;
-    sem_getvalue(&d->w->finished, &v);
+    sem_getvalue(d->w->finished, &v);
     if (v > 0)
       break;
   }
@@ -1252,10 +1252,10 @@ static void test_write_full_partial(void **state) {
         if (how == 0)
           assert_int_equal(cancel_source_cancel(s), 1);
         struct drainer dr = {rfd, &w};
-        if (test_sem_wait_ns(&w.finished, (how ? CANCEL_MSEC(150) : 0) +
+        if (test_sem_wait_ns(w.finished, (how ? CANCEL_MSEC(150) : 0) +
                                               test_tol(CANCEL_MSEC(300))) ==
             0) {
-          sem_post(&w.finished);
+          sem_post(w.finished);
         } else {
           print_error("%s, %s: cancel_write_full still blocked %s\n",
                       kind == 0   ? "pipe"
@@ -1598,7 +1598,7 @@ static void rescue_herd(void *arg) {
 
 static int finished(struct test_waiter *w) {
   int v = 0;
-  sem_getvalue(&w->finished, &v);
+  sem_getvalue(w->finished, &v);
   return v;
 }
 
@@ -1644,8 +1644,8 @@ static void test_accept_herd(void **state) {
       for (int i = 0; i < HERD; i++) {
         if (i == winner)
           continue;
-        if (test_sem_wait_ns(&w[i].finished, test_tol(CANCEL_MSEC(300))) == 0)
-          sem_post(&w[i].finished);
+        if (test_sem_wait_ns(w[i].finished, test_tol(CANCEL_MSEC(300))) == 0)
+          sem_post(w[i].finished);
         else
           stuck++;
       }
@@ -1729,8 +1729,8 @@ static void test_fifo_big_write_cancellable(void **state) {
     int64_t t_cancel = cancel_now();
     assert_int_equal(cancel_source_cancel(s), 1);
     struct drainer dr = {p[0], &w};
-    if (test_sem_wait_ns(&w.finished, test_tol(CANCEL_MSEC(300))) == 0)
-      sem_post(&w.finished);
+    if (test_sem_wait_ns(w.finished, test_tol(CANCEL_MSEC(300))) == 0)
+      sem_post(w.finished);
     else
       print_error("%s: a blocking cancel_write of %d bytes did not return "
                   "after the cancel (the reader stopped)\n",
@@ -1800,8 +1800,8 @@ static void test_readers_race_for_one_byte(void **state) {
     int64_t end = cancel_now() + test_tol(CANCEL_SEC(2));
     int va = 0, vb = 0;
     while (va + vb == 0 && cancel_now() < end) {
-      sem_getvalue(&wa.finished, &va);
-      sem_getvalue(&wb.finished, &vb);
+      sem_getvalue(wa.finished, &va);
+      sem_getvalue(wb.finished, &vb);
       test_sleep_ns(CANCEL_USEC(200));
     }
     assert_int_equal(va + vb, 1);
@@ -1811,8 +1811,8 @@ static void test_readers_race_for_one_byte(void **state) {
     assert_int_equal(cancel_source_cancel(s), 1);
     struct test_waiter *loser = va ? &wb : &wa;
     struct rd_rescue rr = {p[1]};
-    if (test_sem_wait_ns(&loser->finished, test_tol(CANCEL_MSEC(300))) == 0)
-      sem_post(&loser->finished);
+    if (test_sem_wait_ns(loser->finished, test_tol(CANCEL_MSEC(300))) == 0)
+      sem_post(loser->finished);
     else
       print_error("round %d, %s: the reader that lost the byte did not "
                   "return after the cancel\n",
@@ -2410,6 +2410,7 @@ int main(void) {
       tests[k].name = e->name;
       tests[k].test_func = scenarios[sc].fn;
       tests[k].initial_state = e;
+      tests[k].teardown_func = test_helpers_teardown;
       k++;
     }
   for (size_t i = 0; i < nfixed; i++)

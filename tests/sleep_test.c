@@ -289,7 +289,7 @@ static void test_sleep_cancel_wakes_only_its_sleeper(void **state) {
   assert_i64_eq(wa.result, -ECANCELED);
   /* b still sleeps. */
   test_sleep_ns(CANCEL_MSEC(20));
-  assert_int_not_equal(sem_trywait(&wb.finished), 0);
+  assert_int_not_equal(sem_trywait(wb.finished), 0);
   assert_int_equal(cancel_source_cancel(b), 1);
   test_waiter_end(&wb, test_tol(CANCEL_SEC(2)), NULL, NULL);
   assert_i64_eq(wb.result, -ECANCELED);

@@ -261,8 +261,8 @@ static void test_cond_cancel_is_per_token(void **state) {
   assert_int_equal(ca.held, 0);
   /* The others may have seen a spurious 0 (a broadcast) but wait on. */
   test_sleep_ns(CANCEL_MSEC(20));
-  assert_int_not_equal(sem_trywait(&wb.finished), 0);
-  assert_int_not_equal(sem_trywait(&wn.finished), 0);
+  assert_int_not_equal(sem_trywait(wb.finished), 0);
+  assert_int_not_equal(sem_trywait(wn.finished), 0);
   cv_signal(&cv, true);
   test_waiter_end(&wb, test_tol(CANCEL_SEC(2)), NULL, NULL);
   test_waiter_end(&wn, test_tol(CANCEL_SEC(2)), NULL, NULL);
@@ -742,9 +742,9 @@ static void test_sem_post_wakes_one(void **state) {
   int64_t end = cancel_now() + test_tol(CANCEL_SEC(2));
   int first = -1;
   while (first < 0 && cancel_now() < end) {
-    if (sem_trywait(&wa.finished) == 0)
+    if (sem_trywait(wa.finished) == 0)
       first = 0;
-    else if (sem_trywait(&wb.finished) == 0)
+    else if (sem_trywait(wb.finished) == 0)
       first = 1;
     else
       test_sleep_ns(CANCEL_USEC(200));
@@ -752,11 +752,11 @@ static void test_sem_post_wakes_one(void **state) {
   assert_true(first >= 0);
   struct test_waiter *winner = first == 0 ? &wa : &wb;
   struct test_waiter *other = first == 0 ? &wb : &wa;
-  sem_post(&winner->finished); /* put back for test_waiter_end */
+  sem_post(winner->finished); /* put back for test_waiter_end */
   test_waiter_end(winner, CANCEL_SEC(1), NULL, NULL);
   assert_i64_eq(winner->result, 0);
   test_sleep_ns(CANCEL_MSEC(20));
-  assert_int_not_equal(sem_trywait(&other->finished), 0);
+  assert_int_not_equal(sem_trywait(other->finished), 0);
   assert_int_equal(cancel_source_cancel(first == 0 ? b : a), 1);
   test_waiter_end(other, test_tol(CANCEL_SEC(2)), NULL, NULL);
   assert_i64_eq(other->result, -ECANCELED);

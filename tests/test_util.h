@@ -183,6 +183,17 @@ static inline void *test_shared(size_t size) {
   return NULL;
 }
 
+/* Frees a block of test_shared() before the end of the test (one that a
+ * loop makes anew in each round: the table holds TEST_SHARED_MAX). */
+static inline void test_shared_free(void *p) {
+  for (int i = 0; i < TEST_SHARED_MAX; i++)
+    if (p != NULL && test_shared_[i] == p) {
+      free(p);
+      test_shared_[i] = NULL;
+      return;
+    }
+}
+
 /* Starts fn(arg) as a helper of the running test.  stop(arg) MUST make fn
  * return soon whatever state the test left (set its quit flag and post
  * what it waits on, cancel its token); arg MUST NOT point into the test's
@@ -441,12 +452,18 @@ static inline bool test_fd_is_open(int fd) {
  * meet SIG_DFL, which would kill the process).  The target MUST outlive the
  * storm: stop it before the target thread exits. */
 
-struct test_sigstorm {
+/* What the storm thread uses: test_shared() memory, so that a test that
+ * fails during a storm leaves it to the teardown, which stops it. */
+struct test_sigstorm_core {
   pthread_t target;
-  pthread_t thread;
   int64_t period;
   int stop;  /* atomic */
   long sent; /* atomic: signals sent */
+};
+
+struct test_sigstorm {
+  struct test_sigstorm_core *core;
+  pthread_t thread;
   long hits_before;
 };
 
@@ -479,8 +496,13 @@ static inline void test_sigstorm_install(void) {
   pthread_sigmask(SIG_UNBLOCK, &set, NULL);
 }
 
+static inline void test_sigstorm_halt(void *arg) {
+  __atomic_store_n(&((struct test_sigstorm_core *)arg)->stop, 1,
+                   __ATOMIC_RELEASE);
+}
+
 static inline void *test_sigstorm_main(void *arg) {
-  struct test_sigstorm *s = arg;
+  struct test_sigstorm_core *s = arg;
   /* The storm thread itself never takes the signal. */
   sigset_t set;
   sigemptyset(&set);
@@ -501,14 +523,16 @@ static inline void test_sigstorm_start(struct test_sigstorm *s,
                                        pthread_t target, int64_t period_ns) {
   memset(s, 0, sizeof *s);
   test_sigstorm_install();
-  s->target = target;
-  s->period = period_ns;
+  struct test_sigstorm_core *c = test_shared(sizeof *c);
+  c->target = target;
+  c->period = period_ns;
+  s->core = c;
   s->hits_before = __atomic_load_n(test_sigstorm_hits(), __ATOMIC_RELAXED);
-  s->thread = test_thread_start(test_sigstorm_main, s);
+  s->thread = test_helper_start(test_sigstorm_main, c, test_sigstorm_halt);
   /* Return once the storm blows (its first signal sent: a loaded machine
    * may be slow to run the new thread), so that a wait started now is hit
    * by the next ones. */
-  while (__atomic_load_n(&s->sent, __ATOMIC_RELAXED) == 0)
+  while (__atomic_load_n(&c->sent, __ATOMIC_RELAXED) == 0)
     test_sleep_ns(CANCEL_USEC(100));
 }
 
@@ -516,8 +540,10 @@ static inline void test_sigstorm_start(struct test_sigstorm *s,
  * blew (in this process).  The first signal may land before the wait
  * starts: hits >= 2 shows that the storm really hit the wait. */
 static inline long test_sigstorm_stop(struct test_sigstorm *s) {
-  __atomic_store_n(&s->stop, 1, __ATOMIC_RELEASE);
-  test_thread_join(s->thread);
+  test_sigstorm_halt(s->core);
+  test_helper_join(s->thread);
+  test_shared_free(s->core);
+  s->core = NULL;
   return __atomic_load_n(test_sigstorm_hits(), __ATOMIC_RELAXED) -
          s->hits_before;
 }
@@ -565,23 +591,40 @@ static inline double test_stress_scale(void) {
  *
  * test_waiter_end() joins; if the waiter does not return in time (a lost
  * wake-up) it reports, runs rescue(arg) to unblock it, and fails the test
- * once it is joined, or aborts the program if even that did not unblock it
- * (the waiter's memory may not be released while it runs). */
+ * once it is joined, or ends the program (test_give_up) if even that did
+ * not unblock it (the waiter's memory may not be released while it runs).
+ *
+ * What the waiter thread writes lives in test_shared() memory, not in the
+ * caller's struct: a test that fails between start and end leaves the
+ * waiter to the teardown, which runs the stop given to
+ * test_waiter_stop_with() (if any), waits a while for the waiter to
+ * return, joins it, or ends the program when it does not return.  fn's arg
+ * is the caller's: fn should read it before it blocks, not write it after. */
 
 typedef int64_t test_wait_fn(void *arg);
 
-struct test_waiter {
+struct test_waiter_core {
   test_wait_fn *fn;
   void *arg;
-  pthread_t thread;
+  void (*stop)(void *); /* the teardown's way to end fn, or NULL */
+  void *stop_arg;
   pid_t tid;
   sem_t started, finished;
   int64_t result;
+  int64_t t_start, t_end;
+};
+
+struct test_waiter {
+  struct test_waiter_core *core;
+  pthread_t thread;
+  pid_t tid;
+  sem_t *finished;        /* posted when fn returned */
+  int64_t result;         /* set by test_waiter_end() */
   int64_t t_start, t_end; /* cancel_now() just before and after fn */
 };
 
 static inline void *test_waiter_main(void *p) {
-  struct test_waiter *w = p;
+  struct test_waiter_core *w = p;
   w->tid = test_gettid();
   w->t_start = cancel_now();
   sem_post(&w->started);
@@ -591,32 +634,62 @@ static inline void *test_waiter_main(void *p) {
   return NULL;
 }
 
+/* The teardown's stop of a waiter a failed test left: its stop, then a
+ * bounded wait for fn to return (the join follows). */
+static inline void test_waiter_halt(void *p) {
+  struct test_waiter_core *w = p;
+  if (w->stop != NULL)
+    w->stop(w->stop_arg);
+  if (test_sem_wait_ns(&w->finished, test_tol(CANCEL_SEC(2))) != 0)
+    test_give_up("a failed test left a waiter thread blocked");
+}
+
 static inline void test_waiter_start(struct test_waiter *w, test_wait_fn *fn,
                                      void *arg) {
   memset(w, 0, sizeof *w);
-  w->fn = fn;
-  w->arg = arg;
-  sem_init(&w->started, 0, 0);
-  sem_init(&w->finished, 0, 0);
-  w->thread = test_thread_start(test_waiter_main, w);
-  while (sem_wait(&w->started) != 0) {
+  struct test_waiter_core *c = test_shared(sizeof *c);
+  c->fn = fn;
+  c->arg = arg;
+  sem_init(&c->started, 0, 0);
+  sem_init(&c->finished, 0, 0);
+  w->core = c;
+  w->finished = &c->finished;
+  w->thread = test_helper_start(test_waiter_main, c, test_waiter_halt);
+  while (sem_wait(&c->started) != 0) {
   }
+  w->tid = c->tid;
+  w->t_start = c->t_start;
+}
+
+/* How the teardown ends this waiter if the test fails before
+ * test_waiter_end(): stop(arg), e.g. test_rescue_cancel and a source
+ * (arg must outlive the test's frame). */
+static inline void test_waiter_stop_with(struct test_waiter *w,
+                                         void (*stop)(void *), void *arg) {
+  w->core->stop_arg = arg;
+  w->core->stop = stop;
 }
 
 static inline void test_waiter_end(struct test_waiter *w, int64_t timeout_ns,
                                    void (*rescue)(void *), void *rescue_arg) {
-  bool late = test_sem_wait_ns(&w->finished, timeout_ns) != 0;
+  struct test_waiter_core *c = w->core;
+  bool late = test_sem_wait_ns(&c->finished, timeout_ns) != 0;
   if (late) {
     print_error("waiter did not return within %" PRId64 " ms\n",
                 timeout_ns / 1000000);
     if (rescue != NULL)
       rescue(rescue_arg);
-    if (test_sem_wait_ns(&w->finished, CANCEL_SEC(10)) != 0)
+    if (test_sem_wait_ns(&c->finished, CANCEL_SEC(10)) != 0)
       test_give_up("a waiter thread is still blocked after its rescue");
   }
-  test_thread_join(w->thread);
-  sem_destroy(&w->started);
-  sem_destroy(&w->finished);
+  test_helper_join(w->thread);
+  w->result = c->result;
+  w->t_end = c->t_end;
+  sem_destroy(&c->started);
+  sem_destroy(&c->finished);
+  test_shared_free(c);
+  w->core = NULL;
+  w->finished = NULL;
   if (late)
     fail();
 }
