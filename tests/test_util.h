@@ -291,6 +291,51 @@ static inline int test_sem_wait_ns(sem_t *sem, int64_t timeout_ns) {
   }
 }
 
+/* ---- A start gate for racing helpers ---------------------------------- *
+ * Like a barrier that the helpers of a race pass together, but one that a
+ * failed test (a helper that could not start) can open: helpers stuck at a
+ * barrier of n could never be stopped.  The gate lives where the helpers'
+ * state does (test_shared() or static storage). */
+
+struct test_gate {
+  sem_t arrived;
+  int open; /* atomic */
+};
+
+static inline void test_gate_init(struct test_gate *g) {
+  sem_init(&g->arrived, 0, 0);
+  g->open = 0; /* before any helper runs */
+}
+
+/* Opens the gate: every helper at it goes on. */
+static inline void test_gate_open(struct test_gate *g) {
+  __atomic_store_n(&g->open, 1, __ATOMIC_RELEASE);
+}
+
+/* A helper's side: arrives, then waits (spinning, so that all leave at
+ * once, as from a barrier) until the gate opens. */
+static inline void test_gate_pass(struct test_gate *g) {
+  sem_post(&g->arrived);
+  while (!__atomic_load_n(&g->open, __ATOMIC_ACQUIRE))
+    sched_yield();
+}
+
+/* The test's side: waits until n helpers arrived (at most timeout_ns for
+ * each), then opens the gate.  Returns false when they did not all come
+ * (the gate is open anyway). */
+static inline bool test_gate_release(struct test_gate *g, int n,
+                                     int64_t timeout_ns) {
+  bool all = true;
+  for (int i = 0; i < n && all; i++)
+    all = test_sem_wait_ns(&g->arrived, timeout_ns) == 0;
+  test_gate_open(g);
+  return all;
+}
+
+static inline void test_gate_destroy(struct test_gate *g) {
+  sem_destroy(&g->arrived);
+}
+
 /* ---- Counters --------------------------------------------------------- */
 
 /* A cancel_fn that atomically increments the int that arg points to. */
