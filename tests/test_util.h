@@ -219,6 +219,11 @@ static inline pthread_t test_helper_start(test_thread_fn *fn, void *arg,
   return pthread_self();
 }
 
+/* The stop of a helper that ends by itself soon (a bounded loop). */
+static inline void test_no_stop(void *arg) {
+  (void)arg;
+}
+
 /* Joins a helper started by test_helper_start() and returns its result. */
 static inline void *test_helper_join(pthread_t t) {
   for (int i = 0; i < TEST_HELPERS_MAX; i++) {
