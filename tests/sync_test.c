@@ -404,6 +404,13 @@ static void *race_waiter(void *arg) {
   }
 }
 
+/* The waiter's stop (a failed round's teardown): quit at the next go. */
+static void stop_race_waiter(void *arg) {
+  struct race *rc = arg;
+  __atomic_store_n(&rc->quit, 1, __ATOMIC_RELEASE);
+  sem_post(&rc->go);
+}
+
 static void race_rescue(struct race *rc) {
   /* A waiter that missed its wake-up: a broadcast makes it look at the
    * (cancelled) token again. */
@@ -428,7 +435,9 @@ static void run_cond_race(bool holding) {
   cv_init(&rc->cv, PTHREAD_MUTEX_ERRORCHECK, false);
   sem_init(&rc->go, 0, 0);
   sem_init(&rc->done, 0, 0);
-  pthread_t t = test_thread_start(race_waiter, rc);
+  /* rc is the heap's and stays there if the test fails: the teardown stops
+   * the waiter, which then still reads it. */
+  pthread_t t = test_helper_start(race_waiter, rc, stop_race_waiter);
   unsigned seed = 12345u + (holding ? 7u : 0u);
   int rounds = (int)(3000 * test_stress_scale());
   int64_t budget_end = cancel_now() + CANCEL_SEC(8);
@@ -452,10 +461,8 @@ static void run_cond_race(bool holding) {
                   "(lost wake-up)\n",
                   i);
       race_rescue(rc);
-      if (test_sem_wait_ns(&rc->done, CANCEL_SEC(5)) != 0) {
-        fprintf(stderr, "waiter blocked even after a broadcast\n");
-        abort();
-      }
+      if (test_sem_wait_ns(&rc->done, CANCEL_SEC(5)) != 0)
+        test_give_up("the cond waiter is blocked even after a broadcast");
       fail();
     }
     assert_int_equal(rc->result, -ECANCELED);
@@ -465,9 +472,8 @@ static void run_cond_race(bool holding) {
     if (done_rounds >= 100 && cancel_now() > budget_end)
       break;
   }
-  __atomic_store_n(&rc->quit, 1, __ATOMIC_RELEASE);
-  sem_post(&rc->go);
-  test_thread_join(t);
+  stop_race_waiter(rc);
+  test_helper_join(t);
   sem_destroy(&rc->go);
   sem_destroy(&rc->done);
   cv_destroy(&rc->cv);
@@ -821,6 +827,12 @@ static void *consumer(void *arg) {
   }
 }
 
+/* A consumer's stop: cancel its token (a producer ends by itself). */
+static void stop_consumer(void *arg) {
+  struct pc_arg *a = arg;
+  cancel_source_cancel(a->pc->src[a->id]);
+}
+
 static void test_sem_counts_exact(void **state) {
   (void)state;
   int rounds = (int)(6 * test_stress_scale());
@@ -832,16 +844,19 @@ static void test_sem_counts_exact(void **state) {
     struct pc *pc = calloc(1, sizeof *pc);
     assert_non_null(pc);
     assert_int_equal(cancel_sem_init(&pc->sem, 0), 0);
-    struct pc_arg pa[PRODUCERS + CONSUMERS];
+    /* pc is the heap's and stays there if the test fails, pa is shared:
+     * a thread that cannot start fails the test, and the teardown cancels
+     * the consumers and joins every thread. */
+    struct pc_arg *pa = test_shared((PRODUCERS + CONSUMERS) * sizeof *pa);
     pthread_t pt[PRODUCERS], ct[CONSUMERS];
     for (int i = 0; i < CONSUMERS; i++) {
       pc->src[i] = new_src("consumer");
       pa[PRODUCERS + i] = (struct pc_arg){pc, i};
-      ct[i] = test_thread_start(consumer, &pa[PRODUCERS + i]);
+      ct[i] = test_helper_start(consumer, &pa[PRODUCERS + i], stop_consumer);
     }
     for (int i = 0; i < PRODUCERS; i++) {
       pa[i] = (struct pc_arg){pc, i};
-      pt[i] = test_thread_start(producer, &pa[i]);
+      pt[i] = test_helper_start(producer, &pa[i], test_no_stop);
     }
     /* Cancel some consumers while production runs. */
     int order[CONSUMERS];
@@ -859,13 +874,14 @@ static void test_sem_counts_exact(void **state) {
       assert_int_equal(cancel_source_cancel(pc->src[order[i]]), 1);
     }
     for (int i = 0; i < PRODUCERS; i++)
-      test_thread_join(pt[i]);
+      test_helper_join(pt[i]);
     /* Let the rest take a while, then cancel them too. */
     test_sleep_ns(CANCEL_MSEC(2));
     for (int i = early; i < CONSUMERS; i++)
       assert_int_equal(cancel_source_cancel(pc->src[order[i]]), 1);
     for (int i = 0; i < CONSUMERS; i++)
-      test_thread_join(ct[i]);
+      test_helper_join(ct[i]);
+    test_shared_free(pa);
 
     assert_int_equal(pc->post_errors, 0);
     long taken = 0;
