@@ -433,8 +433,8 @@ static void test_transaction_cancelled_before_commit(void **state) {
    * frame) is registered: results first. */
   struct tx_ctx c = {.src = s, .rows = 5, .run_long = true};
   int arc = cancel_source_cancel_after(s, CANCEL_MSEC(30));
-  int trc = arc == 0 ? cancel_sqlite_transaction(TOK(s), db, tx_work, &c, 0)
-                     : 0;
+  int trc =
+      arc == 0 ? cancel_sqlite_transaction(TOK(s), db, tx_work, &c, 0) : 0;
   int64_t since_fire = test_since(f.at);
   int urc = cancel_unregister(&reg);
   assert_int_equal(arc, 0);

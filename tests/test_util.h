@@ -173,6 +173,7 @@ static inline void *test_shared(size_t size) {
       if (p == NULL) {
         print_error("test_shared: out of memory\n");
         fail();
+        __builtin_unreachable(); /* fail() longjmps or exits */
       }
       test_shared_[i] = p;
       return p;
@@ -180,7 +181,7 @@ static inline void *test_shared(size_t size) {
   print_error("test_shared: more than %d blocks in one test\n",
               TEST_SHARED_MAX);
   fail();
-  return NULL;
+  __builtin_unreachable();
 }
 
 /* Frees a block of test_shared() before the end of the test (one that a
