@@ -163,6 +163,10 @@ static struct test_helper_slot {
 } test_helpers_[TEST_HELPERS_MAX];
 static void *test_shared_[TEST_SHARED_MAX];
 
+/* Before one of the helpers below fails the test: lets the waiters it
+ * just started reach their wait (see test_waiter_start). */
+static inline void test_settle_waiters_(void);
+
 /* A zeroed block that lives until the end of the running test (so helper
  * threads may use it after a failure).  Fails the test when memory or the
  * table runs out. */
@@ -172,6 +176,7 @@ static inline void *test_shared(size_t size) {
       void *p = calloc(1, size);
       if (p == NULL) {
         print_error("test_shared: out of memory\n");
+        test_settle_waiters_();
         fail();
         __builtin_unreachable(); /* fail() longjmps or exits */
       }
@@ -180,6 +185,7 @@ static inline void *test_shared(size_t size) {
     }
   print_error("test_shared: more than %d blocks in one test\n",
               TEST_SHARED_MAX);
+  test_settle_waiters_();
   fail();
   __builtin_unreachable();
 }
@@ -208,6 +214,7 @@ static inline pthread_t test_helper_start(test_thread_fn *fn, void *arg,
     int rc = pthread_create(&h->thread, NULL, fn, arg);
     if (rc != 0) {
       print_error("pthread_create: %s\n", strerror(rc));
+      test_settle_waiters_();
       fail();
     }
     h->stop = stop;
@@ -650,7 +657,11 @@ static inline double test_stress_scale(void) {
  * waiter to the teardown, which runs the stop given to
  * test_waiter_stop_with() (if any), waits a while for the waiter to
  * return, joins it, or ends the program when it does not return.  fn's arg
- * is the caller's: fn should read it before it blocks, not write it after. */
+ * is the caller's: fn should read it before it blocks, not write it after.
+ * A waiter just started may not have read it yet: when a helper of this
+ * header fails the test (no memory for the next waiter, no thread), it
+ * first waits until every waiter was seen blocked or has returned, so that
+ * none reads its arg from the frame the failure abandons. */
 
 typedef int64_t test_wait_fn(void *arg);
 
@@ -710,6 +721,19 @@ static inline void test_waiter_start(struct test_waiter *w, test_wait_fn *fn,
   }
   w->tid = c->tid;
   w->t_start = c->t_start;
+}
+
+static inline void test_settle_waiters_(void) {
+  for (int i = 0; i < TEST_HELPERS_MAX; i++) {
+    struct test_helper_slot *h = &test_helpers_[i];
+    if (!h->live || h->stop != test_waiter_halt)
+      continue;
+    struct test_waiter_core *c = h->arg;
+    int v = 0;
+    sem_getvalue(&c->finished, &v);
+    if (v == 0)
+      (void)test_wait_blocked(c->tid, test_tol(CANCEL_SEC(1)));
+  }
 }
 
 /* How the teardown ends this waiter if the test fails before
