@@ -1289,6 +1289,10 @@ struct slow_reader {
   size_t bad; /* offset of a wrong byte + 1, 0 if none */
 };
 
+static void stop_slow_reader(void *arg) {
+  __atomic_store_n(&((struct slow_reader *)arg)->stop, 1, __ATOMIC_RELEASE);
+}
+
 static void *slow_reader_main(void *arg) {
   struct slow_reader *r = arg;
   unsigned char buf[700];
@@ -1320,8 +1324,10 @@ static void test_write_full_active_reader(void **state) {
       int wfd, rfd;
       writer_pair(0, nb, &wfd, &rfd);
       set_nonblock(rfd, true);
-      struct slow_reader rd = {rfd, 0, 0, 0};
-      pthread_t t = test_thread_start(slow_reader_main, &rd);
+      /* Shared: a failed assertion leaves the reader to the teardown. */
+      struct slow_reader *rdp = test_shared(sizeof *rdp);
+      *rdp = (struct slow_reader){rfd, 0, 0, 0};
+      pthread_t t = test_helper_start(slow_reader_main, rdp, stop_slow_reader);
       cancel_source *s = new_src("active");
       int64_t deadline = CANCEL_NEVER;
       if (how == 1)
@@ -1335,8 +1341,10 @@ static void test_write_full_active_reader(void **state) {
       ssize_t r = cancel_write_full(TOK(s), wfd, data, how ? LEN * 8u : LEN,
                                     deadline, &done);
       long hits = test_sigstorm_stop(&storm);
-      __atomic_store_n(&rd.stop, 1, __ATOMIC_RELEASE);
-      test_thread_join(t);
+      stop_slow_reader(rdp);
+      test_helper_join(t);
+      struct slow_reader rd = *rdp;
+      test_shared_free(rdp);
       assert_int_equal(rd.bad, 0);
       size_t rest = drain_pat(rfd, rd.total);
       if (how == 0) {
