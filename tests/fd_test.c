@@ -1627,8 +1627,10 @@ static void test_accept_herd(void **state) {
       struct herd_arg ha = {TOK(s), l.fd};
       struct test_waiter *w = calloc(HERD, sizeof *w);
       assert_non_null(w);
-      for (int i = 0; i < HERD; i++)
+      for (int i = 0; i < HERD; i++) {
         test_waiter_start(&w[i], do_herd_accept, &ha);
+        test_waiter_stop_with(&w[i], test_rescue_cancel, s);
+      }
       for (int i = 0; i < HERD; i++)
         assert_true(test_wait_blocked(w[i].tid, CANCEL_SEC(5)));
       struct herd_rescue hr = {&l, {-1, -1, -1, -1, -1, -1}, 0};
