@@ -9,6 +9,7 @@
 #   make demo    build and run the example programs
 #   make format  clang-format the sources
 #   make clean   remove every build directory
+#   make faults-tests  the tests under random allocation failures (libfiu)
 #
 # Variables worth overriding on the command line:
 #   VALGRIND_SKIP="stress_test foo_test"   tests not run under valgrind
@@ -35,7 +36,7 @@ CTEST_FLAGS ?= --output-on-failure -j2 --no-tests=error
 DEPS_CHECK := build-essential cmake pkg-config libcmocka-dev valgrind libuv1-dev \
               libsqlite3-dev libcurl4-openssl-dev libpq-dev postgresql \
               libmicrohttpd-dev curl wrk perl prometheus \
-              libjansson-dev jq clang libclang-rt-14-dev
+              libjansson-dev jq clang libclang-rt-14-dev fiu-utils libfiu-dev
 # spin: the model check of the registration protocol (tests/model).
 DEPS_CHECK += spin
 # node may come from outside Debian: only ask for nodejs when none is found.
@@ -62,7 +63,7 @@ endef
 
 .PHONY: all build deps deps-check deps-bench deps-format check \
 	check-normal check-asan check-tsan check-valgrind check-fuzz \
-	check-summary fuzz fuzz-build faults bench demo format clean
+	check-summary fuzz fuzz-build faults faults-tests bench demo format clean
 
 all: build
 
@@ -229,6 +230,14 @@ check-summary:
 	@awk '{ p = $$1; f = $$2; sub(/^[0-9]+ [0-9]+ /, ""); \
 	        printf "  %-24s %d passed, %d failed\n", $$0 ":", p, f }' $(TALLY)
 	@awk '{ p += $$1; f += $$2 } END { printf "%d passed, %d failed\n", p, f; exit (f > 0) }' $(TALLY)
+
+# ----------------------------------------------------------------------
+# Fault injection: the test programs under random allocation failures
+# (libfiu); a test that fails must fail cleanly, never crash or hang.
+# ----------------------------------------------------------------------
+
+faults-tests: deps-check build
+	tests/faults/fiu_tests.sh build 3
 
 # ----------------------------------------------------------------------
 # Bench and demo

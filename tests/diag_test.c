@@ -26,7 +26,8 @@ static int setup(void **state) {
 }
 
 static int teardown(void **state) {
-  (void)state;
+  /* Its helper threads first: they may hold scopes the watchdog sees. */
+  test_helpers_teardown(state);
   /* A test that failed half-way leaves its watchdog running: not the
    * next test's problem. */
   (void)cancel_watchdog_stop();
@@ -137,6 +138,11 @@ struct bad {
   sem_t in;
 };
 
+/* A bad worker's stop (the sleeping one ends by itself in 400 ms). */
+static void stop_bad(void *p) {
+  __atomic_store_n(&((struct bad *)p)->stop, 1, __ATOMIC_RELEASE);
+}
+
 /* Ignores its token: sleeps in plain nanosleep. */
 __attribute__((noinline)) void bad_worker_sleeps(struct bad *b) {
   struct timespec ts = {0, 400 * 1000000};
@@ -182,10 +188,12 @@ static void test_watchdog_reports_sleeper(void **state) {
   cancel_metrics before;
   cancel_metrics_get(&before);
   cancel_source *s = new_src("host");
-  struct bad b = {.tok = TOK(s)};
-  sem_init(&b.in, 0, 0);
-  pthread_t t = test_thread_start(sleeper_main, &b);
-  assert_int_equal(test_sem_wait_ns(&b.in, test_tol(CANCEL_SEC(5))), 0);
+  /* Shared: a failed assertion leaves the worker to the teardown. */
+  struct bad *bp = test_shared(sizeof *bp);
+  bp->tok = TOK(s);
+  sem_init(&bp->in, 0, 0);
+  pthread_t t = test_helper_start(sleeper_main, bp, stop_bad);
+  assert_int_equal(test_sem_wait_ns(&bp->in, test_tol(CANCEL_SEC(5))), 0);
   int64_t t0 = cancel_now();
   cancel_source_cancel_with(s, CANCEL_SHUTDOWN, "SIGTERM");
   char line[2048];
@@ -203,7 +211,7 @@ static void test_watchdog_reports_sleeper(void **state) {
   /* The stack names the function that ignores the token. */
   assert_true(log_wait("msg=stack", "bad_worker_sleeps", line, sizeof line,
                        test_tol(CANCEL_SEC(2))));
-  test_thread_join(t);
+  test_helper_join(t);
   assert_true(log_wait("scope ended after cancel", "scope=\"bad sleeper\"",
                        line, sizeof line, test_tol(CANCEL_SEC(2))));
   assert_non_null(strstr(line, "overrun_ms="));
@@ -213,7 +221,7 @@ static void test_watchdog_reports_sleeper(void **state) {
   assert_int_equal(after.scopes_overdue, 0);
   assert_int_equal(cancel_watchdog_stop(), 0);
   assert_int_equal(cancel_watchdog_stop(), -EINVAL);
-  sem_destroy(&b.in);
+  sem_destroy(&bp->in);
   cancel_source_unref(s);
 }
 
@@ -225,10 +233,11 @@ static void test_watchdog_reports_spinner_once(void **state) {
   const cancel_token *p = TOK(parent);
   cancel_source *req = NULL;
   assert_int_equal(cancel_source_new_linked(&req, "request 9", &p, 1), 0);
-  struct bad b = {.tok = TOK(req)};
-  sem_init(&b.in, 0, 0);
-  pthread_t t = test_thread_start(spinner_main, &b);
-  assert_int_equal(test_sem_wait_ns(&b.in, test_tol(CANCEL_SEC(5))), 0);
+  struct bad *bp = test_shared(sizeof *bp);
+  bp->tok = TOK(req);
+  sem_init(&bp->in, 0, 0);
+  pthread_t t = test_helper_start(spinner_main, bp, stop_bad);
+  assert_int_equal(test_sem_wait_ns(&bp->in, test_tol(CANCEL_SEC(5))), 0);
   cancel_source_cancel_with(parent, CANCEL_TIMEOUT, "2s");
   char line[2048];
   assert_true(log_wait("scope still running after cancel",
@@ -248,10 +257,10 @@ static void test_watchdog_reports_spinner_once(void **state) {
   assert_true(log_wait("scope still running after cancel", "scope=\"job 7\"",
                        line, sizeof line, test_tol(CANCEL_SEC(2))));
   assert_non_null(strstr(line, "inner=\"bad spinner\""));
-  __atomic_store_n(&b.stop, 1, __ATOMIC_RELEASE);
-  test_thread_join(t);
+  stop_bad(bp);
+  test_helper_join(t);
   assert_int_equal(cancel_watchdog_stop(), 0);
-  sem_destroy(&b.in);
+  sem_destroy(&bp->in);
   cancel_source_unref(req);
   cancel_source_unref(parent);
 }
@@ -285,6 +294,7 @@ static int64_t waiter_sleep(void *arg) {
 struct dropped {
   const cancel_token *tok;   /* the request's: cancelled by the test */
   const cancel_token *other; /* a live one the wait uses by mistake */
+  cancel_source *other_src;  /* its source */
   pthread_mutex_t mu;
   pthread_cond_t cv;
   int done;
@@ -315,18 +325,34 @@ static void *dropped_main(void *p) {
   return NULL;
 }
 
+/* Releases the thread: cancels the token it waits on, or ends its loop. */
+static void release_dropped(void *p) {
+  struct dropped *d = p;
+  if (d->other_src != NULL) {
+    cancel_source_cancel(d->other_src);
+  } else {
+    pthread_mutex_lock(&d->mu);
+    d->done = 1;
+    pthread_cond_broadcast(&d->cv);
+    pthread_mutex_unlock(&d->mu);
+  }
+}
+
 static void check_dropped(cancel_source *other, const char *inner,
                           const char *fn) {
   cancel_watchdog_options o = {.threshold_ns = CANCEL_MSEC(30)};
   assert_int_equal(cancel_watchdog_start(&o), 0);
   cancel_source *req = new_src("client 10.0.0.9:4000");
-  struct dropped d = {.tok = TOK(req),
-                      .other = other != NULL ? TOK(other) : NULL};
-  pthread_mutex_init(&d.mu, NULL);
-  pthread_cond_init(&d.cv, NULL);
-  sem_init(&d.in, 0, 0);
-  pthread_t t = test_thread_start(dropped_main, &d);
-  assert_int_equal(test_sem_wait_ns(&d.in, test_tol(CANCEL_SEC(5))), 0);
+  /* Shared: a failed assertion leaves the thread to the teardown. */
+  struct dropped *d = test_shared(sizeof *d);
+  d->tok = TOK(req);
+  d->other = other != NULL ? TOK(other) : NULL;
+  d->other_src = other;
+  pthread_mutex_init(&d->mu, NULL);
+  pthread_cond_init(&d->cv, NULL);
+  sem_init(&d->in, 0, 0);
+  pthread_t t = test_helper_start(dropped_main, d, release_dropped);
+  assert_int_equal(test_sem_wait_ns(&d->in, test_tol(CANCEL_SEC(5))), 0);
   cancel_source_cancel_with(req, CANCEL_CLIENT_GONE, NULL);
   char line[2048];
   assert_true(log_wait("scope still running after cancel",
@@ -339,20 +365,12 @@ static void check_dropped(cancel_source *other, const char *inner,
   /* The wait itself is not overdue: its token did not fire. */
   assert_int_equal(test_log_count("scope still running", "scope=cancel_", NULL),
                    0);
-  /* Release the thread. */
-  if (other != NULL) {
-    cancel_source_cancel(other);
-  } else {
-    pthread_mutex_lock(&d.mu);
-    d.done = 1;
-    pthread_cond_broadcast(&d.cv);
-    pthread_mutex_unlock(&d.mu);
-  }
-  test_thread_join(t);
+  release_dropped(d);
+  test_helper_join(t);
   assert_int_equal(cancel_watchdog_stop(), 0);
-  pthread_cond_destroy(&d.cv);
-  pthread_mutex_destroy(&d.mu);
-  sem_destroy(&d.in);
+  pthread_cond_destroy(&d->cv);
+  pthread_mutex_destroy(&d->mu);
+  sem_destroy(&d->in);
   cancel_source_unref(req);
 }
 
@@ -378,6 +396,7 @@ static void test_wait_scope_is_not_an_overrun(void **state) {
   cancel_source *s = new_src("req");
   struct test_waiter tw;
   test_waiter_start(&tw, waiter_sleep, (void *)TOK(s));
+  test_waiter_stop_with(&tw, test_rescue_cancel, s);
   assert_true(test_wait_blocked(tw.tid, test_tol(CANCEL_SEC(5))));
   cancel_source_cancel(s);
   test_waiter_end(&tw, test_tol(CANCEL_SEC(5)), NULL, NULL);
@@ -404,15 +423,21 @@ static void *parked_main(void *p) {
   return NULL;
 }
 
+static void release_parked(void *p) {
+  (void)cancel_sem_post(&((struct parked *)p)->out);
+}
+
 static void test_fork_child_scans_itself(void **state) {
   (void)state;
   cancel_source *s = new_src("req");
   cancel_source_cancel(s);
-  struct parked k = {.tok = TOK(s)};
-  assert_int_equal(cancel_sem_init(&k.in, 0), 0);
-  assert_int_equal(cancel_sem_init(&k.out, 0), 0);
-  pthread_t t = test_thread_start(parked_main, &k);
-  assert_int_equal(cancel_sem_wait(NULL, &k.in, CANCEL_NEVER), 0);
+  /* Shared: a failed assertion leaves the worker to the teardown. */
+  struct parked *k = test_shared(sizeof *k);
+  k->tok = TOK(s);
+  assert_int_equal(cancel_sem_init(&k->in, 0), 0);
+  assert_int_equal(cancel_sem_init(&k->out, 0), 0);
+  pthread_t t = test_helper_start(parked_main, k, release_parked);
+  assert_int_equal(cancel_sem_wait(NULL, &k->in, CANCEL_NEVER), 0);
   cancel_metrics m;
   cancel_metrics_get(&m);
   assert_int_equal(m.scopes_overdue, 1); /* the worker's, not its wait's */
@@ -433,8 +458,8 @@ static void test_fork_child_scans_itself(void **state) {
   assert_int_equal(waitpid(pid, &st, 0), pid);
   assert_true(WIFEXITED(st));
   assert_int_equal(WEXITSTATUS(st), 0);
-  assert_int_equal(cancel_sem_post(&k.out), 0);
-  test_thread_join(t);
+  assert_int_equal(cancel_sem_post(&k->out), 0);
+  test_helper_join(t);
   cancel_source_unref(s);
 }
 
@@ -447,7 +472,12 @@ void cancel__scopes_scan(void (*fn)(void *, int, cancel_scope **, int),
 struct churn {
   int stop; /* atomic */
   uint64_t iters;
+  int failed; /* atomic: sources that could not be made */
 };
+
+static void stop_churn(void *p) {
+  __atomic_store_n(&((struct churn *)p)->stop, 1, __ATOMIC_RELEASE);
+}
 
 /* Scopes on tokens that die right after the scope ends: a scan that read
  * a scope after its end would touch a freed token (ASan) or race with the
@@ -457,8 +487,11 @@ static void *churn_main(void *p) {
   uint64_t n = 0;
   while (!__atomic_load_n(&c->stop, __ATOMIC_ACQUIRE)) {
     cancel_source *s = NULL;
-    if (cancel_source_new(&s, "churn") != 0)
-      abort();
+    if (cancel_source_new(&s, "churn") != 0) {
+      /* Counted, asserted by the test once it joined the threads. */
+      __atomic_add_fetch(&c->failed, 1, __ATOMIC_RELAXED);
+      break;
+    }
     cancel_scope a, b;
     cancel_scope_begin(&a, cancel_source_token(s), "churn outer");
     cancel_scope_begin(&b, NULL, "churn inner");
@@ -487,21 +520,24 @@ static void read_chain(void *ctx, int tid, cancel_scope **chain, int n) {
 
 static void churn(int fence) {
   cancel__scopes_force_fence(fence);
-  struct churn c = {0, 0};
+  /* Shared: a thread that cannot start fails the test, and the teardown
+   * stops the others. */
+  struct churn *c = test_shared(sizeof *c);
   pthread_t t[3];
   for (int i = 0; i < 3; i++)
-    t[i] = test_thread_start(churn_main, &c);
+    t[i] = test_helper_start(churn_main, c, stop_churn);
   uint64_t scans = 0, seen = 0;
   int64_t end = cancel_now() + CANCEL_MSEC(300);
   while (cancel_now() < end) {
     cancel__scopes_scan(read_chain, &seen);
     scans++;
   }
-  __atomic_store_n(&c.stop, 1, __ATOMIC_RELEASE);
+  stop_churn(c);
   for (int i = 0; i < 3; i++)
-    test_thread_join(t[i]);
+    test_helper_join(t[i]);
   cancel__scopes_force_fence(0);
-  uint64_t iters = __atomic_load_n(&c.iters, __ATOMIC_ACQUIRE);
+  assert_int_equal(__atomic_load_n(&c->failed, __ATOMIC_RELAXED), 0);
+  uint64_t iters = __atomic_load_n(&c->iters, __ATOMIC_ACQUIRE);
   print_message("fence=%d: %llu scans, %llu scopes, %llu cancelled scopes "
                 "seen\n",
                 fence, (unsigned long long)scans, (unsigned long long)iters,
@@ -590,6 +626,7 @@ static void test_metrics_prometheus(void **state) {
   cancel_source *w = new_src("with \"quotes\" \\ and\nnewline");
   struct test_waiter tw;
   test_waiter_start(&tw, waiter_sleep, (void *)TOK(w));
+  test_waiter_stop_with(&tw, test_rescue_cancel, w);
   assert_true(test_wait_blocked(tw.tid, test_tol(CANCEL_SEC(5))));
   cancel_source_cancel(w);
   test_waiter_end(&tw, test_tol(CANCEL_SEC(5)), NULL, NULL);

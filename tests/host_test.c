@@ -240,6 +240,8 @@ struct rec {
   int value;     /* what it returns */
   bool flag;     /* what it observed */
   sem_t *gate;   /* stop_later: wait for this first */
+  int err;       /* a step that failed (no cmocka assert off the test's
+                    thread): the test asserts it is 0 after the join */
 };
 
 static void rec_init(struct rec *r, cancel_host *h) {
@@ -252,7 +254,8 @@ static void rec_init(struct rec *r, cancel_host *h) {
 static int sigterm_sender(const cancel_token *stopping, void *arg) {
   struct rec *r = arg;
   r->at = cancel_now();
-  assert_int_equal(kill(getpid(), SIGTERM), 0);
+  if (kill(getpid(), SIGTERM) != 0)
+    r->err = -errno;
   return cancel_sleep(stopping, CANCEL_SEC(3600));
 }
 
@@ -289,8 +292,9 @@ static int ignores_token(const cancel_token *stopping, void *arg) {
  * (or after it started, without a gate). */
 static void *stop_later(void *arg) {
   struct rec *r = arg;
-  if (r->gate != NULL)
-    assert_int_equal(test_sem_wait_ns(r->gate, test_tol(CANCEL_SEC(5))), 0);
+  if (r->gate != NULL &&
+      test_sem_wait_ns(r->gate, test_tol(CANCEL_SEC(5))) != 0)
+    r->err = -ETIMEDOUT; /* stops all the same: run returns */
   test_sleep_ns(r->sleep);
   r->at = cancel_now();
   r->rc = cancel_host_stop(r->h, "admin request");
@@ -305,9 +309,9 @@ static void test_stop_by_sigterm(void **state) {
   (void)state;
   cancel_host_options o = {.shutdown_timeout_ns = CANCEL_SEC(5)};
   cancel_host *h = new_host("svc", &o);
-  struct rec sender;
-  rec_init(&sender, h);
-  assert_int_equal(cancel_host_add_worker(h, "sender", sigterm_sender, &sender),
+  struct rec *sender = test_shared(sizeof *sender);
+  rec_init(sender, h);
+  assert_int_equal(cancel_host_add_worker(h, "sender", sigterm_sender, sender),
                    0);
   assert_int_equal(cancel_host_add_worker(h, "waiter", wait_for_stop, NULL), 0);
 
@@ -318,8 +322,9 @@ static void test_stop_by_sigterm(void **state) {
   assert_int_equal(r.kind, CANCEL_SHUTDOWN);
   assert_string_equal(r.origin, "svc");
   assert_string_equal(r.detail, "SIGTERM");
-  assert_i64_ge(r.time, sender.at);
-  assert_i64_lt(back - sender.at, test_tol(CANCEL_SEC(1)));
+  assert_int_equal(sender->err, 0);
+  assert_i64_ge(r.time, sender->at);
+  assert_i64_lt(back - sender->at, test_tol(CANCEL_SEC(1)));
   assert_i64_eq(cancel_host_shutdown_deadline(h), r.time + CANCEL_SEC(5));
 
   assert_line(CANCEL_LOG_INFO, NULL, "started", "host=svc", "workers=2",
@@ -348,20 +353,21 @@ static void test_stop_by_request(void **state) {
   assert_i64_eq(cancel_host_shutdown_deadline(h), CANCEL_NEVER);
   assert_false(cancel_token_is_cancelled(cancel_host_stopping(h)));
 
-  struct rec admin;
-  rec_init(&admin, h);
-  admin.sleep = CANCEL_MSEC(50);
-  pthread_t t = test_thread_start(stop_later, &admin);
+  struct rec *admin = test_shared(sizeof *admin);
+  rec_init(admin, h);
+  admin->sleep = CANCEL_MSEC(50);
+  pthread_t t = test_helper_start(stop_later, admin, test_no_stop);
   assert_int_equal(cancel_host_run(h), CANCEL_HOST_EXIT_OK);
   int64_t back = cancel_now();
-  test_thread_join(t);
+  test_helper_join(t);
+  assert_int_equal(admin->err, 0);
 
-  assert_int_equal(admin.rc, 1);
+  assert_int_equal(admin->rc, 1);
   assert_int_equal(cancel_host_stop(h, "too late"), 0);
   cancel_reason r = stop_reason(h);
   assert_int_equal(r.kind, CANCEL_SHUTDOWN);
   assert_string_equal(r.detail, "admin request");
-  assert_i64_ge(r.time, admin.at);
+  assert_i64_ge(r.time, admin->at);
   assert_i64_lt(back - r.time, test_tol(CANCEL_MSEC(500)));
   assert_i64_eq(cancel_host_shutdown_deadline(h), r.time + SHORT_TIMEOUT);
   assert_line(CANCEL_LOG_INFO, NULL, "started", "signals=off");
@@ -379,13 +385,13 @@ static void test_cancelled_is_info(void **state) {
   (void)state;
   cancel_host_options o = quiet_opts(SHORT_TIMEOUT);
   cancel_host *h = new_host("svc", &o);
-  struct rec stop;
-  rec_init(&stop, h);
+  struct rec *stop = test_shared(sizeof *stop);
+  rec_init(stop, h);
   assert_int_equal(cancel_host_add_worker(h, "cancelled", wait_for_stop, NULL),
                    0);
-  assert_int_equal(cancel_host_add_worker(h, "stopper", stopper, &stop), 0);
+  assert_int_equal(cancel_host_add_worker(h, "stopper", stopper, stop), 0);
   assert_int_equal(cancel_host_run(h), CANCEL_HOST_EXIT_OK);
-  assert_int_equal(stop.rc, 1);
+  assert_int_equal(stop->rc, 1);
 
   char line[LINE_LEN];
   assert_line(CANCEL_LOG_INFO, line, "worker stopped", "worker=cancelled",
@@ -409,12 +415,12 @@ static void test_failing_worker_stops_host(void **state) {
   (void)state;
   cancel_host_options o = quiet_opts(SHORT_TIMEOUT);
   cancel_host *h = new_host("svc", &o);
-  struct rec broken;
-  rec_init(&broken, h);
-  broken.sleep = CANCEL_MSEC(20);
-  broken.value = -EIO;
+  struct rec *broken = test_shared(sizeof *broken);
+  rec_init(broken, h);
+  broken->sleep = CANCEL_MSEC(20);
+  broken->value = -EIO;
   assert_int_equal(cancel_host_add_worker(h, "steady", wait_for_stop, NULL), 0);
-  assert_int_equal(cancel_host_add_worker(h, "broken", returns_value, &broken),
+  assert_int_equal(cancel_host_add_worker(h, "broken", returns_value, broken),
                    0);
 
   assert_int_equal(cancel_host_run(h), CANCEL_HOST_EXIT_FAILED);
@@ -422,7 +428,7 @@ static void test_failing_worker_stops_host(void **state) {
   assert_int_equal(r.kind, CANCEL_SHUTDOWN);
   assert_string_equal(r.origin, "svc");
   assert_string_equal(r.detail, "worker broken failed");
-  assert_i64_ge(r.time, broken.at);
+  assert_i64_ge(r.time, broken->at);
 
   char line[LINE_LEN];
   assert_line(CANCEL_LOG_ERROR, line, "worker failed", "worker=broken",
@@ -442,7 +448,12 @@ static void test_failing_worker_stops_host(void **state) {
 static int cancelled_by_other(const cancel_token *stopping, void *arg) {
   (void)stopping;
   (void)arg;
-  cancel_source *mine = new_src("mine");
+  /* Not new_src(): no cmocka assert on a worker's thread.  A source that
+   * cannot be made is this worker's failure, which the test sees. */
+  cancel_source *mine = NULL;
+  int made = cancel_source_new(&mine, "mine");
+  if (made != 0)
+    return made;
   cancel_source_cancel(mine);
   int rc = cancel_sleep(TOK(mine), CANCEL_SEC(10));
   cancel_source_unref(mine);
@@ -488,18 +499,19 @@ static void test_keep_running_on_failure(void **state) {
   cancel_host_options o = quiet_opts(SHORT_TIMEOUT);
   o.keep_running_on_failure = true;
   cancel_host *h = new_host("svc", &o);
-  struct rec broken, steady;
-  rec_init(&broken, h);
-  rec_init(&steady, h);
-  broken.value = -EIO;
-  assert_int_equal(cancel_host_add_worker(h, "broken", returns_value, &broken),
+  struct rec *broken = test_shared(sizeof *broken),
+             *steady = test_shared(sizeof *steady);
+  rec_init(broken, h);
+  rec_init(steady, h);
+  broken->value = -EIO;
+  assert_int_equal(cancel_host_add_worker(h, "broken", returns_value, broken),
                    0);
   assert_int_equal(
-      cancel_host_add_worker(h, "steady", outlives_failure, &steady), 0);
+      cancel_host_add_worker(h, "steady", outlives_failure, steady), 0);
 
   assert_int_equal(cancel_host_run(h), CANCEL_HOST_EXIT_FAILED);
-  assert_int_equal(steady.rc, 0);
-  assert_false(steady.flag); /* still running after the failure */
+  assert_int_equal(steady->rc, 0);
+  assert_false(steady->flag); /* still running after the failure */
   assert_string_equal(stop_reason(h).detail, "all workers returned");
   assert_line(CANCEL_LOG_ERROR, NULL, "worker failed", "worker=broken");
   assert_line(CANCEL_LOG_INFO, NULL, "worker stopped", "worker=steady",
@@ -523,20 +535,22 @@ static void test_stuck_worker_reported(void **state) {
   (void)state;
   cancel_host_options o = quiet_opts(SHORT_TIMEOUT);
   cancel_host *h = new_host("svc", &o);
-  struct rec poller, admin;
-  rec_init(&poller, h);
-  rec_init(&admin, h);
+  struct rec *poller = test_shared(sizeof *poller),
+             *admin = test_shared(sizeof *admin);
+  rec_init(poller, h);
+  rec_init(admin, h);
   /* Longer than run takes to give up, even when that is late. */
-  poller.sleep = SHORT_TIMEOUT + test_tol(CANCEL_MSEC(600));
-  admin.gate = &poller.ready;
-  assert_int_equal(cancel_host_add_worker(h, "poller", ignores_token, &poller),
+  poller->sleep = SHORT_TIMEOUT + test_tol(CANCEL_MSEC(600));
+  admin->gate = &poller->ready;
+  assert_int_equal(cancel_host_add_worker(h, "poller", ignores_token, poller),
                    0);
   assert_int_equal(cancel_host_add_worker(h, "good", wait_for_stop, NULL), 0);
-  pthread_t t = test_thread_start(stop_later, &admin);
+  pthread_t t = test_helper_start(stop_later, admin, test_no_stop);
 
   assert_int_equal(cancel_host_run(h), CANCEL_HOST_EXIT_TIMEOUT);
   int64_t back = cancel_now();
-  test_thread_join(t);
+  test_helper_join(t);
+  assert_int_equal(admin->err, 0);
   int64_t asked = stop_reason(h).time;
   assert_elapsed_within(back - asked, SHORT_TIMEOUT, CANCEL_MSEC(300));
 
@@ -557,7 +571,7 @@ static void test_stuck_worker_reported(void **state) {
   /* The worker still uses the host: it is not freed until it returns. */
   assert_int_equal(cancel_host_free(h), -EBUSY);
   assert_true(
-      test_wait_until(host_freed, h, poller.sleep + test_tol(CANCEL_SEC(5))));
+      test_wait_until(host_freed, h, poller->sleep + test_tol(CANCEL_SEC(5))));
   /* It said so when it came back, late. */
   assert_line(CANCEL_LOG_INFO, NULL, "worker stopped", "worker=poller",
               "result=done", "late=true");
@@ -569,14 +583,21 @@ static void *shield_holder(void *arg) {
   struct rec *r = arg;
   const cancel_token *stopping = cancel_host_stopping(r->h);
   cancel_source *shield = NULL;
-  assert_int_equal(cancel_source_new_shield(&shield, "commit", stopping, 0), 0);
+  r->err = cancel_source_new_shield(&shield, "commit", stopping, 0);
   sem_post(&r->ready);
+  if (r->err != 0)
+    return NULL;
   r->rc = cancel_sleep(stopping, CANCEL_SEC(3600));
   /* The commit: the shield's token does not follow the stop. */
-  assert_int_equal(cancel_sleep(TOK(shield), r->sleep), 0);
+  r->err = cancel_sleep(TOK(shield), r->sleep);
   r->at = cancel_now();
   cancel_source_unref(shield);
   return NULL;
+}
+
+/* A shield holder's stop (a failed test's teardown): stop the host. */
+static void stop_host(void *arg) {
+  (void)cancel_host_stop(((struct rec *)arg)->h, "test teardown");
 }
 
 /* An open shield delays the exit until it closes, within the timeout. */
@@ -585,22 +606,25 @@ static void test_shield_delays_stop(void **state) {
   cancel_host_options o = quiet_opts(test_tol(CANCEL_SEC(5)));
   cancel_host *h = new_host("svc", &o);
   assert_int_equal(cancel_host_add_worker(h, "w", wait_for_stop, NULL), 0);
-  struct rec holder, admin;
-  rec_init(&holder, h);
-  rec_init(&admin, h);
-  holder.sleep = CANCEL_MSEC(100);
-  admin.gate = &holder.ready;
-  pthread_t ht = test_thread_start(shield_holder, &holder);
-  pthread_t at = test_thread_start(stop_later, &admin);
+  struct rec *holder = test_shared(sizeof *holder),
+             *admin = test_shared(sizeof *admin);
+  rec_init(holder, h);
+  rec_init(admin, h);
+  holder->sleep = CANCEL_MSEC(100);
+  admin->gate = &holder->ready;
+  pthread_t ht = test_helper_start(shield_holder, holder, stop_host);
+  pthread_t at = test_helper_start(stop_later, admin, test_no_stop);
 
   assert_int_equal(cancel_host_run(h), CANCEL_HOST_EXIT_OK);
   int64_t back = cancel_now();
-  test_thread_join(at);
-  test_thread_join(ht);
-  assert_int_equal(holder.rc, -ECANCELED);
+  test_helper_join(at);
+  test_helper_join(ht);
+  assert_int_equal(admin->err, 0);
+  assert_int_equal(holder->err, 0);
+  assert_int_equal(holder->rc, -ECANCELED);
   /* Not before the shield closed, and soon after. */
-  assert_i64_ge(back, holder.at);
-  assert_i64_lt(back - holder.at, test_tol(CANCEL_MSEC(100)));
+  assert_i64_ge(back, holder->at);
+  assert_i64_lt(back - holder->at, test_tol(CANCEL_MSEC(100)));
   assert_i64_ge(back - stop_reason(h).time, CANCEL_MSEC(100));
   assert_no_warnings();
   assert_int_equal(cancel_host_free(h), 0);
@@ -613,13 +637,14 @@ static void test_shield_past_deadline(void **state) {
   cancel_host_options o = quiet_opts(SHORT_TIMEOUT);
   cancel_host *h = new_host("svc", &o);
   assert_int_equal(cancel_host_add_worker(h, "w", wait_for_stop, NULL), 0);
-  struct rec holder, admin;
-  rec_init(&holder, h);
-  rec_init(&admin, h);
-  holder.sleep = SHORT_TIMEOUT + test_tol(CANCEL_MSEC(400));
-  admin.gate = &holder.ready;
-  pthread_t ht = test_thread_start(shield_holder, &holder);
-  pthread_t at = test_thread_start(stop_later, &admin);
+  struct rec *holder = test_shared(sizeof *holder),
+             *admin = test_shared(sizeof *admin);
+  rec_init(holder, h);
+  rec_init(admin, h);
+  holder->sleep = SHORT_TIMEOUT + test_tol(CANCEL_MSEC(400));
+  admin->gate = &holder->ready;
+  pthread_t ht = test_helper_start(shield_holder, holder, stop_host);
+  pthread_t at = test_helper_start(stop_later, admin, test_no_stop);
 
   assert_int_equal(cancel_host_run(h), CANCEL_HOST_EXIT_TIMEOUT);
   int64_t back = cancel_now();
@@ -628,8 +653,10 @@ static void test_shield_past_deadline(void **state) {
   assert_line(CANCEL_LOG_ERROR, NULL, "shutdown timed out", "shields_open=1",
               "workers_running=0");
   assert_no_line("worker did not stop in time", "host=svc");
-  test_thread_join(at);
-  test_thread_join(ht);
+  test_helper_join(at);
+  test_helper_join(ht);
+  assert_int_equal(admin->err, 0);
+  assert_int_equal(holder->err, 0);
   /* Every worker returned: the host can be freed at once. */
   assert_int_equal(cancel_host_free(h), 0);
 }
@@ -690,14 +717,15 @@ static void test_no_workers_waits_for_stop(void **state) {
   (void)state;
   cancel_host_options o = quiet_opts(SHORT_TIMEOUT);
   cancel_host *h = new_host("svc", &o);
-  struct rec admin;
-  rec_init(&admin, h);
-  admin.sleep = CANCEL_MSEC(50);
+  struct rec *admin = test_shared(sizeof *admin);
+  rec_init(admin, h);
+  admin->sleep = CANCEL_MSEC(50);
   int64_t t0 = cancel_now();
-  pthread_t t = test_thread_start(stop_later, &admin);
+  pthread_t t = test_helper_start(stop_later, admin, test_no_stop);
   assert_int_equal(cancel_host_run(h), CANCEL_HOST_EXIT_OK);
   assert_i64_ge(cancel_now() - t0, CANCEL_MSEC(50));
-  test_thread_join(t);
+  test_helper_join(t);
+  assert_int_equal(admin->err, 0);
   assert_string_equal(stop_reason(h).detail, "admin request");
   assert_int_equal(cancel_host_free(h), 0);
 }
@@ -827,9 +855,9 @@ static void test_sd_notify_failures_warn(void **state) {
     assert_int_equal(setenv("NOTIFY_SOCKET", bad[i], 1), 0);
     cancel_host_options o = quiet_opts(SHORT_TIMEOUT);
     cancel_host *h = new_host("svc", &o);
-    struct rec stop;
-    rec_init(&stop, h);
-    assert_int_equal(cancel_host_add_worker(h, "stopper", stopper, &stop), 0);
+    struct rec *stop = test_shared(sizeof *stop);
+    rec_init(stop, h);
+    assert_int_equal(cancel_host_add_worker(h, "stopper", stopper, stop), 0);
     assert_int_equal(cancel_host_run(h), CANCEL_HOST_EXIT_OK);
     assert_int_equal(unsetenv("NOTIFY_SOCKET"), 0);
     char sock[128];

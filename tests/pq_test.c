@@ -114,6 +114,16 @@ static void *bg_query_main(void *arg) {
   return NULL;
 }
 
+/* A query's stop (a failed test's teardown): the server cancels it. */
+static void stop_bg_query(void *arg) {
+  struct bg_query *q = arg;
+  PGcancel *pc = PQgetCancel(q->conn);
+  char err[256];
+  if (pc != NULL)
+    (void)PQcancel(pc, err, sizeof err);
+  PQfreeCancel(pc);
+}
+
 /* Waits until the backend of conn runs a query (seen from mon). */
 static void wait_active(PGconn *mon, PGconn *conn) {
   int pid = PQbackendPID(conn);
@@ -125,12 +135,13 @@ static void wait_active(PGconn *mon, PGconn *conn) {
 }
 
 /* SELECT pg_sleep(30) on conn with tok, on its own thread; returns once
- * the server runs it (seen from mon). */
+ * the server runs it (seen from mon).  q is test_shared(): a failed test
+ * leaves the thread to the teardown. */
 static void bg_sleep_start(struct bg_query *q, PGconn *conn, PGconn *mon,
                            const cancel_token *tok) {
   *q =
       (struct bg_query){.conn = conn, .tok = tok, .sql = "SELECT pg_sleep(30)"};
-  q->thread = test_thread_start(bg_query_main, q);
+  q->thread = test_helper_start(bg_query_main, q, stop_bg_query);
   wait_active(mon, conn);
 }
 
@@ -170,14 +181,14 @@ static void test_cancel_stops_server_work(void **state) {
   (void)state;
   PGconn *c = connect_ok(), *mon = connect_ok();
   cancel_source *s = new_src("req");
-  struct bg_query q;
-  bg_sleep_start(&q, c, mon, TOK(s));
+  struct bg_query *q = test_shared(sizeof *q);
+  bg_sleep_start(q, c, mon, TOK(s));
   test_sleep_ns(CANCEL_MSEC(100));
   int64_t t0 = cancel_now();
   assert_true(cancel_source_cancel(s));
-  test_thread_join(q.thread);
-  assert_int_equal(q.result, -ECANCELED);
-  assert_i64_lt(q.returned_at - t0, test_tol(CANCEL_MSEC(100)));
+  test_helper_join(q->thread);
+  assert_int_equal(q->result, -ECANCELED);
+  assert_i64_lt(q->returned_at - t0, test_tol(CANCEL_MSEC(100)));
 
   /* On the server: the backend is idle, not sleeping out its 30 s. */
   char st[256];
@@ -751,14 +762,14 @@ static void test_server_terminates_backend(void **state) {
   (void)state;
   PGconn *c = connect_ok(), *mon = connect_ok();
   cancel_source *s = new_src("req");
-  struct bg_query q;
-  bg_sleep_start(&q, c, mon, TOK(s));
+  struct bg_query *q = test_shared(sizeof *q);
+  bg_sleep_start(q, c, mon, TOK(s));
   char sql[64];
   snprintf(sql, sizeof sql, "SELECT pg_terminate_backend(%d)::int",
            PQbackendPID(c));
   assert_int_equal(query_long(mon, sql), 1);
-  test_thread_join(q.thread);
-  assert_int_equal(q.result, -ECONNRESET);
+  test_helper_join(q->thread);
+  assert_int_equal(q->result, -ECONNRESET);
   assert_int_equal(cancel_pq_exec(TOK(s), c, "SELECT 1", NULL), -ECONNRESET);
   cancel_source_unref(s);
   PQfinish(mon);

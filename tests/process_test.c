@@ -426,6 +426,10 @@ struct firer {
   int sent;
 };
 
+static void stop_firer(void *arg) {
+  __atomic_store_n(&((struct firer *)arg)->stop, 1, __ATOMIC_RELEASE);
+}
+
 static void *fire_signals(void *arg) {
   struct firer *f = arg;
   while (!__atomic_load_n(&f->stop, __ATOMIC_ACQUIRE)) {
@@ -452,9 +456,12 @@ static void test_signals_do_not_end_waits(void **state) {
   spawn_term_ignorer(&ignorer);
   spawn_sleep30(&late);
 
-  struct firer f = {.target = pthread_self(), .stop = 0, .sent = 0};
+  /* Shared: if an assertion below fails, the teardown stops the firer
+   * after this frame is gone. */
+  struct firer *f = test_shared(sizeof *f);
+  f->target = pthread_self();
   usr1_seen = 0;
-  pthread_t th = test_thread_start(fire_signals, &f);
+  pthread_t th = test_helper_start(fire_signals, f, stop_firer);
   int status = -1;
 
   /* A normal exit: not ended early by EINTR. */
@@ -483,10 +490,10 @@ static void test_signals_do_not_end_waits(void **state) {
   assert_int_equal(cancel_child_kill(&late, CANCEL_SEC(1), &status), 0);
   assert_signalled(status, SIGTERM);
 
-  __atomic_store_n(&f.stop, 1, __ATOMIC_RELEASE);
-  test_thread_join(th);
+  stop_firer(f);
+  test_helper_join(th);
   assert_true(usr1_seen);
-  assert_true(f.sent > 10);
+  assert_true(f->sent > 10);
   assert_int_equal(sigaction(SIGUSR1, &old, NULL), 0);
   cancel_source_unref(s);
   assert_no_children();
@@ -762,6 +769,12 @@ static void *wait_thread(void *arg) {
   return NULL;
 }
 
+/* A waiter's stop: cancel the token it waits with (a failed test's
+ * teardown; the source outlives the test's frame). */
+static void stop_waiter(void *arg) {
+  cancel_source_cancel((cancel_source *)((struct waiter *)arg)->tok);
+}
+
 static bool handle_busy(void *arg) {
   return __atomic_load_n(&((cancel_child *)arg)->busy, __ATOMIC_ACQUIRE) != 0;
 }
@@ -770,21 +783,23 @@ static void test_second_thread_is_busy(void **state) {
   (void)state;
   unsetenv("CANCEL_ABORT_ON_MISUSE"); /* the misuse line is expected */
   cancel_source *s = new_src("owner");
-  cancel_child c;
-  spawn_sleep30(&c);
-  struct waiter w = {.c = &c, .tok = TOK(s), .rc = 1, .status = -1};
-  pthread_t th = test_thread_start(wait_thread, &w);
+  /* Shared with the waiter, which a failed assertion leaves running. */
+  cancel_child *c = test_shared(sizeof *c);
+  spawn_sleep30(c);
+  struct waiter *w = test_shared(sizeof *w);
+  *w = (struct waiter){.c = c, .tok = TOK(s), .rc = 1, .status = -1};
+  pthread_t th = test_helper_start(wait_thread, w, stop_waiter);
   /* No signal exists for "the other thread is inside the call". */
-  assert_true(test_wait_until(handle_busy, &c, test_tol(CANCEL_SEC(5))));
+  assert_true(test_wait_until(handle_busy, c, test_tol(CANCEL_SEC(5))));
   int status;
-  assert_int_equal(cancel_child_wait(NULL, &c, 0, 0, &status), -EBUSY);
-  assert_int_equal(cancel_child_kill(&c, 0, &status), -EBUSY);
-  assert_int_equal(cancel_child_signal(&c, SIGKILL), -EBUSY);
+  assert_int_equal(cancel_child_wait(NULL, c, 0, 0, &status), -EBUSY);
+  assert_int_equal(cancel_child_kill(c, 0, &status), -EBUSY);
+  assert_int_equal(cancel_child_signal(c, SIGKILL), -EBUSY);
   /* The way to stop it from here: cancel the waiter's token. */
   cancel_source_cancel(s);
-  test_thread_join(th);
-  assert_int_equal(w.rc, -ECANCELED);
-  assert_signalled(w.status, SIGTERM);
+  test_helper_join(th);
+  assert_int_equal(w->rc, -ECANCELED);
+  assert_signalled(w->status, SIGTERM);
   cancel_source_unref(s);
   assert_no_children();
 }
@@ -825,11 +840,18 @@ static void *worker_thread(void *arg) {
   return NULL;
 }
 
+/* A worker's stop: cancel its token (its child is then stopped). */
+static void stop_worker(void *arg) {
+  cancel_source_cancel(((struct worker *)arg)->src);
+}
+
 static void test_many_children_random_cancel(void **state) {
   (void)state;
+  /* Static: what the workers use outlives a failed assertion here; the
+   * teardown cancels and joins them. */
   static struct worker w[MANY];
+  static sem_t spawned;
   pthread_t th[MANY];
-  sem_t spawned;
   sem_init(&spawned, 0, 0);
   for (int i = 0; i < MANY; i++) {
     memset(&w[i], 0, sizeof w[i]);
@@ -837,7 +859,7 @@ static void test_many_children_random_cancel(void **state) {
     w[i].src = new_src("child");
     w[i].spawned = &spawned;
     w[i].rc = 1;
-    th[i] = test_thread_start(worker_thread, &w[i]);
+    th[i] = test_helper_start(worker_thread, &w[i], stop_worker);
   }
   for (int i = 0; i < MANY; i++)
     assert_int_equal(test_sem_wait_ns(&spawned, test_tol(CANCEL_SEC(10))), 0);
@@ -856,7 +878,7 @@ static void test_many_children_random_cancel(void **state) {
     cancel_source_cancel(w[order[i]].src);
   int64_t last = cancel_now();
   for (int i = 0; i < MANY; i++)
-    test_thread_join(th[i]);
+    test_helper_join(th[i]);
   assert_i64_lt(cancel_now() - last, prompt() * 4);
 
   for (int i = 0; i < MANY; i++) {

@@ -267,8 +267,10 @@ static int sc_threads(void) {
   CHECK(cancel_signals_block() == 0); /* before any thread */
   int p[2];
   CHECK(pipe(p) == 0);
-  struct worker wk[3];
-  pthread_t t[3];
+  /* Static: a CHECK that fails returns from here while the workers still
+   * block in poll(); they must not be left writing into a dead frame. */
+  static struct worker wk[3];
+  static pthread_t t[3];
   for (int i = 0; i < 3; i++) {
     memset(&wk[i], 0, sizeof wk[i]);
     wk[i].rfd = p[0];

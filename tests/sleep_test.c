@@ -115,6 +115,7 @@ static void test_sleep_cancelled_from_thread(void **state) {
     struct sleeper sl = {TOK(s), k == 0 ? CANCEL_SEC(30) : -1, CANCEL_NEVER};
     struct test_waiter w;
     test_waiter_start(&w, do_sleep, &sl);
+    test_waiter_stop_with(&w, test_rescue_cancel, s);
     assert_true(test_wait_blocked(w.tid, CANCEL_SEC(5)));
     int64_t t_cancel = cancel_now();
     assert_int_equal(cancel_source_cancel(s), 1);
@@ -136,6 +137,7 @@ static void test_sleep_linked_and_timeout_source(void **state) {
   struct sleeper sl = {TOK(child), CANCEL_SEC(30), 0};
   struct test_waiter w;
   test_waiter_start(&w, do_sleep, &sl);
+  test_waiter_stop_with(&w, test_rescue_cancel, child);
   assert_true(test_wait_blocked(w.tid, CANCEL_SEC(5)));
   int64_t t_cancel = cancel_now();
   assert_int_equal(cancel_source_cancel(parent), 1);
@@ -264,8 +266,10 @@ static void test_sleep_shared_token_wakes_all(void **state) {
   cancel_source *s = new_src("shared");
   struct sleeper sl = {TOK(s), CANCEL_SEC(30), 0};
   struct test_waiter w[SLEEPERS];
-  for (int i = 0; i < SLEEPERS; i++)
+  for (int i = 0; i < SLEEPERS; i++) {
     test_waiter_start(&w[i], do_sleep, &sl);
+    test_waiter_stop_with(&w[i], test_rescue_cancel, s);
+  }
   for (int i = 0; i < SLEEPERS; i++)
     assert_true(test_wait_blocked(w[i].tid, CANCEL_SEC(5)));
   int64_t t_cancel = cancel_now();
@@ -286,7 +290,9 @@ static void test_sleep_cancel_wakes_only_its_sleeper(void **state) {
   struct sleeper sb = {TOK(b), CANCEL_SEC(30), 0};
   struct test_waiter wa, wb;
   test_waiter_start(&wa, do_sleep, &sa);
+  test_waiter_stop_with(&wa, test_rescue_cancel, a);
   test_waiter_start(&wb, do_sleep, &sb);
+  test_waiter_stop_with(&wb, test_rescue_cancel, b);
   assert_true(test_wait_blocked(wa.tid, CANCEL_SEC(5)));
   assert_true(test_wait_blocked(wb.tid, CANCEL_SEC(5)));
   assert_int_equal(cancel_source_cancel(a), 1);
@@ -294,7 +300,7 @@ static void test_sleep_cancel_wakes_only_its_sleeper(void **state) {
   assert_i64_eq(wa.result, -ECANCELED);
   /* b still sleeps. */
   test_sleep_ns(CANCEL_MSEC(20));
-  assert_int_not_equal(sem_trywait(&wb.finished), 0);
+  assert_int_not_equal(sem_trywait(wb.finished), 0);
   assert_int_equal(cancel_source_cancel(b), 1);
   test_waiter_end(&wb, test_tol(CANCEL_SEC(2)), NULL, NULL);
   assert_i64_eq(wb.result, -ECANCELED);

@@ -258,13 +258,17 @@ static void test_cancel_with_rejects_none(void **state) {
 /* Many threads race to cancel: exactly one wins, callbacks run once. */
 struct race {
   cancel_source *src;
-  pthread_barrier_t bar;
+  struct test_gate bar;
   int wins;
 };
 
+static void stop_race(void *arg) {
+  test_gate_open(&((struct race *)arg)->bar);
+}
+
 static void *race_cancel(void *arg) {
   struct race *r = arg;
-  pthread_barrier_wait(&r->bar);
+  test_gate_pass(&r->bar);
   if (cancel_source_cancel(r->src) == 1)
     __atomic_add_fetch(&r->wins, 1, __ATOMIC_SEQ_CST);
   return NULL;
@@ -274,24 +278,33 @@ static void test_concurrent_cancel_one_winner(void **state) {
   (void)state;
   enum { THREADS = 4, ROUNDS = 50 };
   for (int round = 0; round < ROUNDS; round++) {
-    struct race r = {0};
-    int count = 0;
-    cancel_reg reg;
-    assert_int_equal(cancel_source_new(&r.src, "race"), 0);
-    assert_int_equal(cancel_register(&reg, cancel_source_token(r.src),
-                                     test_count_cb, &count),
+    /* Shared, and the registration too: a racer that cannot start fails
+     * the test, and the teardown opens the gate for the others (whose
+     * cancel runs the callback) and joins them. */
+    struct race *rp = test_shared(sizeof *rp);
+    int *count = test_shared(sizeof *count);
+    cancel_reg *reg = test_shared(sizeof *reg);
+    assert_int_equal(cancel_source_new(&rp->src, "race"), 0);
+    assert_int_equal(cancel_register(reg, cancel_source_token(rp->src),
+                                     test_count_cb, count),
                      0);
-    pthread_barrier_init(&r.bar, NULL, THREADS);
+    test_gate_init(&rp->bar);
     pthread_t t[THREADS];
     for (int i = 0; i < THREADS; i++)
-      t[i] = test_thread_start(race_cancel, &r);
+      t[i] = test_helper_start(race_cancel, rp, stop_race);
+    bool all = test_gate_release(&rp->bar, THREADS, test_tol(CANCEL_SEC(10)));
     for (int i = 0; i < THREADS; i++)
-      test_thread_join(t[i]);
-    pthread_barrier_destroy(&r.bar);
+      test_helper_join(t[i]);
+    test_gate_destroy(&rp->bar);
+    assert_true(all);
+    struct race r = *rp;
     assert_int_equal(r.wins, 1);
-    assert_int_equal(test_load(&count), 1);
-    assert_int_equal(cancel_unregister(&reg), 0);
+    assert_int_equal(test_load(count), 1);
+    assert_int_equal(cancel_unregister(reg), 0);
     cancel_source_unref(r.src);
+    test_shared_free(reg);
+    test_shared_free(count);
+    test_shared_free(rp);
   }
 }
 
@@ -662,6 +675,11 @@ static void *canceller_thread(void *arg) {
   return (void *)(intptr_t)cancel_source_cancel(b->src);
 }
 
+/* The stop of both threads below: the callback returns. */
+static void release_blocking(void *arg) {
+  sem_post(&((struct blocking *)arg)->go);
+}
+
 static void *post_go_later(void *arg) {
   struct blocking *b = arg;
   /* Gives the test thread time to enter cancel_unregister() and block. */
@@ -672,28 +690,31 @@ static void *post_go_later(void *arg) {
 
 static void test_unregister_waits_for_running_callback(void **state) {
   (void)state;
-  struct blocking b = {0};
-  cancel_reg reg;
-  sem_init(&b.started, 0, 0);
-  sem_init(&b.go, 0, 0);
-  assert_int_equal(cancel_source_new(&b.src, "block"), 0);
+  /* Shared, and the registration too: a failed assertion leaves the
+   * threads (and the callback they run) to the teardown. */
+  struct blocking *bp = test_shared(sizeof *bp);
+  cancel_reg *reg = test_shared(sizeof *reg);
+  sem_init(&bp->started, 0, 0);
+  sem_init(&bp->go, 0, 0);
+  assert_int_equal(cancel_source_new(&bp->src, "block"), 0);
   assert_int_equal(
-      cancel_register(&reg, cancel_source_token(b.src), blocking_cb, &b), 0);
+      cancel_register(reg, cancel_source_token(bp->src), blocking_cb, bp), 0);
 
-  pthread_t canceller = test_thread_start(canceller_thread, &b);
-  assert_int_equal(test_sem_wait_ns(&b.started, CANCEL_SEC(10)), 0);
+  pthread_t canceller =
+      test_helper_start(canceller_thread, bp, release_blocking);
+  assert_int_equal(test_sem_wait_ns(&bp->started, CANCEL_SEC(10)), 0);
   /* The callback now runs on `canceller` and blocks until go is posted. */
-  pthread_t poster = test_thread_start(post_go_later, &b);
-  int ret = cancel_unregister(&reg);
-  int done_at_return = __atomic_load_n(&b.done, __ATOMIC_SEQ_CST);
+  pthread_t poster = test_helper_start(post_go_later, bp, release_blocking);
+  int ret = cancel_unregister(reg);
+  int done_at_return = __atomic_load_n(&bp->done, __ATOMIC_SEQ_CST);
   assert_int_equal(ret, 0);
   assert_int_equal(done_at_return, 1);
 
-  test_thread_join(poster);
-  assert_int_equal((intptr_t)test_thread_join(canceller), 1);
-  cancel_source_unref(b.src);
-  sem_destroy(&b.started);
-  sem_destroy(&b.go);
+  test_helper_join(poster);
+  assert_int_equal((intptr_t)test_helper_join(canceller), 1);
+  cancel_source_unref(bp->src);
+  sem_destroy(&bp->started);
+  sem_destroy(&bp->go);
 }
 
 /* ---- Memory ordering: cancel is a release, checking an acquire -------- */
@@ -753,24 +774,49 @@ static void *late_register_thread(void *arg) {
   return NULL;
 }
 
+/* What a round shares with its threads (test_shared(): a thread that
+ * cannot start fails the test, and the teardown cancels the source). */
+struct publish {
+  cancel_source *src;
+  cancel_reg reg;
+  struct cb_reader cbr;
+  struct observer o;
+  struct late_register l;
+};
+
+static void stop_publish(void *arg) {
+  cancel_source_cancel(((struct publish *)arg)->src);
+}
+
+static void *publish_observe(void *arg) {
+  return observe_thread(&((struct publish *)arg)->o);
+}
+
+static void *publish_late_register(void *arg) {
+  return late_register_thread(&((struct publish *)arg)->l);
+}
+
 static void test_cancel_publishes_prior_writes(void **state) {
   (void)state;
   for (int round = 0; round < 20; round++) {
-    cancel_source *src;
-    cancel_reg reg;
-    struct cb_reader cbr = {0, 0};
-    assert_int_equal(cancel_source_new(&src, "mo"), 0);
+    struct publish *p = test_shared(sizeof *p);
+    assert_int_equal(cancel_source_new(&p->src, "mo"), 0);
+    cancel_source *src = p->src;
     const cancel_token *tok = cancel_source_token(src);
-    struct observer o = {tok, 0, false};
-    struct late_register l = {tok, {0, 0}, 0};
-    assert_int_equal(cancel_register(&reg, tok, read_payload_cb, &cbr), 0);
+    p->o.tok = tok;
+    p->l.tok = tok;
+    assert_int_equal(cancel_register(&p->reg, tok, read_payload_cb, &p->cbr),
+                     0);
 
-    pthread_t t1 = test_thread_start(observe_thread, &o);
-    pthread_t t2 = test_thread_start(late_register_thread, &l);
+    pthread_t t1 = test_helper_start(publish_observe, p, stop_publish);
+    pthread_t t2 = test_helper_start(publish_late_register, p, stop_publish);
     plain_payload = 1000 + round; /* written before cancel, no other sync */
     assert_int_equal(cancel_source_cancel(src), 1);
-    test_thread_join(t1);
-    test_thread_join(t2);
+    test_helper_join(t1);
+    test_helper_join(t2);
+    struct cb_reader cbr = p->cbr;
+    struct observer o = p->o;
+    struct late_register l = p->l;
 
     assert_int_equal(cbr.ran, 1);
     assert_int_equal(cbr.seen, 1000 + round);
@@ -779,8 +825,9 @@ static void test_cancel_publishes_prior_writes(void **state) {
     assert_int_equal(l.bad_unreg, 0);
     assert_int_equal(l.rd.ran, 1);
     assert_int_equal(l.rd.seen, 1000 + round);
-    assert_int_equal(cancel_unregister(&reg), 0);
+    assert_int_equal(cancel_unregister(&p->reg), 0);
     cancel_source_unref(src);
+    test_shared_free(p);
   }
 }
 
@@ -866,9 +913,10 @@ static void test_refcount_threads(void **state) {
       0);
   pthread_t t[THREADS];
   for (int i = 0; i < THREADS; i++)
-    t[i] = test_thread_start(ref_unref_thread, cancel_source_ref(src));
+    t[i] = test_helper_start(ref_unref_thread, cancel_source_ref(src),
+                             test_no_stop);
   for (int i = 0; i < THREADS; i++)
-    test_thread_join(t[i]);
+    test_helper_join(t[i]);
   /* Our own reference is the only one left: the source is alive. */
   assert_int_equal(cancel_source_cancel(src), 1);
   assert_int_equal(test_load(&count), 1);

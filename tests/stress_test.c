@@ -63,11 +63,15 @@ static long n_reg_inline, n_reg_listed, n_unreg_ran, n_unreg_removed,
     }                                                                          \
   } while (0)
 
-/* A track for src with one user (the caller), taking over its reference. */
+/* A track for src with one user (the caller), taking over its reference,
+ * or NULL (an error counted; src is the caller's still) when memory ran
+ * out: the run goes on and fails at its end. */
 static struct track *track_new(cancel_source *src, int depth) {
   struct track *t = calloc(1, sizeof *t);
-  if (t == NULL)
-    abort();
+  if (t == NULL) {
+    STRESS_ERROR("out of memory for a track");
+    return NULL;
+  }
   pthread_mutex_init(&t->mu, NULL);
   t->src = src;
   t->users = 1;
@@ -97,10 +101,14 @@ static int was_cancelled(struct track *t) {
   return __atomic_load_n(&t->cancel_done, __ATOMIC_ACQUIRE);
 }
 
+/* A new pool source, or NULL (an error counted). */
 static cancel_source *fresh_source(void) {
   cancel_source *s = NULL;
-  if (cancel_source_new(&s, "pool") != 0)
-    abort();
+  int ret = cancel_source_new(&s, "pool");
+  if (ret != 0) {
+    STRESS_ERROR("source_new returned %d", ret);
+    return NULL;
+  }
   return s;
 }
 
@@ -310,6 +318,10 @@ static void op_link(struct worker *w) {
     STRESS_ERROR("child of a cancelled parent is live");
   /* A parent's completed cancel cancelled the child inside our call. */
   struct track *ct = track_new(child, depth + 1);
+  if (ct == NULL) {
+    cancel_source_unref(child);
+    goto out;
+  }
   if (done_before)
     mark_cancelled(ct);
 
@@ -346,7 +358,12 @@ out:
 }
 
 static void op_refresh(struct worker *w) {
-  pool_put(pick(w, POOL), track_new(fresh_source(), 0));
+  cancel_source *s = fresh_source();
+  struct track *t = s != NULL ? track_new(s, 0) : NULL;
+  if (t != NULL)
+    pool_put(pick(w, POOL), t);
+  else if (s != NULL)
+    cancel_source_unref(s);
 }
 
 static void op_check(struct worker *w) {
@@ -384,11 +401,20 @@ static void op_timer(struct worker *w) {
   track_put(t);
 }
 
+/* Set by the teardown of a test that failed with workers running. */
+static int quit;
+
+static void stop_workers(void *arg) {
+  (void)arg;
+  __atomic_store_n(&quit, 1, __ATOMIC_RELAXED);
+}
+
 static void *worker_main(void *arg) {
   struct worker *w = arg;
   /* Percentages of each operation, in the order of stat[]. */
   static const int mix[] = {25, 22, 4, 10, 14, 20, 5};
-  for (long i = 0; i < w->ops; i++) {
+  for (long i = 0; i < w->ops && !__atomic_load_n(&quit, __ATOMIC_RELAXED);
+       i++) {
     int x = pick(w, 100), op = 0;
     while (x >= mix[op])
       x -= mix[op++];
@@ -437,8 +463,12 @@ static void test_stress(void **state) {
   long total = (long)(1000000.0 * stress_scale());
   if (total < THREADS)
     total = THREADS;
-  for (int i = 0; i < POOL; i++)
-    pool[i] = track_new(fresh_source(), 0);
+  for (int i = 0; i < POOL; i++) {
+    cancel_source *s = fresh_source();
+    assert_non_null(s);
+    pool[i] = track_new(s, 0);
+    assert_non_null(pool[i]);
+  }
   struct worker *w = calloc(THREADS, sizeof *w);
   assert_non_null(w);
   pthread_t t[THREADS];
@@ -446,10 +476,12 @@ static void test_stress(void **state) {
   for (int i = 0; i < THREADS; i++) {
     w[i].rng = UINT64_C(0x2545F4914F6CDD1D) * (uint64_t)(i + 1);
     w[i].ops = total / THREADS + (i < total % THREADS ? 1 : 0);
-    t[i] = test_thread_start(worker_main, &w[i]);
+    /* w is the heap's: a worker that cannot start fails the test, and the
+     * teardown stops the others. */
+    t[i] = test_helper_start(worker_main, &w[i], stop_workers);
   }
   for (int i = 0; i < THREADS; i++)
-    test_thread_join(t[i]);
+    test_helper_join(t[i]);
   int64_t elapsed = cancel_now() - t0;
 
   /* Remove what is still registered (same checks), then tear down. */

@@ -261,8 +261,8 @@ static void test_cond_cancel_is_per_token(void **state) {
   assert_int_equal(ca.held, 0);
   /* The others may have seen a spurious 0 (a broadcast) but wait on. */
   test_sleep_ns(CANCEL_MSEC(20));
-  assert_int_not_equal(sem_trywait(&wb.finished), 0);
-  assert_int_not_equal(sem_trywait(&wn.finished), 0);
+  assert_int_not_equal(sem_trywait(wb.finished), 0);
+  assert_int_not_equal(sem_trywait(wn.finished), 0);
   cv_signal(&cv, true);
   test_waiter_end(&wb, test_tol(CANCEL_SEC(2)), NULL, NULL);
   test_waiter_end(&wn, test_tol(CANCEL_SEC(2)), NULL, NULL);
@@ -404,6 +404,13 @@ static void *race_waiter(void *arg) {
   }
 }
 
+/* The waiter's stop (a failed round's teardown): quit at the next go. */
+static void stop_race_waiter(void *arg) {
+  struct race *rc = arg;
+  __atomic_store_n(&rc->quit, 1, __ATOMIC_RELEASE);
+  sem_post(&rc->go);
+}
+
 static void race_rescue(struct race *rc) {
   /* A waiter that missed its wake-up: a broadcast makes it look at the
    * (cancelled) token again. */
@@ -428,7 +435,9 @@ static void run_cond_race(bool holding) {
   cv_init(&rc->cv, PTHREAD_MUTEX_ERRORCHECK, false);
   sem_init(&rc->go, 0, 0);
   sem_init(&rc->done, 0, 0);
-  pthread_t t = test_thread_start(race_waiter, rc);
+  /* rc is the heap's and stays there if the test fails: the teardown stops
+   * the waiter, which then still reads it. */
+  pthread_t t = test_helper_start(race_waiter, rc, stop_race_waiter);
   unsigned seed = 12345u + (holding ? 7u : 0u);
   int rounds = (int)(3000 * test_stress_scale());
   int64_t budget_end = cancel_now() + CANCEL_SEC(8);
@@ -452,10 +461,8 @@ static void run_cond_race(bool holding) {
                   "(lost wake-up)\n",
                   i);
       race_rescue(rc);
-      if (test_sem_wait_ns(&rc->done, CANCEL_SEC(5)) != 0) {
-        fprintf(stderr, "waiter blocked even after a broadcast\n");
-        abort();
-      }
+      if (test_sem_wait_ns(&rc->done, CANCEL_SEC(5)) != 0)
+        test_give_up("the cond waiter is blocked even after a broadcast");
       fail();
     }
     assert_int_equal(rc->result, -ECANCELED);
@@ -465,9 +472,8 @@ static void run_cond_race(bool holding) {
     if (done_rounds >= 100 && cancel_now() > budget_end)
       break;
   }
-  __atomic_store_n(&rc->quit, 1, __ATOMIC_RELEASE);
-  sem_post(&rc->go);
-  test_thread_join(t);
+  stop_race_waiter(rc);
+  test_helper_join(t);
   sem_destroy(&rc->go);
   sem_destroy(&rc->done);
   cv_destroy(&rc->cv);
@@ -742,9 +748,9 @@ static void test_sem_post_wakes_one(void **state) {
   int64_t end = cancel_now() + test_tol(CANCEL_SEC(2));
   int first = -1;
   while (first < 0 && cancel_now() < end) {
-    if (sem_trywait(&wa.finished) == 0)
+    if (sem_trywait(wa.finished) == 0)
       first = 0;
-    else if (sem_trywait(&wb.finished) == 0)
+    else if (sem_trywait(wb.finished) == 0)
       first = 1;
     else
       test_sleep_ns(CANCEL_USEC(200));
@@ -752,11 +758,11 @@ static void test_sem_post_wakes_one(void **state) {
   assert_true(first >= 0);
   struct test_waiter *winner = first == 0 ? &wa : &wb;
   struct test_waiter *other = first == 0 ? &wb : &wa;
-  sem_post(&winner->finished); /* put back for test_waiter_end */
+  sem_post(winner->finished); /* put back for test_waiter_end */
   test_waiter_end(winner, CANCEL_SEC(1), NULL, NULL);
   assert_i64_eq(winner->result, 0);
   test_sleep_ns(CANCEL_MSEC(20));
-  assert_int_not_equal(sem_trywait(&other->finished), 0);
+  assert_int_not_equal(sem_trywait(other->finished), 0);
   assert_int_equal(cancel_source_cancel(first == 0 ? b : a), 1);
   test_waiter_end(other, test_tol(CANCEL_SEC(2)), NULL, NULL);
   assert_i64_eq(other->result, -ECANCELED);
@@ -821,6 +827,12 @@ static void *consumer(void *arg) {
   }
 }
 
+/* A consumer's stop: cancel its token (a producer ends by itself). */
+static void stop_consumer(void *arg) {
+  struct pc_arg *a = arg;
+  cancel_source_cancel(a->pc->src[a->id]);
+}
+
 static void test_sem_counts_exact(void **state) {
   (void)state;
   int rounds = (int)(6 * test_stress_scale());
@@ -832,16 +844,19 @@ static void test_sem_counts_exact(void **state) {
     struct pc *pc = calloc(1, sizeof *pc);
     assert_non_null(pc);
     assert_int_equal(cancel_sem_init(&pc->sem, 0), 0);
-    struct pc_arg pa[PRODUCERS + CONSUMERS];
+    /* pc is the heap's and stays there if the test fails, pa is shared:
+     * a thread that cannot start fails the test, and the teardown cancels
+     * the consumers and joins every thread. */
+    struct pc_arg *pa = test_shared((PRODUCERS + CONSUMERS) * sizeof *pa);
     pthread_t pt[PRODUCERS], ct[CONSUMERS];
     for (int i = 0; i < CONSUMERS; i++) {
       pc->src[i] = new_src("consumer");
       pa[PRODUCERS + i] = (struct pc_arg){pc, i};
-      ct[i] = test_thread_start(consumer, &pa[PRODUCERS + i]);
+      ct[i] = test_helper_start(consumer, &pa[PRODUCERS + i], stop_consumer);
     }
     for (int i = 0; i < PRODUCERS; i++) {
       pa[i] = (struct pc_arg){pc, i};
-      pt[i] = test_thread_start(producer, &pa[i]);
+      pt[i] = test_helper_start(producer, &pa[i], test_no_stop);
     }
     /* Cancel some consumers while production runs. */
     int order[CONSUMERS];
@@ -859,13 +874,14 @@ static void test_sem_counts_exact(void **state) {
       assert_int_equal(cancel_source_cancel(pc->src[order[i]]), 1);
     }
     for (int i = 0; i < PRODUCERS; i++)
-      test_thread_join(pt[i]);
+      test_helper_join(pt[i]);
     /* Let the rest take a while, then cancel them too. */
     test_sleep_ns(CANCEL_MSEC(2));
     for (int i = early; i < CONSUMERS; i++)
       assert_int_equal(cancel_source_cancel(pc->src[order[i]]), 1);
     for (int i = 0; i < CONSUMERS; i++)
-      test_thread_join(ct[i]);
+      test_helper_join(ct[i]);
+    test_shared_free(pa);
 
     assert_int_equal(pc->post_errors, 0);
     long taken = 0;
@@ -956,6 +972,7 @@ struct body {
   void *ret;
   bool wait_release;
   int ran;
+  cancel_thread t; /* the thread that runs it */
 };
 
 static void *body_main(void *arg) {
@@ -976,48 +993,59 @@ static void body_init(struct body *b, bool wait_release, void *ret) {
   b->ret = ret;
 }
 
+/* A body on the heap, with its cancel_thread, freed by body_destroy(): a
+ * test that fails leaves them (and the thread that waits on the release,
+ * or has not even read its start routine yet) behind, never in a dead
+ * frame. */
+static struct body *body_alloc(void) {
+  struct body *b = calloc(1, sizeof *b);
+  assert_non_null(b);
+  return b;
+}
+
 static void body_destroy(struct body *b) {
   sem_destroy(&b->started);
   sem_destroy(&b->release);
+  free(b);
 }
 
 static void test_thread_join_after_finish(void **state) {
   (void)state;
   cancel_source *s = new_src("join");
   for (int k = 0; k < 3; k++) {
-    struct body b;
-    body_init(&b, false, (void *)(uintptr_t)(0x1234 + k));
-    cancel_thread t;
-    assert_int_equal(cancel_thread_create(&t, NULL, body_main, &b), 0);
-    while (sem_wait(&b.started) != 0) {
+    struct body *b = body_alloc();
+    body_init(b, false, (void *)(uintptr_t)(0x1234 + k));
+    assert_int_equal(cancel_thread_create(&b->t, NULL, body_main, b), 0);
+    while (sem_wait(&b->started) != 0) {
     }
     void *ret = NULL;
     if (k == 0) {
-      assert_int_equal(cancel_thread_join(TOK(s), &t, &ret, CANCEL_NEVER), 0);
+      assert_int_equal(cancel_thread_join(TOK(s), &b->t, &ret, CANCEL_NEVER),
+                       0);
       assert_ptr_equal(ret, (void *)(uintptr_t)0x1234);
     } else if (k == 1) {
-      assert_int_equal(cancel_thread_join(NULL, &t, &ret, CANCEL_NEVER), 0);
+      assert_int_equal(cancel_thread_join(NULL, &b->t, &ret, CANCEL_NEVER), 0);
       assert_ptr_equal(ret, (void *)(uintptr_t)0x1235);
     } else {
       /* ret may be NULL, as for pthread_join. */
-      assert_int_equal(cancel_thread_join(TOK(s), &t, NULL, CANCEL_NEVER), 0);
+      assert_int_equal(cancel_thread_join(TOK(s), &b->t, NULL, CANCEL_NEVER),
+                       0);
     }
-    body_destroy(&b);
+    body_destroy(b);
   }
 
   /* With attributes (a small stack). */
   pthread_attr_t attr;
   pthread_attr_init(&attr);
   pthread_attr_setstacksize(&attr, 256 * 1024);
-  struct body b;
-  body_init(&b, false, &b);
-  cancel_thread t;
-  assert_int_equal(cancel_thread_create(&t, &attr, body_main, &b), 0);
+  struct body *b = body_alloc();
+  body_init(b, false, b);
+  assert_int_equal(cancel_thread_create(&b->t, &attr, body_main, b), 0);
   pthread_attr_destroy(&attr);
   void *ret = NULL;
-  assert_int_equal(cancel_thread_join(TOK(s), &t, &ret, CANCEL_NEVER), 0);
-  assert_ptr_equal(ret, &b);
-  body_destroy(&b);
+  assert_int_equal(cancel_thread_join(TOK(s), &b->t, &ret, CANCEL_NEVER), 0);
+  assert_ptr_equal(ret, b);
+  body_destroy(b);
   cancel_source_unref(s);
 }
 
@@ -1025,29 +1053,29 @@ static void test_thread_join_after_finish(void **state) {
  * joins it (after its function returned, the end is marked very soon). */
 static void test_thread_join_poll(void **state) {
   (void)state;
-  struct body b;
-  body_init(&b, true, (void *)(uintptr_t)77);
-  cancel_thread t;
-  assert_int_equal(cancel_thread_create(&t, NULL, body_main, &b), 0);
-  while (sem_wait(&b.started) != 0) {
+  struct body *b = body_alloc();
+  body_init(b, true, (void *)(uintptr_t)77);
+  assert_int_equal(cancel_thread_create(&b->t, NULL, body_main, b), 0);
+  while (sem_wait(&b->started) != 0) {
   }
   void *ret = NULL;
   int64_t t0 = cancel_now();
-  assert_int_equal(cancel_thread_join(NULL, &t, &ret, cancel_now() - 1),
+  assert_int_equal(cancel_thread_join(NULL, &b->t, &ret, cancel_now() - 1),
                    -ETIMEDOUT);
-  assert_int_equal(cancel_thread_join(NULL, &t, &ret, INT64_MIN), -ETIMEDOUT);
-  assert_int_equal(cancel_thread_join(NULL, &t, &ret, 0), -ETIMEDOUT);
+  assert_int_equal(cancel_thread_join(NULL, &b->t, &ret, INT64_MIN),
+                   -ETIMEDOUT);
+  assert_int_equal(cancel_thread_join(NULL, &b->t, &ret, 0), -ETIMEDOUT);
   assert_i64_lt(test_since(t0), test_tol(AT_ONCE));
-  sem_post(&b.release);
+  sem_post(&b->release);
   int64_t end = cancel_now() + test_tol(CANCEL_SEC(2));
-  int r = cancel_thread_join(NULL, &t, &ret, cancel_now() - 1);
+  int r = cancel_thread_join(NULL, &b->t, &ret, cancel_now() - 1);
   while (r == -ETIMEDOUT && cancel_now() < end) {
     test_sleep_ns(CANCEL_USEC(200));
-    r = cancel_thread_join(NULL, &t, &ret, cancel_now() - 1);
+    r = cancel_thread_join(NULL, &b->t, &ret, cancel_now() - 1);
   }
   assert_int_equal(r, 0);
   assert_ptr_equal(ret, (void *)(uintptr_t)77);
-  body_destroy(&b);
+  body_destroy(b);
 }
 
 struct jw {
@@ -1065,11 +1093,10 @@ static int64_t do_join(void *arg) {
 static void test_thread_join_cancelled_then_joinable(void **state) {
   (void)state;
   for (int k = 0; k < 2; k++) {
-    struct body b;
-    body_init(&b, true, (void *)(uintptr_t)(99 + k));
-    cancel_thread t;
-    assert_int_equal(cancel_thread_create(&t, NULL, body_main, &b), 0);
-    while (sem_wait(&b.started) != 0) {
+    struct body *b = body_alloc();
+    body_init(b, true, (void *)(uintptr_t)(99 + k));
+    assert_int_equal(cancel_thread_create(&b->t, NULL, body_main, b), 0);
+    while (sem_wait(&b->started) != 0) {
     }
     cancel_source *s = new_src("join-cancel");
     void *ret = (void *)1;
@@ -1077,12 +1104,12 @@ static void test_thread_join_cancelled_then_joinable(void **state) {
       /* By the timer, on this thread. */
       int64_t t0 = cancel_now();
       assert_int_equal(cancel_source_cancel_after(s, CANCEL_MSEC(20)), 0);
-      assert_int_equal(cancel_thread_join(TOK(s), &t, &ret, CANCEL_NEVER),
+      assert_int_equal(cancel_thread_join(TOK(s), &b->t, &ret, CANCEL_NEVER),
                        -ECANCELED);
       assert_elapsed_within(test_since(t0), CANCEL_MSEC(20), LATE);
     } else {
       /* From another thread, the joiner on a thread of its own. */
-      struct jw j = {TOK(s), &t, cancel_now() + CANCEL_SEC(30), (void *)1};
+      struct jw j = {TOK(s), &b->t, cancel_now() + CANCEL_SEC(30), (void *)1};
       struct test_waiter w;
       test_waiter_start(&w, do_join, &j);
       assert_true(test_wait_blocked(w.tid, CANCEL_SEC(5)));
@@ -1095,14 +1122,14 @@ static void test_thread_join_cancelled_then_joinable(void **state) {
     }
     assert_ptr_equal(ret, (void *)1); /* untouched */
     /* Level-triggered: again -ECANCELED at once; the thread still runs. */
-    assert_int_equal(cancel_thread_join(TOK(s), &t, &ret, CANCEL_NEVER),
+    assert_int_equal(cancel_thread_join(TOK(s), &b->t, &ret, CANCEL_NEVER),
                      -ECANCELED);
     /* Still joinable. */
-    sem_post(&b.release);
-    assert_int_equal(cancel_thread_join(NULL, &t, &ret, CANCEL_NEVER), 0);
+    sem_post(&b->release);
+    assert_int_equal(cancel_thread_join(NULL, &b->t, &ret, CANCEL_NEVER), 0);
     assert_ptr_equal(ret, (void *)(uintptr_t)(99 + k));
     cancel_source_unref(s);
-    body_destroy(&b);
+    body_destroy(b);
   }
 }
 
@@ -1112,41 +1139,39 @@ static void test_thread_join_cancelled_before(void **state) {
   assert_int_equal(cancel_source_cancel(s), 1);
   /* Running, and finished: -ECANCELED at once either way, not joined. */
   for (int k = 0; k < 2; k++) {
-    struct body b;
-    body_init(&b, k == 0, (void *)(uintptr_t)(5 + k));
-    cancel_thread t;
-    assert_int_equal(cancel_thread_create(&t, NULL, body_main, &b), 0);
-    while (sem_wait(&b.started) != 0) {
+    struct body *b = body_alloc();
+    body_init(b, k == 0, (void *)(uintptr_t)(5 + k));
+    assert_int_equal(cancel_thread_create(&b->t, NULL, body_main, b), 0);
+    while (sem_wait(&b->started) != 0) {
     }
     if (k == 1)
       test_sleep_ns(CANCEL_MSEC(5)); /* let it end */
     void *ret = (void *)1;
     int64_t t0 = cancel_now();
-    assert_int_equal(cancel_thread_join(TOK(s), &t, &ret, CANCEL_NEVER),
+    assert_int_equal(cancel_thread_join(TOK(s), &b->t, &ret, CANCEL_NEVER),
                      -ECANCELED);
-    assert_int_equal(cancel_thread_join(TOK(s), &t, &ret, cancel_now() - 1),
+    assert_int_equal(cancel_thread_join(TOK(s), &b->t, &ret, cancel_now() - 1),
                      -ECANCELED);
     assert_i64_lt(test_since(t0), test_tol(AT_ONCE));
     assert_ptr_equal(ret, (void *)1);
-    sem_post(&b.release);
-    assert_int_equal(cancel_thread_join(NULL, &t, &ret, CANCEL_NEVER), 0);
+    sem_post(&b->release);
+    assert_int_equal(cancel_thread_join(NULL, &b->t, &ret, CANCEL_NEVER), 0);
     assert_ptr_equal(ret, (void *)(uintptr_t)(5 + k));
-    body_destroy(&b);
+    body_destroy(b);
   }
   cancel_source_unref(s);
 }
 
 static void test_thread_join_deadline(void **state) {
   (void)state;
-  struct body b;
-  body_init(&b, true, (void *)(uintptr_t)11);
-  cancel_thread t;
-  assert_int_equal(cancel_thread_create(&t, NULL, body_main, &b), 0);
+  struct body *b = body_alloc();
+  body_init(b, true, (void *)(uintptr_t)11);
+  assert_int_equal(cancel_thread_create(&b->t, NULL, body_main, b), 0);
   cancel_source *s = new_src("deadline");
   void *ret = (void *)1;
   for (int k = 0; k < 2; k++) {
     int64_t d = cancel_now() + CANCEL_MSEC(30);
-    assert_int_equal(cancel_thread_join(k ? NULL : TOK(s), &t, &ret, d),
+    assert_int_equal(cancel_thread_join(k ? NULL : TOK(s), &b->t, &ret, d),
                      -ETIMEDOUT);
     int64_t now = cancel_now();
     assert_i64_ge(now, d);
@@ -1156,28 +1181,27 @@ static void test_thread_join_deadline(void **state) {
   cancel_source *c = new_src("far");
   int64_t t0 = cancel_now();
   assert_int_equal(cancel_source_cancel_after(c, CANCEL_MSEC(20)), 0);
-  assert_int_equal(cancel_thread_join(TOK(c), &t, &ret, CANCEL_NEVER - 1),
+  assert_int_equal(cancel_thread_join(TOK(c), &b->t, &ret, CANCEL_NEVER - 1),
                    -ECANCELED);
   assert_elapsed_within(test_since(t0), CANCEL_MSEC(20), LATE);
   cancel_source_unref(c);
   assert_ptr_equal(ret, (void *)1);
-  sem_post(&b.release);
-  assert_int_equal(cancel_thread_join(TOK(s), &t, &ret, CANCEL_NEVER), 0);
+  sem_post(&b->release);
+  assert_int_equal(cancel_thread_join(TOK(s), &b->t, &ret, CANCEL_NEVER), 0);
   assert_ptr_equal(ret, (void *)(uintptr_t)11);
   cancel_source_unref(s);
-  body_destroy(&b);
+  body_destroy(b);
 }
 
 static void test_thread_invalid(void **state) {
   (void)state;
-  cancel_thread t;
-  struct body b;
-  body_init(&b, false, NULL);
-  assert_int_equal(cancel_thread_create(NULL, NULL, body_main, &b), -EINVAL);
-  assert_int_equal(cancel_thread_create(&t, NULL, NULL, &b), -EINVAL);
+  struct body *b = body_alloc();
+  body_init(b, false, NULL);
+  assert_int_equal(cancel_thread_create(NULL, NULL, body_main, b), -EINVAL);
+  assert_int_equal(cancel_thread_create(&b->t, NULL, NULL, b), -EINVAL);
   assert_int_equal(cancel_thread_join(NULL, NULL, NULL, CANCEL_NEVER), -EINVAL);
-  assert_int_equal(__atomic_load_n(&b.ran, __ATOMIC_ACQUIRE), 0);
-  body_destroy(&b);
+  assert_int_equal(__atomic_load_n(&b->ran, __ATOMIC_ACQUIRE), 0);
+  body_destroy(b);
 }
 
 static void *release_later(void *arg) {
@@ -1192,16 +1216,15 @@ static void test_thread_join_survives_signals(void **state) {
   struct test_sigstorm storm;
 
   /* The thread ends after 40 ms of storm: 0. */
-  struct body b;
-  body_init(&b, true, (void *)(uintptr_t)3);
-  cancel_thread t;
-  assert_int_equal(cancel_thread_create(&t, NULL, body_main, &b), 0);
+  struct body *b = body_alloc();
+  body_init(b, true, (void *)(uintptr_t)3);
+  assert_int_equal(cancel_thread_create(&b->t, NULL, body_main, b), 0);
   cancel_source *s = new_src("storm");
   test_sigstorm_start(&storm, pthread_self(), CANCEL_MSEC(1));
   int64_t t0 = cancel_now();
-  pthread_t rel = test_thread_start(release_later, &b);
+  pthread_t rel = test_thread_start(release_later, b);
   void *ret = NULL;
-  int r = cancel_thread_join(TOK(s), &t, &ret, CANCEL_NEVER);
+  int r = cancel_thread_join(TOK(s), &b->t, &ret, CANCEL_NEVER);
   int64_t el = test_since(t0);
   long hits = test_sigstorm_stop(&storm);
   test_thread_join(rel);
@@ -1209,16 +1232,17 @@ static void test_thread_join_survives_signals(void **state) {
   assert_ptr_equal(ret, (void *)(uintptr_t)3);
   assert_i64_ge(el, CANCEL_MSEC(40));
   assert_true(hits >= 2);
-  body_destroy(&b);
+  body_destroy(b);
 
   /* Cancelled after 40 ms, then a deadline after 40 ms, then joined. */
-  body_init(&b, true, (void *)(uintptr_t)4);
-  assert_int_equal(cancel_thread_create(&t, NULL, body_main, &b), 0);
+  b = body_alloc();
+  body_init(b, true, (void *)(uintptr_t)4);
+  assert_int_equal(cancel_thread_create(&b->t, NULL, body_main, b), 0);
   cancel_source *c = new_src("storm-cancel");
   test_sigstorm_start(&storm, pthread_self(), CANCEL_MSEC(1));
   t0 = cancel_now();
   assert_int_equal(cancel_source_cancel_after(c, CANCEL_MSEC(40)), 0);
-  r = cancel_thread_join(TOK(c), &t, &ret, CANCEL_NEVER);
+  r = cancel_thread_join(TOK(c), &b->t, &ret, CANCEL_NEVER);
   el = test_since(t0);
   hits = test_sigstorm_stop(&storm);
   assert_int_equal(r, -ECANCELED);
@@ -1229,7 +1253,7 @@ static void test_thread_join_survives_signals(void **state) {
   for (int k = 0; k < 2; k++) {
     int64_t d = cancel_now() + CANCEL_MSEC(40);
     test_sigstorm_start(&storm, pthread_self(), CANCEL_MSEC(1));
-    r = cancel_thread_join(k ? NULL : TOK(s), &t, &ret, d);
+    r = cancel_thread_join(k ? NULL : TOK(s), &b->t, &ret, d);
     int64_t now = cancel_now();
     hits = test_sigstorm_stop(&storm);
     assert_int_equal(r, -ETIMEDOUT);
@@ -1237,10 +1261,10 @@ static void test_thread_join_survives_signals(void **state) {
     assert_i64_lt(now, d + test_tol(LATE));
     assert_true(hits >= 2);
   }
-  sem_post(&b.release);
-  assert_int_equal(cancel_thread_join(TOK(s), &t, &ret, CANCEL_NEVER), 0);
+  sem_post(&b->release);
+  assert_int_equal(cancel_thread_join(TOK(s), &b->t, &ret, CANCEL_NEVER), 0);
   assert_ptr_equal(ret, (void *)(uintptr_t)4);
-  body_destroy(&b);
+  body_destroy(b);
   cancel_source_unref(s);
 }
 

@@ -32,6 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <setjmp.h>
 #include <stdarg.h>
@@ -137,6 +138,149 @@ static inline void *test_thread_join(pthread_t t) {
   return ret;
 }
 
+/* ---- Helper threads that a failed test stops ------------------------- *
+ * cmocka ends a failed assertion with a longjmp out of the test function:
+ * its frame is gone, and a helper thread still using what the test kept
+ * there would crash the whole run later, far from the failure.  So a test
+ * whose helpers outlive a possible failure shares with them only memory
+ * from test_shared() (freed after the test), starts them with
+ * test_helper_start() and a stop function, and joins them with
+ * test_helper_join().  After every test, passed or failed, the teardown
+ * below (cmocka_unit_test is redefined to run it) calls the stop function
+ * of each helper still running, joins it, then frees the shared blocks:
+ * a failing test reports, stops its helpers, and the next test runs. */
+
+typedef void test_stop_fn(void *arg);
+
+#define TEST_HELPERS_MAX 64
+#define TEST_SHARED_MAX 64
+
+static struct test_helper_slot {
+  pthread_t thread;
+  test_stop_fn *stop;
+  void *arg;
+  bool live;
+} test_helpers_[TEST_HELPERS_MAX];
+static void *test_shared_[TEST_SHARED_MAX];
+
+/* Before one of the helpers below fails the test: lets the waiters it
+ * just started reach their wait (see test_waiter_start). */
+static inline void test_settle_waiters_(void);
+
+/* A zeroed block that lives until the end of the running test (so helper
+ * threads may use it after a failure).  Fails the test when memory or the
+ * table runs out. */
+static inline void *test_shared(size_t size) {
+  for (int i = 0; i < TEST_SHARED_MAX; i++)
+    if (test_shared_[i] == NULL) {
+      void *p = calloc(1, size);
+      if (p == NULL) {
+        print_error("test_shared: out of memory\n");
+        test_settle_waiters_();
+        fail();
+        __builtin_unreachable(); /* fail() longjmps or exits */
+      }
+      test_shared_[i] = p;
+      return p;
+    }
+  print_error("test_shared: more than %d blocks in one test\n",
+              TEST_SHARED_MAX);
+  test_settle_waiters_();
+  fail();
+  __builtin_unreachable();
+}
+
+/* Frees a block of test_shared() before the end of the test (one that a
+ * loop makes anew in each round: the table holds TEST_SHARED_MAX). */
+static inline void test_shared_free(void *p) {
+  for (int i = 0; i < TEST_SHARED_MAX; i++)
+    if (p != NULL && test_shared_[i] == p) {
+      free(p);
+      test_shared_[i] = NULL;
+      return;
+    }
+}
+
+/* Starts fn(arg) as a helper of the running test.  stop(arg) MUST make fn
+ * return soon whatever state the test left (set its quit flag and post
+ * what it waits on, cancel its token); arg MUST NOT point into the test's
+ * frame (use test_shared()).  Fails the test if the thread cannot start. */
+static inline pthread_t test_helper_start(test_thread_fn *fn, void *arg,
+                                          test_stop_fn *stop) {
+  for (int i = 0; i < TEST_HELPERS_MAX; i++) {
+    struct test_helper_slot *h = &test_helpers_[i];
+    if (h->live)
+      continue;
+    int rc = pthread_create(&h->thread, NULL, fn, arg);
+    if (rc != 0) {
+      print_error("pthread_create: %s\n", strerror(rc));
+      test_settle_waiters_();
+      fail();
+    }
+    h->stop = stop;
+    h->arg = arg;
+    h->live = true;
+    return h->thread;
+  }
+  print_error("test_helper_start: more than %d helpers\n", TEST_HELPERS_MAX);
+  fail();
+  return pthread_self();
+}
+
+/* The stop of a helper that ends by itself soon (a bounded loop). */
+static inline void test_no_stop(void *arg) {
+  (void)arg;
+}
+
+/* Joins a helper started by test_helper_start() and returns its result. */
+static inline void *test_helper_join(pthread_t t) {
+  for (int i = 0; i < TEST_HELPERS_MAX; i++) {
+    struct test_helper_slot *h = &test_helpers_[i];
+    if (h->live && pthread_equal(h->thread, t)) {
+      h->live = false;
+      void *ret = NULL;
+      pthread_join(t, &ret);
+      return ret;
+    }
+  }
+  print_error("test_helper_join: not a helper of this test\n");
+  fail();
+  return NULL;
+}
+
+/* The teardown of every test: stops and joins what a failed test left
+ * running, then frees its shared blocks. */
+static inline int test_helpers_teardown(void **state) {
+  (void)state;
+  for (int i = 0; i < TEST_HELPERS_MAX; i++) {
+    struct test_helper_slot *h = &test_helpers_[i];
+    if (!h->live)
+      continue;
+    fprintf(stderr, "test teardown: stopping helper thread %d\n", i);
+    h->stop(h->arg);
+    pthread_join(h->thread, NULL);
+    h->live = false;
+  }
+  for (int i = 0; i < TEST_SHARED_MAX; i++) {
+    free(test_shared_[i]);
+    test_shared_[i] = NULL;
+  }
+  return 0;
+}
+
+#undef cmocka_unit_test
+#define cmocka_unit_test(f)                                                    \
+  { #f, f, NULL, test_helpers_teardown, NULL }
+
+/* A test that cannot go on safely (a thread it started cannot be stopped)
+ * ends the program with a report instead of a crash: exit status 1, which
+ * CTest counts as a failed test. */
+static inline void test_give_up(const char *why) {
+  fprintf(stderr, "test program ended: %s\n", why);
+  fflush(NULL);
+  _exit(1);
+}
+
 /* Runs fn(arg) on another thread and waits for it. */
 static inline void *test_run_on_thread(test_thread_fn *fn, void *arg) {
   return test_thread_join(test_thread_start(fn, arg));
@@ -158,6 +302,51 @@ static inline int test_sem_wait_ns(sem_t *sem, int64_t timeout_ns) {
     if (errno != EINTR)
       return -1;
   }
+}
+
+/* ---- A start gate for racing helpers ---------------------------------- *
+ * Like a barrier that the helpers of a race pass together, but one that a
+ * failed test (a helper that could not start) can open: helpers stuck at a
+ * barrier of n could never be stopped.  The gate lives where the helpers'
+ * state does (test_shared() or static storage). */
+
+struct test_gate {
+  sem_t arrived;
+  int open; /* atomic */
+};
+
+static inline void test_gate_init(struct test_gate *g) {
+  sem_init(&g->arrived, 0, 0);
+  g->open = 0; /* before any helper runs */
+}
+
+/* Opens the gate: every helper at it goes on. */
+static inline void test_gate_open(struct test_gate *g) {
+  __atomic_store_n(&g->open, 1, __ATOMIC_RELEASE);
+}
+
+/* A helper's side: arrives, then waits (spinning, so that all leave at
+ * once, as from a barrier) until the gate opens. */
+static inline void test_gate_pass(struct test_gate *g) {
+  sem_post(&g->arrived);
+  while (!__atomic_load_n(&g->open, __ATOMIC_ACQUIRE))
+    sched_yield();
+}
+
+/* The test's side: waits until n helpers arrived (at most timeout_ns for
+ * each), then opens the gate.  Returns false when they did not all come
+ * (the gate is open anyway). */
+static inline bool test_gate_release(struct test_gate *g, int n,
+                                     int64_t timeout_ns) {
+  bool all = true;
+  for (int i = 0; i < n && all; i++)
+    all = test_sem_wait_ns(&g->arrived, timeout_ns) == 0;
+  test_gate_open(g);
+  return all;
+}
+
+static inline void test_gate_destroy(struct test_gate *g) {
+  sem_destroy(&g->arrived);
 }
 
 /* ---- Counters --------------------------------------------------------- */
@@ -321,12 +510,18 @@ static inline bool test_fd_is_open(int fd) {
  * meet SIG_DFL, which would kill the process).  The target MUST outlive the
  * storm: stop it before the target thread exits. */
 
-struct test_sigstorm {
+/* What the storm thread uses: test_shared() memory, so that a test that
+ * fails during a storm leaves it to the teardown, which stops it. */
+struct test_sigstorm_core {
   pthread_t target;
-  pthread_t thread;
   int64_t period;
   int stop;  /* atomic */
   long sent; /* atomic: signals sent */
+};
+
+struct test_sigstorm {
+  struct test_sigstorm_core *core;
+  pthread_t thread;
   long hits_before;
 };
 
@@ -359,8 +554,13 @@ static inline void test_sigstorm_install(void) {
   pthread_sigmask(SIG_UNBLOCK, &set, NULL);
 }
 
+static inline void test_sigstorm_halt(void *arg) {
+  __atomic_store_n(&((struct test_sigstorm_core *)arg)->stop, 1,
+                   __ATOMIC_RELEASE);
+}
+
 static inline void *test_sigstorm_main(void *arg) {
-  struct test_sigstorm *s = arg;
+  struct test_sigstorm_core *s = arg;
   /* The storm thread itself never takes the signal. */
   sigset_t set;
   sigemptyset(&set);
@@ -381,14 +581,16 @@ static inline void test_sigstorm_start(struct test_sigstorm *s,
                                        pthread_t target, int64_t period_ns) {
   memset(s, 0, sizeof *s);
   test_sigstorm_install();
-  s->target = target;
-  s->period = period_ns;
+  struct test_sigstorm_core *c = test_shared(sizeof *c);
+  c->target = target;
+  c->period = period_ns;
+  s->core = c;
   s->hits_before = __atomic_load_n(test_sigstorm_hits(), __ATOMIC_RELAXED);
-  s->thread = test_thread_start(test_sigstorm_main, s);
+  s->thread = test_helper_start(test_sigstorm_main, c, test_sigstorm_halt);
   /* Return once the storm blows (its first signal sent: a loaded machine
    * may be slow to run the new thread), so that a wait started now is hit
    * by the next ones. */
-  while (__atomic_load_n(&s->sent, __ATOMIC_RELAXED) == 0)
+  while (__atomic_load_n(&c->sent, __ATOMIC_RELAXED) == 0)
     test_sleep_ns(CANCEL_USEC(100));
 }
 
@@ -396,8 +598,10 @@ static inline void test_sigstorm_start(struct test_sigstorm *s,
  * blew (in this process).  The first signal may land before the wait
  * starts: hits >= 2 shows that the storm really hit the wait. */
 static inline long test_sigstorm_stop(struct test_sigstorm *s) {
-  __atomic_store_n(&s->stop, 1, __ATOMIC_RELEASE);
-  test_thread_join(s->thread);
+  test_sigstorm_halt(s->core);
+  test_helper_join(s->thread);
+  test_shared_free(s->core);
+  s->core = NULL;
   return __atomic_load_n(test_sigstorm_hits(), __ATOMIC_RELAXED) -
          s->hits_before;
 }
@@ -445,23 +649,44 @@ static inline double test_stress_scale(void) {
  *
  * test_waiter_end() joins; if the waiter does not return in time (a lost
  * wake-up) it reports, runs rescue(arg) to unblock it, and fails the test
- * once it is joined, or aborts the program if even that did not unblock it
- * (the waiter's memory may not be released while it runs). */
+ * once it is joined, or ends the program (test_give_up) if even that did
+ * not unblock it (the waiter's memory may not be released while it runs).
+ *
+ * What the waiter thread writes lives in test_shared() memory, not in the
+ * caller's struct: a test that fails between start and end leaves the
+ * waiter to the teardown, which runs the stop given to
+ * test_waiter_stop_with() (if any), waits a while for the waiter to
+ * return, joins it, or ends the program when it does not return.  fn's arg
+ * is the caller's: fn should read it before it blocks, not write it after.
+ * A waiter just started may not have read it yet: when a helper of this
+ * header fails the test (no memory for the next waiter, no thread), it
+ * first waits until every waiter was seen blocked or has returned, so that
+ * none reads its arg from the frame the failure abandons. */
 
 typedef int64_t test_wait_fn(void *arg);
 
-struct test_waiter {
+struct test_waiter_core {
   test_wait_fn *fn;
   void *arg;
-  pthread_t thread;
+  void (*stop)(void *); /* the teardown's way to end fn, or NULL */
+  void *stop_arg;
   pid_t tid;
   sem_t started, finished;
   int64_t result;
+  int64_t t_start, t_end;
+};
+
+struct test_waiter {
+  struct test_waiter_core *core;
+  pthread_t thread;
+  pid_t tid;
+  sem_t *finished;        /* posted when fn returned */
+  int64_t result;         /* set by test_waiter_end() */
   int64_t t_start, t_end; /* cancel_now() just before and after fn */
 };
 
 static inline void *test_waiter_main(void *p) {
-  struct test_waiter *w = p;
+  struct test_waiter_core *w = p;
   w->tid = test_gettid();
   w->t_start = cancel_now();
   sem_post(&w->started);
@@ -471,34 +696,75 @@ static inline void *test_waiter_main(void *p) {
   return NULL;
 }
 
+/* The teardown's stop of a waiter a failed test left: its stop, then a
+ * bounded wait for fn to return (the join follows). */
+static inline void test_waiter_halt(void *p) {
+  struct test_waiter_core *w = p;
+  if (w->stop != NULL)
+    w->stop(w->stop_arg);
+  if (test_sem_wait_ns(&w->finished, test_tol(CANCEL_SEC(2))) != 0)
+    test_give_up("a failed test left a waiter thread blocked");
+}
+
 static inline void test_waiter_start(struct test_waiter *w, test_wait_fn *fn,
                                      void *arg) {
   memset(w, 0, sizeof *w);
-  w->fn = fn;
-  w->arg = arg;
-  sem_init(&w->started, 0, 0);
-  sem_init(&w->finished, 0, 0);
-  w->thread = test_thread_start(test_waiter_main, w);
-  while (sem_wait(&w->started) != 0) {
+  struct test_waiter_core *c = test_shared(sizeof *c);
+  c->fn = fn;
+  c->arg = arg;
+  sem_init(&c->started, 0, 0);
+  sem_init(&c->finished, 0, 0);
+  w->core = c;
+  w->finished = &c->finished;
+  w->thread = test_helper_start(test_waiter_main, c, test_waiter_halt);
+  while (sem_wait(&c->started) != 0) {
   }
+  w->tid = c->tid;
+  w->t_start = c->t_start;
+}
+
+static inline void test_settle_waiters_(void) {
+  for (int i = 0; i < TEST_HELPERS_MAX; i++) {
+    struct test_helper_slot *h = &test_helpers_[i];
+    if (!h->live || h->stop != test_waiter_halt)
+      continue;
+    struct test_waiter_core *c = h->arg;
+    int v = 0;
+    sem_getvalue(&c->finished, &v);
+    if (v == 0)
+      (void)test_wait_blocked(c->tid, test_tol(CANCEL_SEC(1)));
+  }
+}
+
+/* How the teardown ends this waiter if the test fails before
+ * test_waiter_end(): stop(arg), e.g. test_rescue_cancel and a source
+ * (arg must outlive the test's frame). */
+static inline void test_waiter_stop_with(struct test_waiter *w,
+                                         void (*stop)(void *), void *arg) {
+  w->core->stop_arg = arg;
+  w->core->stop = stop;
 }
 
 static inline void test_waiter_end(struct test_waiter *w, int64_t timeout_ns,
                                    void (*rescue)(void *), void *rescue_arg) {
-  bool late = test_sem_wait_ns(&w->finished, timeout_ns) != 0;
+  struct test_waiter_core *c = w->core;
+  bool late = test_sem_wait_ns(&c->finished, timeout_ns) != 0;
   if (late) {
     print_error("waiter did not return within %" PRId64 " ms\n",
                 timeout_ns / 1000000);
     if (rescue != NULL)
       rescue(rescue_arg);
-    if (test_sem_wait_ns(&w->finished, CANCEL_SEC(10)) != 0) {
-      fprintf(stderr, "waiter still blocked after rescue: aborting\n");
-      abort();
-    }
+    if (test_sem_wait_ns(&c->finished, CANCEL_SEC(10)) != 0)
+      test_give_up("a waiter thread is still blocked after its rescue");
   }
-  test_thread_join(w->thread);
-  sem_destroy(&w->started);
-  sem_destroy(&w->finished);
+  test_helper_join(w->thread);
+  w->result = c->result;
+  w->t_end = c->t_end;
+  sem_destroy(&c->started);
+  sem_destroy(&c->finished);
+  test_shared_free(c);
+  w->core = NULL;
+  w->finished = NULL;
   if (late)
     fail();
 }

@@ -97,9 +97,11 @@ static void test_timeout_details(void **state) {
   static const int64_t timeouts[] = {CANCEL_MSEC(10), CANCEL_MSEC(30),
                                      CANCEL_USEC(1500), CANCEL_SEC(1)};
   enum { N = sizeof timeouts / sizeof timeouts[0] };
-  struct fire_rec f[N];
+  /* Static: a failed assertion (no source for the next one) leaves the
+   * armed timers to fire on these after this frame is gone. */
+  static struct fire_rec f[N];
   cancel_source *s[N];
-  cancel_reg reg[N];
+  static cancel_reg reg[N];
   for (int i = 0; i < N; i++) {
     fire_rec_init(&f[i]);
     s[i] = new_src("d");

@@ -287,7 +287,7 @@ static void test_no_descriptor_leak(void **state) {
 enum { RACERS = 6 };
 
 struct race {
-  pthread_barrier_t go;
+  struct test_gate go;
   cancel_source *src;
   int fds[RACERS];
   bool cancel_too; /* racer 0 cancels instead of asking */
@@ -298,9 +298,14 @@ struct racer {
   int id;
 };
 
+/* A racer's stop: open its gate (it then runs its one call and returns). */
+static void stop_racer(void *arg) {
+  test_gate_open(&((struct racer *)arg)->race->go);
+}
+
 static void *racer_main(void *arg) {
   struct racer *r = arg;
-  pthread_barrier_wait(&r->race->go);
+  test_gate_pass(&r->race->go);
   if (r->race->cancel_too && r->id == 0)
     r->race->fds[0] = cancel_source_cancel(r->race->src) == 1 ? -1 : -2;
   else
@@ -319,20 +324,28 @@ static void test_first_calls_race(void **state) {
   for (int round = 0; round < rounds; round++) {
     if (round >= 10 && cancel_now() > budget_end)
       break; /* valgrind: threads are slow to start */
+    /* Shared: a racer that cannot start fails the test, and the teardown
+     * opens the gate for the others and joins them. */
+    struct race *rp = test_shared(sizeof *rp);
     struct race race;
-    memset(&race, 0, sizeof race);
-    pthread_barrier_init(&race.go, NULL, RACERS);
-    race.src = new_src("race");
-    race.cancel_too = round % 2 == 1;
-    struct racer rs[RACERS];
+    test_gate_init(&rp->go);
+    rp->src = new_src("race");
+    rp->cancel_too = round % 2 == 1;
+    struct racer *rs = test_shared(RACERS * sizeof *rs);
     pthread_t th[RACERS];
     for (int i = 0; i < RACERS; i++) {
-      rs[i].race = &race;
+      rs[i].race = rp;
       rs[i].id = i;
-      th[i] = test_thread_start(racer_main, &rs[i]);
+      th[i] = test_helper_start(racer_main, &rs[i], stop_racer);
     }
+    bool all = test_gate_release(&rp->go, RACERS, test_tol(CANCEL_SEC(10)));
     for (int i = 0; i < RACERS; i++)
-      test_thread_join(th[i]);
+      test_helper_join(th[i]);
+    assert_true(all);
+    race = *rp;
+    test_gate_destroy(&rp->go);
+    test_shared_free(rs);
+    test_shared_free(rp);
     int fd = race.fds[1];
     assert_true(fd >= 0);
     for (int i = race.cancel_too ? 1 : 0; i < RACERS; i++)
@@ -346,7 +359,6 @@ static void test_first_calls_race(void **state) {
     }
     cancel_source_unref(race.src);
     assert_int_equal(test_fd_count(), base);
-    pthread_barrier_destroy(&race.go);
   }
   cancel_source_unref(pin);
 }

@@ -666,6 +666,12 @@ struct racer {
   bool quit;
 };
 
+static void stop_racer(void *arg) {
+  struct racer *r = arg;
+  r->quit = true;
+  sem_post(&r->go);
+}
+
 static void *racer_main(void *arg) {
   struct racer *r = arg;
   for (;;) {
@@ -682,11 +688,11 @@ static void *racer_main(void *arg) {
 static void test_unwatch_races_hangup(void **state) {
   (void)state;
   int rounds = test_time_scale() > 1.0 ? 1000 : 4000;
-  struct racer r;
-  memset(&r, 0, sizeof r);
-  sem_init(&r.go, 0, 0);
-  sem_init(&r.done, 0, 0);
-  pthread_t t = test_thread_start(racer_main, &r);
+  /* Shared: a failed assertion leaves the racer to the teardown. */
+  struct racer *rp = test_shared(sizeof *rp);
+  sem_init(&rp->go, 0, 0);
+  sem_init(&rp->done, 0, 0);
+  pthread_t t = test_helper_start(racer_main, rp, stop_racer);
   unsigned seed = 42;
   int armed = 0, fired = 0;
   for (int i = 0; i < rounds; i++) {
@@ -695,10 +701,10 @@ static void test_unwatch_races_hangup(void **state) {
     int mine, peer;
     unix_pair(&mine, &peer);
     assert_int_equal(cancel_watch_hangup(&x.w, x.src, mine), 0);
-    r.fd = peer;
-    r.spin = rand_r(&seed) % 4000;
+    rp->fd = peer;
+    rp->spin = rand_r(&seed) % 4000;
     unsigned my_spin = rand_r(&seed) % 4000;
-    sem_post(&r.go);
+    sem_post(&rp->go);
     for (unsigned k = 0; k < my_spin; k++)
       cancel__cpu_relax();
     int rc = cancel_unwatch(&x.w);
@@ -714,17 +720,16 @@ static void test_unwatch_races_hangup(void **state) {
       assert_int_equal(cancel_token_kind(TOK(x.src)), CANCEL_CLIENT_GONE);
       assert_int_equal(test_load(&x.count), 1);
     }
-    sem_wait(&r.done);
+    sem_wait(&rp->done);
     assert_int_equal(test_load(&x.count), rc == 0 ? 1 : 0);
     assert_int_equal(cancel_token_is_cancelled(TOK(x.src)), rc == 0);
     close(mine);
     watched_fini(&x);
   }
-  r.quit = true;
-  sem_post(&r.go);
-  test_thread_join(t);
-  sem_destroy(&r.go);
-  sem_destroy(&r.done);
+  stop_racer(rp);
+  test_helper_join(t);
+  sem_destroy(&rp->go);
+  sem_destroy(&rp->done);
   print_message("unwatch race: %d rounds, %d unwatched armed, %d after the "
                 "hang-up\n",
                 rounds, armed, fired);
