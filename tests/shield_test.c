@@ -375,30 +375,6 @@ static void test_shield_null_outer(void **state) {
 
 /* ---- A grace timer that cannot be armed (issue 11, item 5) ------------ */
 
-/* Runs fn in a forked child (no cmocka there: its exit status is the
- * result) and returns that status, or -1 if it did not end within
- * timeout_ns (it is killed). */
-static int in_child(int (*fn)(void), int64_t timeout_ns) {
-  fflush(NULL);
-  pid_t pid = fork();
-  assert_true(pid >= 0);
-  if (pid == 0)
-    _exit(fn());
-  int64_t end = cancel_now() + timeout_ns;
-  int status = 0;
-  for (;;) {
-    pid_t r = waitpid(pid, &status, WNOHANG);
-    if (r == pid)
-      break;
-    if (cancel_now() > end) {
-      kill(pid, SIGKILL);
-      waitpid(pid, &status, 0);
-      return -1;
-    }
-    test_sleep_ns(CANCEL_MSEC(1));
-  }
-  return WIFEXITED(status) ? WEXITSTATUS(status) : 100 + WTERMSIG(status);
-}
 
 /* In the child the reactor is not running (fork resets it), and with the
  * descriptors used up it cannot start: the grace timer cannot be armed,
@@ -437,7 +413,7 @@ static int child_unarmable_grace(void) {
 static void test_unarmable_grace_ends_at_once(void **state) {
   (void)state;
   assert_true(test_others_asleep(test_tol(CANCEL_SEC(2))));
-  int rc = in_child(child_unarmable_grace, test_tol(CANCEL_SEC(10)));
+  int rc = test_in_child(child_unarmable_grace, test_tol(CANCEL_SEC(10)));
   if (rc != 0)
     print_error("child failed at step %d\n", rc);
   assert_int_equal(rc, 0);

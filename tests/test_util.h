@@ -31,6 +31,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -929,6 +930,33 @@ static inline bool test_log_has_level(int level) {
     found = strncmp(l->lines[i], prefix, (size_t)n) == 0;
   pthread_mutex_unlock(&l->mu);
   return found;
+}
+
+/* ---- Children ------------------------------------------------------- */
+
+/* Runs fn in a forked child (no cmocka there: its exit status is the
+ * result) and returns that status, or -1 if it did not end within
+ * timeout_ns (it is killed).  100 + N: it died of signal N. */
+static inline int test_in_child(int (*fn)(void), int64_t timeout_ns) {
+  fflush(NULL);
+  pid_t pid = fork();
+  assert_true(pid >= 0);
+  if (pid == 0)
+    _exit(fn());
+  int64_t end = cancel_now() + timeout_ns;
+  int status = 0;
+  for (;;) {
+    pid_t r = waitpid(pid, &status, WNOHANG);
+    if (r == pid)
+      break;
+    if (cancel_now() > end) {
+      kill(pid, SIGKILL);
+      waitpid(pid, &status, 0);
+      return -1;
+    }
+    test_sleep_ns(CANCEL_MSEC(1));
+  }
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 100 + WTERMSIG(status);
 }
 
 /* ---- ThreadSanitizer --------------------------------------------------- */

@@ -752,30 +752,6 @@ static void test_fork_safety(void **state) {
 
 /* ---- Timers the kernel cannot be told about (issue 11, items 6, 8) ---- */
 
-/* Runs fn in a forked child (no cmocka there: its exit status is the
- * result) and returns that status, or -1 if it did not end within
- * timeout_ns (it is killed). */
-static int in_child(int (*fn)(void), int64_t timeout_ns) {
-  fflush(NULL);
-  pid_t pid = fork();
-  assert_true(pid >= 0);
-  if (pid == 0)
-    _exit(fn());
-  int64_t end = cancel_now() + timeout_ns;
-  int status = 0;
-  for (;;) {
-    pid_t r = waitpid(pid, &status, WNOHANG);
-    if (r == pid)
-      break;
-    if (cancel_now() > end) {
-      kill(pid, SIGKILL);
-      waitpid(pid, &status, 0);
-      return -1;
-    }
-    test_sleep_ns(CANCEL_MSEC(1));
-  }
-  return WIFEXITED(status) ? WEXITSTATUS(status) : 100 + WTERMSIG(status);
-}
 
 /* Lowers the descriptor limit and opens descriptors until there are none
  * left: the next timerfd_create/epoll_create1/eventfd gets EMFILE. */
@@ -852,7 +828,7 @@ static void test_failed_arm_leaves_no_deadline(void **state) {
       cancel_source_cancel_at(armed_before_fork, cancel_now() + CANCEL_SEC(60)),
       0);
   assert_true(test_others_asleep(test_tol(CANCEL_SEC(2))));
-  int rc = in_child(child_no_descriptors, test_tol(CANCEL_SEC(10)));
+  int rc = test_in_child(child_no_descriptors, test_tol(CANCEL_SEC(10)));
   if (rc != 0)
     print_error("child failed at step %d\n", rc);
   assert_int_equal(rc, 0);
