@@ -39,14 +39,6 @@
 
 typedef int child_fn(void *arg);
 
-/* In the child, first: cmocka's handlers for the crash signals would
- * resume the copy of the test runner in the child; a crash must end the
- * child, for the parent to see. */
-static void child_enter(void) {
-  static const int sigs[] = {SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT, SIGSYS};
-  for (size_t i = 0; i < sizeof sigs / sizeof sigs[0]; i++)
-    signal(sigs[i], SIG_DFL);
-}
 
 /* Runs fn(arg) in a child and returns its exit status, or fails the test:
  * the child crashed (a signal), or did not exit in time (killed). */
@@ -58,7 +50,7 @@ static int run_child(child_fn *fn, void *arg) {
   pid_t pid = fork();
   assert_true(pid >= 0);
   if (pid == 0) {
-    child_enter();
+    test_child_enter();
     _exit(fn(arg));
   }
   int st = 0;
@@ -432,7 +424,7 @@ static void test_fork_token_fd_is_the_childs(void **state) {
   pid_t pid = fork();
   assert_true(pid >= 0);
   if (pid == 0) {
-    child_enter();
+    test_child_enter();
     _exit(child_tokenfds(&c));
   }
   close(c.to_parent[1]);
@@ -521,7 +513,7 @@ static void test_fork_hangup_watch_not_armed_in_child(void **state) {
   pid_t pid = fork();
   assert_true(pid >= 0);
   if (pid == 0) {
-    child_enter();
+    test_child_enter();
     _exit(child_watch(&c));
   }
   close(sv[1]);

@@ -934,6 +934,15 @@ static inline bool test_log_has_level(int level) {
 
 /* ---- Children ------------------------------------------------------- */
 
+/* In a forked child, first: cmocka's handlers for the crash signals would
+ * resume the copy of the test runner in the child; a crash must end the
+ * child, for the parent to see. */
+static inline void test_child_enter(void) {
+  static const int sigs[] = {SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT, SIGSYS};
+  for (size_t i = 0; i < sizeof sigs / sizeof sigs[0]; i++)
+    signal(sigs[i], SIG_DFL);
+}
+
 /* Runs fn in a forked child (no cmocka there: its exit status is the
  * result) and returns that status, or -1 if it did not end within
  * timeout_ns (it is killed).  100 + N: it died of signal N. */
