@@ -106,7 +106,10 @@ TSAN_LAUNCHER = $(shell setarch $$(uname -m) -R true 2>/dev/null && \
                    echo "setarch $$(uname -m) -R")
 
 # Sanitizers and valgrind slow tests down: widen the timing tolerances,
-# unless the caller chose a scale.
+# unless the caller chose a scale.  The normal build gets a little room
+# too: ctest runs tests in parallel on a shared machine, where CI saw a
+# 20 ms timer land 100 ms late.
+NORMAL_SCALE = $(or $(CANCEL_TEST_TIME_SCALE),3)
 SLOW_SCALE = $(or $(CANCEL_TEST_TIME_SCALE),4)
 VALGRIND_SCALE = $(or $(CANCEL_TEST_TIME_SCALE),10)
 
@@ -152,7 +155,7 @@ TSAN_CMAKE := -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCANCEL_SANITIZE=thread
 SLOW_ENV = CANCEL_TEST_TIME_SCALE=$(SLOW_SCALE)
 
 check-normal:
-	$(call check_build,build,normal,$(NORMAL_CMAKE),)
+	$(call check_build,build,normal,$(NORMAL_CMAKE),CANCEL_TEST_TIME_SCALE=$(NORMAL_SCALE))
 
 check-asan:
 	$(call check_build,build-asan,asan,$(ASAN_CMAKE),$(SLOW_ENV))
