@@ -486,10 +486,10 @@ CANCEL_API size_t cancel_shields_open(void);
  * goes on until the timer fires it (no wait takes a timeout from the
  * token's deadline); -ETIMEDOUT when the call's own deadline passed (also
  * when that deadline is the token's own and came first: pass CANCEL_NEVER
- * to be ended by the token alone); -errno for the system's errors.  EINTR is handled inside: a
- * signal never ends a wait early.  A blocked thread is woken through a
- * per-thread primitive (a futex, or one eventfd per thread for descriptor
- * waits) registered on the token for the duration of the wait: no
+ * to be ended by the token alone); -errno for the system's errors.  EINTR is
+ * handled inside: a signal never ends a wait early.  A blocked thread is woken
+ * through a per-thread primitive (a futex, or one eventfd per thread for
+ * descriptor waits) registered on the token for the duration of the wait: no
  * descriptor and no allocation per token or per wait.  cancel_sleep
  * sleeps on the token's own futex word, shared by all its sleepers, so
  * that one cancel wakes ten thousand of them in linear time.

@@ -306,8 +306,8 @@ int cancel_token_settle(const cancel_token *tok, int64_t early_ns) {
   if (deadline == CANCEL_NEVER ||
       cancel__time_left(deadline, cancel_now()) > early_ns)
     return 0;
-  int rc = sleep_until(
-      tok, cancel__add_sat(deadline, CANCEL_SETTLE_WAIT_NS), "cancel_settle");
+  int rc = sleep_until(tok, cancel__add_sat(deadline, CANCEL_SETTLE_WAIT_NS),
+                       "cancel_settle");
   if (rc == -ECANCELED)
     return -ECANCELED;
   /* Not fired: unless the deadline was moved away meanwhile, nothing is

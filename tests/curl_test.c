@@ -1134,9 +1134,9 @@ static void test_deadline_cancel_has_reason(void **state) {
   int lies = 0, cancelled = 0, timedout = 0;
   for (int round = 0; round < ROUNDS_RACE; round++) {
     cancel_source *s = NULL;
-    assert_int_equal(cancel_source_new_timeout(&s, "downstream call", NULL,
-                                               CANCEL_MSEC(20)),
-                     0);
+    assert_int_equal(
+        cancel_source_new_timeout(&s, "downstream call", NULL, CANCEL_MSEC(20)),
+        0);
     CURLcode code;
     int rc = cancel_curl_perform_ex(TOK(s), e, NULL, &code);
     /* At once: no waiting for the timer here. */

@@ -187,8 +187,7 @@ static void test_settle_in_fork_child(void **state) {
   assert_int_equal(
       cancel_source_new_timeout(&g_forked, "forked", NULL, CANCEL_MSEC(200)),
       0);
-  assert_int_equal(test_in_child(settle_in_child, test_tol(CANCEL_SEC(10))),
-                   0);
+  assert_int_equal(test_in_child(settle_in_child, test_tol(CANCEL_SEC(10))), 0);
   cancel_source_unref(g_forked);
 }
 
@@ -201,9 +200,9 @@ static void test_settle_in_fork_child(void **state) {
 #define ROUNDS_WAIT 40
 
 struct waitctx {
-  int fds[2];  /* a pipe nobody writes */
-  int sp[2];   /* a socket pair nobody writes */
-  int lfd;     /* a listener nobody connects to */
+  int fds[2]; /* a pipe nobody writes */
+  int sp[2];  /* a socket pair nobody writes */
+  int lfd;    /* a listener nobody connects to */
   pthread_mutex_t mu;
   pthread_cond_t cv;
   cancel_sem sem;

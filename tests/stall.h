@@ -38,8 +38,7 @@ static inline void test_stall_fn(void *arg) {
  * is held leaves the callback running on memory that stays valid (a
  * test's frame, or test_shared() memory, would be gone). */
 #define TEST_STALL_SLOTS 16
-static inline struct test_stall *test_stall_begin(int64_t at,
-                                                  int64_t hold_ns) {
+static inline struct test_stall *test_stall_begin(int64_t at, int64_t hold_ns) {
   static struct test_stall slots[TEST_STALL_SLOTS];
   static unsigned next;
   struct test_stall *st = &slots[next++ % TEST_STALL_SLOTS];
@@ -56,8 +55,7 @@ static inline struct test_stall *test_stall_begin(int64_t at,
 
 /* Waits until the timer thread is held (the stall's deadline passed). */
 static inline void test_stall_entered(struct test_stall *st) {
-  assert_int_equal(test_sem_wait_ns(&st->entered, test_tol(CANCEL_SEC(5))),
-                   0);
+  assert_int_equal(test_sem_wait_ns(&st->entered, test_tol(CANCEL_SEC(5))), 0);
 }
 
 /* Lets the timer thread go (if it is still held) and frees the stall: the
