@@ -202,10 +202,11 @@ typedef int cancel_pq_work_fn(const cancel_token *tok, PGconn *conn, void *arg);
  * On any failure before the COMMIT succeeded the transaction is rolled
  * back: the database is unchanged and no transaction is open.
  * Returns work's value (>= 0) when committed, work's negative value,
- * -ECANCELED, -EINVAL (conn or work NULL, commit_grace_ns < 0, a
- * transaction already open on conn, or work ended the transaction
- * itself), -ENOMEM (the shield), or an error as above (e.g. -EAGAIN from a
- * serialization failure at COMMIT). */
+ * -ECANCELED, -ETIMEDOUT (the token's deadline passed and its timer did
+ * not fire it: see the list above), -EINVAL (conn or work NULL,
+ * commit_grace_ns < 0, a transaction already open on conn, or work ended
+ * the transaction itself), -ENOMEM (the shield), or an error as above
+ * (e.g. -EAGAIN from a serialization failure at COMMIT). */
 CANCEL_API int cancel_pq_transaction(const cancel_token *tok, PGconn *conn,
                                      cancel_pq_work_fn *work, void *arg,
                                      int64_t commit_grace_ns);
