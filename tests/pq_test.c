@@ -238,10 +238,9 @@ static void test_deadline(void **state) {
   int64_t took = test_since(t0);
   assert_i64_ge(took, CANCEL_MSEC(90));
   assert_i64_lt(took, CANCEL_MSEC(100) + test_tol(CANCEL_MSEC(200)));
-  /* The token fired (the server's backstop may have come a hair before the
-   * token's own timer: the call waits for nothing, the reason is there). */
-  assert_true(test_wait_until(test_token_cancelled, (void *)TOK(s),
-                              test_tol(CANCEL_SEC(1))));
+  /* The token fired, and its reason is there at once (also when the
+   * server's backstop came before the token's own timer). */
+  assert_true(cancel_token_is_cancelled(TOK(s)));
   assert_int_equal(cancel_token_kind(TOK(s)), CANCEL_TIMEOUT);
   assert_int_equal(query_long(c, "SELECT 2"), 2);
   cancel_source_unref(s);
