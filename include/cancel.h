@@ -9,7 +9,17 @@
  *
  * Conventions used by every function in this header:
  *   - Errors are negative errno values.  0 (or a positive count or flag) is
- *     success.  -ECANCELED means "the token fired", whatever the reason.
+ *     success.  -ECANCELED means "the token fired", whatever the reason,
+ *     and only that: whenever a libcancel call (this header's or an
+ *     adapter's) returns -ECANCELED, the token it was given is already
+ *     cancelled when it returns: cancel_token_is_cancelled() is true and
+ *     cancel_token_reason() returns 1, at once, on the calling thread.
+ *     Also when the call stopped on a timeout it derived from the token's
+ *     deadline (curl's timeout, PostgreSQL's statement_timeout) a moment
+ *     before the library's timer fired the token: such a call settles
+ *     with the timer first (cancel_token_settle()) and returns -ETIMEDOUT
+ *     if the timer did not fire.  (A value that your own callback returns
+ *     through a libcancel call, e.g. a transaction's work, is yours.)
  *   - Time is int64_t nanoseconds of CLOCK_MONOTONIC (cancel_now()).
  *     Deadlines are absolute; CANCEL_NEVER is "no deadline".
  *   - A function that takes a `const cancel_token *` borrows it for the
@@ -348,6 +358,41 @@ CANCEL_API int64_t cancel_token_deadline(const cancel_token *tok);
  * thread-safe. */
 CANCEL_API int64_t cancel_token_remaining(const cancel_token *tok);
 
+/* How long after a token's deadline cancel_token_settle() waits for the
+ * timer to fire it.  The timer thread is woken at the deadline and fires
+ * it within microseconds on an idle machine; this bounds a timer thread
+ * that a loaded machine (or a sanitizer, or valgrind) did not schedule. */
+#define CANCEL_SETTLE_WAIT_NS CANCEL_SEC(1)
+
+/* Settles the race between a timeout derived from tok's deadline and the
+ * library's timer that fires tok at that deadline.  A call that gave some
+ * component a timeout taken from cancel_token_deadline(tok) (curl's
+ * CURLOPT_TIMEOUT_MS, PostgreSQL's statement_timeout, a budget sent to a
+ * downstream service that answered "deadline exceeded") can see that
+ * timeout expire a moment before the timer has cancelled tok: tok is then
+ * still live and has no reason to read.  Such a call calls this before it
+ * reports the timeout, and returns -ECANCELED only when this does.
+ *   - tok already cancelled: returns -ECANCELED at once;
+ *   - tok NULL, without a deadline, or with a deadline more than early_ns
+ *     away: returns 0 at once (the timeout was not the token's: report
+ *     it as your own);
+ *   - otherwise (the deadline passed, or is at most early_ns away: e.g. a
+ *     timeout rounded to whole milliseconds, or a downstream's own clock)
+ *     it blocks, woken by the cancel (no polling), until tok is cancelled
+ *     (by its timer, or by anything else meanwhile): -ECANCELED; or until
+ *     CANCEL_SETTLE_WAIT_NS after the deadline: -ETIMEDOUT, tok still
+ *     live.  That happens when nothing fires tok: in the child of fork(),
+ *     where the timers armed before the fork do not run, or when the
+ *     timer thread was not scheduled for that long.  A deadline moved
+ *     later while it waits is seen when the wait ends: 0 if it is then
+ *     more than early_ns away.
+ * Returns -ECANCELED (then cancel_token_reason() returns 1), 0,
+ * -ETIMEDOUT, or -EINVAL (early_ns < 0).  It never returns -ECANCELED
+ * with tok live, so a call may return that value as it is.
+ * Thread-safe; blocks at most early_ns + CANCEL_SETTLE_WAIT_NS; not from
+ * a cancellation callback (it may block). */
+CANCEL_API int cancel_token_settle(const cancel_token *tok, int64_t early_ns);
+
 /* ======================================================================
  * Timeouts
  * ====================================================================== */
@@ -436,11 +481,15 @@ CANCEL_API size_t cancel_shields_open(void);
  * absolute (CANCEL_NEVER for none; one already passed makes the call a
  * poll: it does what it can without blocking and returns); -ECANCELED as
  * soon as the token fires (at once, without touching the descriptor, when
- * it fired before the call); -ETIMEDOUT when the call's own deadline
- * passed; -errno for the system's errors.  EINTR is handled inside: a
- * signal never ends a wait early.  A blocked thread is woken through a
- * per-thread primitive (a futex, or one eventfd per thread for descriptor
- * waits) registered on the token for the duration of the wait: no
+ * it fired before the call), and only once it has: a token whose deadline
+ * passed but whose timer has not yet fired it is still live, and a wait
+ * goes on until the timer fires it (no wait takes a timeout from the
+ * token's deadline); -ETIMEDOUT when the call's own deadline passed (also
+ * when that deadline is the token's own and came first: pass CANCEL_NEVER
+ * to be ended by the token alone); -errno for the system's errors.  EINTR is
+ * handled inside: a signal never ends a wait early.  A blocked thread is woken
+ * through a per-thread primitive (a futex, or one eventfd per thread for
+ * descriptor waits) registered on the token for the duration of the wait: no
  * descriptor and no allocation per token or per wait.  cancel_sleep
  * sleeps on the token's own futex word, shared by all its sleepers, so
  * that one cancel wakes ten thousand of them in linear time.

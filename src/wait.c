@@ -248,11 +248,14 @@ static struct timespec *relative(int64_t deadline, struct timespec *ts) {
 
 /* ---- Sleeping --------------------------------------------------------- */
 
-int cancel_sleep_until(const cancel_token *tok, int64_t deadline) {
+/* Sleeps until tok fires or deadline passes; `name` names the wait's
+ * scope for the watchdog. */
+static int sleep_until(const cancel_token *tok, int64_t deadline,
+                       const char *name) {
   if (cancel_token_is_cancelled(tok))
     return -ECANCELED;
   struct cancel__waiter *w = &self;
-  if (cancel__wait_begin(w, tok, wake_futex, "cancel_sleep") == 1)
+  if (cancel__wait_begin(w, tok, wake_futex, name) == 1)
     return -ECANCELED;
   struct timespec ts = cancel__abs_timespec(deadline);
   /* The token's state word (see wake_futex), or for the NULL token, which
@@ -275,10 +278,45 @@ int cancel_sleep_until(const cancel_token *tok, int64_t deadline) {
   return cancel_token_is_cancelled(tok) ? -ECANCELED : 0;
 }
 
+int cancel_sleep_until(const cancel_token *tok, int64_t deadline) {
+  return sleep_until(tok, deadline, "cancel_sleep");
+}
+
 int cancel_sleep(const cancel_token *tok, int64_t ns) {
   if (ns < 0)
     return -EINVAL;
   return cancel_sleep_until(tok, cancel__deadline_after(cancel_now(), ns));
+}
+
+/* ---- Settling a deadline ---------------------------------------------- *
+ * The token's deadline passed (or is about to), and whoever noticed it
+ * must not report the token's cancellation before the timer made it: the
+ * reason is the timer's to write.  So this waits for the timer, on the
+ * token's futex like any sleeper, bounded in case nothing will ever fire
+ * it (see cancel.h).  Waiting rather than firing the source here: the
+ * deadline belongs to whichever ancestor armed it, and its timer, its
+ * reason and its callbacks are the timer thread's. */
+
+int cancel_token_settle(const cancel_token *tok, int64_t early_ns) {
+  if (early_ns < 0)
+    return -EINVAL;
+  if (cancel_token_is_cancelled(tok))
+    return -ECANCELED;
+  int64_t deadline = cancel_token_deadline(tok); /* NEVER for NULL */
+  if (deadline == CANCEL_NEVER ||
+      cancel__time_left(deadline, cancel_now()) > early_ns)
+    return 0;
+  int rc = sleep_until(tok, cancel__add_sat(deadline, CANCEL_SETTLE_WAIT_NS),
+                       "cancel_settle");
+  if (rc == -ECANCELED)
+    return -ECANCELED;
+  /* Not fired: unless the deadline was moved away meanwhile, nothing is
+   * going to fire it. */
+  deadline = cancel_token_deadline(tok);
+  if (deadline == CANCEL_NEVER ||
+      cancel__time_left(deadline, cancel_now()) > early_ns)
+    return 0;
+  return -ETIMEDOUT;
 }
 
 /* ---- Descriptors ------------------------------------------------------ */

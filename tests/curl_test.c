@@ -8,6 +8,7 @@
 #include "test_util.h"
 
 #include "loopback.h"
+#include "stall.h"
 
 #include "cancel/curl.h"
 
@@ -156,11 +157,16 @@ static void test_cancel_abandons_slow_server(void **state) {
     int rc = cancel_curl_perform_ex(TOK(s), e, NULL, &code);
     int64_t back = cancel_now();
     /* The token's deadline also bounds curl's own timeout: on a slow
-     * machine curl may give up a moment before the token's timer fires,
-     * and that is reported as the token's cancellation too. */
-    assert_int_equal(test_sem_wait_ns(&f.sem, test_tol(CANCEL_SEC(2))), 0);
-    assert_int_equal(cancel_unregister(&reg), 0);
+     * machine curl may give up a moment before the token's timer fires;
+     * the call then waits for the timer: the token is cancelled on
+     * return (its callbacks may still be running on the timer thread).
+     * Asserted once the registration on this frame is gone. */
+    bool fired_on_return = cancel_token_is_cancelled(TOK(s));
+    int posted = test_sem_wait_ns(&f.sem, test_tol(CANCEL_SEC(2)));
+    (void)cancel_unregister(&reg);
     sem_destroy(&f.sem);
+    assert_int_equal(posted, 0);
+    assert_true(fired_on_return);
     int64_t fired = f.at;
     assert_int_equal(rc, -ECANCELED);
     assert_int_equal(cancel_token_kind(TOK(s)), CANCEL_TIMEOUT);
@@ -1116,6 +1122,110 @@ static void test_cancel_during_slow_dns(void **state) {
   }
 }
 
+/* ---- -ECANCELED means the token fired ---------------------------------- *
+ * curl's own timeout is taken from the token's deadline, and it races the
+ * library's timer that fires the token at that same deadline.  Whoever
+ * wins, a call that returns -ECANCELED has a cancelled token whose reason
+ * can be read at once (cancel.h's conventions): the edge answers by it. */
+
+/* Transfers of 20 ms in the natural race (see the report printed). */
+#define ROUNDS_RACE 200
+
+static void test_deadline_cancel_has_reason(void **state) {
+  (void)state;
+  struct server *sv = test_shared(sizeof *sv);
+  server_start(sv, HANG);
+  CURL *e = easy_for(sv);
+  int lies = 0, cancelled = 0, timedout = 0;
+  for (int round = 0; round < ROUNDS_RACE; round++) {
+    cancel_source *s = NULL;
+    assert_int_equal(
+        cancel_source_new_timeout(&s, "downstream call", NULL, CANCEL_MSEC(20)),
+        0);
+    CURLcode code;
+    int rc = cancel_curl_perform_ex(TOK(s), e, NULL, &code);
+    /* At once: no waiting for the timer here. */
+    bool fired = cancel_token_is_cancelled(TOK(s));
+    cancel_reason why;
+    int have = cancel_token_reason(TOK(s), &why);
+    if (rc == -ECANCELED && (!fired || have != 1)) {
+      lies++;
+    } else if (rc == -ECANCELED) {
+      cancelled++;
+      assert_int_equal(why.kind, CANCEL_TIMEOUT);
+      assert_string_equal(why.origin, "downstream call");
+    } else {
+      /* The timer did not fire the token long after its deadline: an
+       * honest answer, but a machine far too loaded for this test. */
+      assert_int_equal(rc, -ETIMEDOUT);
+      assert_false(fired);
+      timedout++;
+    }
+    /* The server saw the client go: the next round gets the server. */
+    assert_int_equal(test_sem_wait_ns(&sv->done, test_tol(CANCEL_SEC(2))), 0);
+    cancel_source_unref(s);
+  }
+  print_message("curl deadline race: %d rounds, %d -ECANCELED with the "
+                "reason, %d -ECANCELED on a live token, %d -ETIMEDOUT\n",
+                ROUNDS_RACE, cancelled, lies, timedout);
+  assert_int_equal(lies, 0);
+  assert_int_equal(timedout, 0);
+  curl_easy_cleanup(e);
+  server_stop(sv);
+}
+
+/* The same race lost every time: the timer thread is held while the
+ * deadline passes (tests/stall.h), so curl's timeout always comes first;
+ * the call waits for the timer rather than return -ECANCELED on a live
+ * token.  Also the call that finds the deadline already passed (nothing
+ * is sent). */
+static void test_deadline_cancel_waits_for_late_timer(void **state) {
+  (void)state;
+  struct server *sv = test_shared(sizeof *sv);
+  server_start(sv, HANG);
+  CURL *e = easy_for(sv);
+  const int64_t hold = CANCEL_MSEC(200);
+
+  /* curl's timeout fires while the timer is held. */
+  int64_t deadline = cancel_now() + CANCEL_MSEC(40);
+  struct test_stall *st = test_stall_begin(deadline - CANCEL_MSEC(2), hold);
+  cancel_source *s = new_src("downstream call");
+  assert_int_equal(cancel_source_cancel_at(s, deadline), 0);
+  CURLcode code;
+  int rc = cancel_curl_perform_ex(TOK(s), e, NULL, &code);
+  int64_t back = cancel_now();
+  assert_true(cancel_token_is_cancelled(TOK(s)));
+  assert_int_equal(rc, -ECANCELED);
+  assert_int_equal(cancel_token_kind(TOK(s)), CANCEL_TIMEOUT);
+  assert_int_equal(code, CURLE_OPERATION_TIMEDOUT); /* curl's came first */
+  /* Not before the timer went on: the call waited for it. */
+  assert_i64_ge(back, __atomic_load_n(&st->left_at, __ATOMIC_ACQUIRE));
+  assert_int_equal(test_sem_wait_ns(&sv->done, test_tol(CANCEL_SEC(2))), 0);
+  test_stall_end(st);
+  cancel_source_unref(s);
+
+  /* The deadline passed before the call, the timer held: nothing is sent,
+   * and the call returns once the token fired. */
+  int before = __atomic_load_n(&sv->connections, __ATOMIC_SEQ_CST);
+  deadline = cancel_now() + CANCEL_MSEC(10);
+  st = test_stall_begin(deadline - CANCEL_MSEC(2), hold);
+  s = new_src("downstream call");
+  assert_int_equal(cancel_source_cancel_at(s, deadline), 0);
+  test_stall_entered(st);
+  while (cancel_now() < deadline)
+    test_sleep_ns(deadline - cancel_now());
+  rc = cancel_curl_perform(TOK(s), e);
+  assert_true(cancel_token_is_cancelled(TOK(s)));
+  assert_int_equal(rc, -ECANCELED);
+  assert_int_equal(cancel_token_kind(TOK(s)), CANCEL_TIMEOUT);
+  assert_int_equal(__atomic_load_n(&sv->connections, __ATOMIC_SEQ_CST), before);
+  test_stall_end(st);
+  cancel_source_unref(s);
+
+  curl_easy_cleanup(e);
+  server_stop(sv);
+}
+
 static void test_grpc_format(void **state) {
   (void)state;
   char b[16];
@@ -1143,6 +1253,8 @@ int main(void) {
       cmocka_unit_test(test_thread_exit_closes),
       cmocka_unit_test(test_fork_child_has_its_own),
       cmocka_unit_test(test_fork_during_perform),
+      cmocka_unit_test(test_deadline_cancel_has_reason),
+      cmocka_unit_test(test_deadline_cancel_waits_for_late_timer),
       cmocka_unit_test(test_grpc_format),
       cmocka_unit_test(test_cancel_during_slow_dns),
   };

@@ -360,11 +360,12 @@ static int fetch_metadata(const struct service *s, const cancel_token *tok,
   curl_easy_getinfo(e, CURLINFO_RESPONSE_CODE, &status);
   curl_easy_cleanup(e);
   if (rc == 0 && status == 504 &&
-      cancel_token_remaining(tok) < CANCEL_MSEC(50)) {
-    /* The downstream gave up on the budget we sent it, which is ours:
-     * our own deadline is a moment away.  Let it fire, so that the edge
-     * names our timeout, not a downstream failure. */
-    rc = cancel_sleep(tok, CANCEL_MSEC(100)) == -ECANCELED ? -ECANCELED : 0;
+      cancel_token_settle(tok, CANCEL_MSEC(50)) == -ECANCELED) {
+    /* The downstream gave up on the budget we sent it, which is ours: our
+     * own deadline is at most 50 ms away (its clock and the trip back).
+     * Settled with our timer, so that the edge names our timeout, not a
+     * downstream failure. */
+    rc = -ECANCELED;
   }
   if (rc < 0) {
     say(why, whylen, "downstream: %s", cancel_strerror(rc));

@@ -68,15 +68,25 @@ typedef struct cancel_curl_options {
  * again if you reuse the handle) and the budget is sent downstream in the
  * headers above; with no time left it fails at once, sending nothing.
  *
- * Returns 0 (the transfer completed: check the response code yourself),
- * -ECANCELED (the token fired, or its deadline left no time, or curl's
- * timeout, taken from that deadline, expired a moment before the token's
- * own timer; the transfer was abandoned), -ETIMEDOUT (a timeout you set on the
- * handle yourself), -EINVAL (NULL easy, a malformed or unsupported URL),
- * -ECONNREFUSED, -EHOSTUNREACH (the host could not be resolved or reached),
- * -ENOMEM, -EIO (any other curl failure).  *result (may be NULL) receives
- * curl's own CURLcode, so "our timeout" (-ECANCELED with a timeout reason on
- * the token) is never confused with "their failure".
+ * Returns:
+ *   0             the transfer completed: check the response code yourself;
+ *   -ECANCELED    the token fired (the transfer was abandoned).  Also when
+ *                 its deadline left no time, or curl's timeout taken from
+ *                 that deadline expired first: the call then waits for the
+ *                 token's timer (cancel_token_settle()), so that on return
+ *                 the token is cancelled and its reason readable, always;
+ *   -ETIMEDOUT    a timeout you set on the handle yourself; or the token's
+ *                 deadline passed (curl's timeout taken from it expired, or
+ *                 no time was left) and the token was still not cancelled
+ *                 CANCEL_SETTLE_WAIT_NS after it (nothing fires it: the
+ *                 child of a fork(), or a timer thread not scheduled);
+ *   -EINVAL       NULL easy, a malformed or unsupported URL;
+ *   -ECONNREFUSED, -EHOSTUNREACH (the host could not be resolved or
+ *                 reached), -ENOMEM;
+ *   -EIO          any other curl failure.
+ * *result (may be NULL) receives curl's own CURLcode, so "our timeout"
+ * (-ECANCELED with a timeout reason on the token) is never confused with
+ * "their failure".
  *
  * Name resolution with the threaded resolver (Debian's libcurl): the
  * lookup runs getaddrinfo on a thread of libcurl's, and nothing interrupts

@@ -52,7 +52,11 @@
  *   - cancel_pq_transaction: the BEGIN message carries it, so it covers
  *     every statement of the transaction, and the COMMIT's message resets
  *     it to 0 (the commit is shielded: see there).
- * The server's timeout is reported like the token's own: -ECANCELED.
+ * The server's timeout is reported like the token's own: -ECANCELED, once
+ * the token's timer has fired the token (the call waits for it with
+ * cancel_token_settle(): the server's timeout may end a moment before the
+ * timer, when the margin is small or the timer late), so that the token
+ * is cancelled and its reason readable when the call returns.
  *
  * Not observed by the token: host name resolution in cancel_pq_connect
  * (libpq resolves synchronously in PQconnectStart; give hostaddr= for
@@ -66,7 +70,10 @@
  *   0            success (PGRES_COMMAND_OK, PGRES_TUPLES_OK, an empty
  *                query);
  *   -ECANCELED   the token fired (before the call, or while it ran), or
- *                the backstop timeout derived from its deadline fired;
+ *                the backstop timeout derived from its deadline fired, or
+ *                the deadline had passed before the call; in every case
+ *                the token is cancelled and its reason readable on return
+ *                (see the backstop above);
  *   -EINVAL      a NULL argument, or invalid options, or a conninfo string
  *                libpq cannot parse;
  *   -EIO         the server reported an error for the SQL (syntax,
@@ -87,7 +94,13 @@
  *                refused, unreachable, authentication failed...: the
  *                message is PQerrorMessage(*connp);
  *   -ENOTSUP     a COPY statement;
- *   -ETIMEDOUT   (cancel_pq_wait_notify) its own deadline passed;
+ *   -ETIMEDOUT   (cancel_pq_wait_notify) its own deadline passed; (the
+ *                others) the token's deadline passed, before the call or
+ *                through the backstop, and the token was still not
+ *                cancelled CANCEL_SETTLE_WAIT_NS after it (nothing fires
+ *                it: the child of a fork(), or a timer thread not
+ *                scheduled); an open transaction is rolled back, as for
+ *                -ECANCELED;
  *   -ENOMEM.
  *
  * Thread-safety: a connection is used by one thread at a time (as libpq
@@ -189,10 +202,11 @@ typedef int cancel_pq_work_fn(const cancel_token *tok, PGconn *conn, void *arg);
  * On any failure before the COMMIT succeeded the transaction is rolled
  * back: the database is unchanged and no transaction is open.
  * Returns work's value (>= 0) when committed, work's negative value,
- * -ECANCELED, -EINVAL (conn or work NULL, commit_grace_ns < 0, a
- * transaction already open on conn, or work ended the transaction
- * itself), -ENOMEM (the shield), or an error as above (e.g. -EAGAIN from a
- * serialization failure at COMMIT). */
+ * -ECANCELED, -ETIMEDOUT (the token's deadline passed and its timer did
+ * not fire it: see the list above), -EINVAL (conn or work NULL,
+ * commit_grace_ns < 0, a transaction already open on conn, or work ended
+ * the transaction itself), -ENOMEM (the shield), or an error as above
+ * (e.g. -EAGAIN from a serialization failure at COMMIT). */
 CANCEL_API int cancel_pq_transaction(const cancel_token *tok, PGconn *conn,
                                      cancel_pq_work_fn *work, void *arg,
                                      int64_t commit_grace_ns);

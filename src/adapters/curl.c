@@ -297,6 +297,15 @@ static bool append(struct curl_slist **list, const char *h) {
   return true;
 }
 
+/* The answer when the token's deadline ended the call (it left no time,
+ * or curl's timeout taken from it expired): -ECANCELED once the timer has
+ * fired the token, so that its reason is there to read (cancel.h's
+ * conventions), -ETIMEDOUT when it did not (cancel_token_settle). */
+static int deadline_ended(const cancel_token *tok, int64_t early) {
+  return cancel_token_settle(tok, early) == -ECANCELED ? -ECANCELED
+                                                       : -ETIMEDOUT;
+}
+
 static int perform(const cancel_token *tok, CURL *easy,
                    const cancel_curl_options *opts, CURLcode *result) {
   static const cancel_curl_options defaults;
@@ -315,7 +324,7 @@ static int perform(const cancel_token *tok, CURL *easy,
   int64_t left = cancel_token_remaining(tok);
   if (left != CANCEL_NEVER) {
     if (left <= 0)
-      return -ECANCELED; /* nothing left: send nothing */
+      return deadline_ended(tok, 0); /* nothing left: send nothing */
     /* Rounded up, so >= 1: 0 would be "none". */
     long ms = (long)cancel__ns_to_ms_ceil(left, LONG_MAX);
     curl_easy_setopt(easy, CURLOPT_TIMEOUT_MS, ms);
@@ -402,23 +411,31 @@ static int perform(const cancel_token *tok, CURL *easy,
    * HTTP/1.x connection closed at once); a finished one's connection,
    * already back in the cache, stays there for the next call. */
   curl_multi_remove_handle(multi, easy);
-  if (!finished || cancel_token_is_cancelled(tok)) {
+  bool derived = false; /* curl's timeout, taken from the deadline */
+  if (cancel_token_is_cancelled(tok)) {
     /* Level-triggered: a fired token wins, also over curl's timeout that
      * we derived from its deadline. */
     rc = -ECANCELED;
     if (result != NULL)
       *result = finished ? code : CURLE_ABORTED_BY_CALLBACK;
+  } else if (!finished) {
+    /* curl stopped running the transfer without a result for it. */
+    rc = -EIO;
+    if (result != NULL)
+      *result = CURLE_FAILED_INIT;
   } else {
     if (result != NULL)
       *result = code;
     rc = map_curl(code);
-    /* The token's deadline, its timer a hair behind.  curl counts its
-     * timeout in whole milliseconds (truncating), so it may give up to a
-     * millisecond before the deadline itself: a timeout that close to it
-     * is the one we derived from it, not one of the caller's. */
-    if (rc == -ETIMEDOUT && left != CANCEL_NEVER &&
-        cancel_token_remaining(tok) < CANCEL_MSEC(2))
-      rc = -ECANCELED;
+    /* The token's deadline, its timer a hair behind (or late).  A timeout
+     * close to the deadline is the one we derived from it: settle with the
+     * timer, so that -ECANCELED comes with the reason.  curl counts its
+     * timeout in whole milliseconds, hence the 2 ms; a timeout of the
+     * caller's own ends further from the deadline and stays -ETIMEDOUT. */
+    if (rc == -ETIMEDOUT && left != CANCEL_NEVER) {
+      rc = deadline_ended(tok, CANCEL_MSEC(2));
+      derived = rc == -ECANCELED || cancel_token_remaining(tok) == 0;
+    }
   }
   /* A transfer we abandoned (or that curl's timeout, taken from the
    * token's deadline, cut short) must not leave its connection open: the
@@ -429,7 +446,8 @@ static int perform(const cancel_token *tok, CURL *easy,
    * the connection spoke is not public, so the thread's multi handle goes,
    * with every connection it holds.  Cancellation is the rare path; the
    * next call makes a new one. */
-  bool abandoned = !finished || (rc == -ECANCELED && code != CURLE_OK);
+  bool abandoned =
+      !finished || derived || (rc == -ECANCELED && code != CURLE_OK);
   multi_put(multi, fresh, failed || abandoned);
 out:
   if (own_headers) {

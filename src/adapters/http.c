@@ -865,20 +865,14 @@ static void classify(cancel_http_request *r, int rc) {
   r->level = CANCEL_LOG_INFO;
   r->after_cancel_ms = -1;
   cancel_reason why;
-  /* A call that saw the token's deadline pass may return a hair before
-   * the token's own timer fires it (libcurl counts whole milliseconds):
-   * the reason is then moments away, wait for it. */
-  if (rc == -ECANCELED && r->tok != NULL &&
-      !cancel_token_is_cancelled(r->tok)) {
-    int64_t left = cancel_token_remaining(r->tok);
-    if (left < CANCEL_MSEC(50))
-      (void)cancel_sleep(r->tok, left + CANCEL_MSEC(100));
-  }
+  /* No waiting for the token here: a libcancel call that returned
+   * -ECANCELED has a fired token (cancel.h), also when a timeout it took
+   * from the deadline beat the timer. */
   bool fired = r->tok != NULL && cancel_token_reason(r->tok, &why) == 1;
   if (fired) {
     cancel_logfmt_reason(r->cancel_fields, sizeof r->cancel_fields, &why);
-    /* 0 when the handler returned a moment before the token's timer (the
-     * wait above): it stopped at the deadline. */
+    /* 0 when the token fired after the handler returned (its timer, while
+     * the handler was answering by itself): it stopped in time. */
     int64_t after = r->t_handler_end - why.time;
     r->after_cancel_ms = after > 0 ? (double)after / 1e6 : 0.0;
   }

@@ -164,12 +164,15 @@ static bool sqlstate_is(const PGresult *r, const char *code) {
 static int map_error(const struct call *c, const PGresult *r,
                      const cancel_token *tok) {
   if (sqlstate_is(r, "57014")) { /* query_canceled */
-    /* Ours when we sent the cancel, or when the backstop (the token's
-     * deadline) fired a moment before the token's own timer. */
-    if (c->cancel_sent || cancel_token_is_cancelled(tok) ||
-        cancel_token_remaining(tok) == 0)
+    /* Ours when we sent the cancel (the token fired).  Else the backstop,
+     * when the token's deadline has passed: its timer may be a moment
+     * behind the server's, so settle with it, and report -ECANCELED only
+     * with the reason there (cancel.h's conventions).  Else somebody
+     * else's cancel. */
+    if (c->cancel_sent)
       return -ECANCELED;
-    return -EINTR;
+    int s = cancel_token_settle(tok, 0);
+    return s == 0 ? -EINTR : s;
   }
   if (sqlstate_is(r, "40001") || sqlstate_is(r, "40P01"))
     return -EAGAIN;
@@ -310,8 +313,12 @@ int cancel_pq_exec_ex(const cancel_token *tok, PGconn *conn, const char *sql,
 
   int64_t left = cancel_token_remaining(tok);
   if (cancel_token_is_cancelled(tok) || left == 0) {
+    /* Nothing is sent; a deadline that passed is reported once its timer
+     * fired the token (or as -ETIMEDOUT if it does not). */
+    ret = cancel_token_settle(tok, 0);
+    ret = ret == -ECANCELED ? -ECANCELED : -ETIMEDOUT;
     rollback_open(conn, drain);
-    return -ECANCELED;
+    return ret;
   }
 
   int was_nonblocking = PQisnonblocking(conn);
@@ -353,7 +360,7 @@ int cancel_pq_exec_ex(const cancel_token *tok, PGconn *conn, const char *sql,
   ret = run(&c, text, simple ? NULL : &p, resp);
 out:
   free(joined);
-  if (ret == -ECANCELED)
+  if (ret == -ECANCELED || ret == -ETIMEDOUT)
     rollback_open(conn, drain);
   if (!was_nonblocking && PQstatus(conn) == CONNECTION_OK)
     (void)PQsetnonblocking(conn, 0);
