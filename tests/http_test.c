@@ -197,6 +197,18 @@ static int h_own(cancel_http_request *req, const cancel_token *tok,
   return rc;
 }
 
+/* Names a token that did not fire: -EINVAL, which it returns (500). */
+static int h_told_live(cancel_http_request *req, const cancel_token *tok,
+                       void *arg) {
+  (void)arg;
+  cancel_source *own = NULL;
+  if (cancel_http_request_cancelled(req, NULL) != -EINVAL ||
+      cancel_http_request_timeout_new(req, &own, "x", -1) != -EINVAL ||
+      own != NULL)
+    __atomic_add_fetch(&handler_errors, 1, __ATOMIC_SEQ_CST);
+  return finish(tok, cancel_http_request_cancelled(req, tok));
+}
+
 static const struct own own_auto_50ms = {OWN_AUTO, CANCEL_MSEC(50)};
 static const struct own own_told_50ms = {OWN_TOLD, CANCEL_MSEC(50)};
 static const struct own own_auto_30s = {OWN_AUTO, CANCEL_SEC(30)};
@@ -216,6 +228,7 @@ static const cancel_http_route routes[] = {
     {"GET", "/own-timeout-told", h_own, (void *)&own_told_50ms, 0},
     {"GET", "/own-wait-auto", h_own, (void *)&own_auto_30s, 0},
     {"GET", "/own-wait-told", h_own, (void *)&own_told_30s, 0},
+    {"GET", "/told-live", h_told_live, NULL, 0},
 };
 #define NROUTES (sizeof routes / sizeof routes[0])
 
@@ -371,6 +384,14 @@ static void test_server_answers_itself(void **state) {
       log_find(line, sizeof line, "status=500", "route=/fail", "error=", NULL));
   assert_true(strncmp(line, "40 ", 3) == 0);
   assert_int_equal(get(port, "/fake-cancel", NULL, resp, sizeof resp), 500);
+  assert_true(log_find(line, sizeof line, "route=/fake-cancel", "status=500",
+                       "error=\"handler returned -ECANCELED but neither",
+                       NULL));
+  /* Naming a token that did not fire is a misuse: -EINVAL, a 500. */
+  assert_int_equal(get(port, "/told-live", NULL, resp, sizeof resp), 500);
+  assert_true(log_find(line, sizeof line, "route=/told-live", "status=500",
+                       "error=", NULL));
+  assert_null(strstr(line, "cancel_kind="));
   assert_int_equal(get(port, "/nothing", NULL, resp, sizeof resp), 500);
   assert_true(log_find(line, sizeof line, "handler set no response", NULL));
   /* Still serving. */
@@ -1111,6 +1132,11 @@ static void test_bad_arguments(void **state) {
   assert_int_equal(cancel_http_server_new(&s, &o, routes, 1), -EINVAL);
   assert_int_equal(cancel_http_server_stop(NULL, 0), -EINVAL);
   assert_int_equal(cancel_http_server_free(NULL), 0);
+  cancel_source *src = (cancel_source *)&src;
+  assert_int_equal(cancel_http_request_timeout_new(NULL, &src, "x", 0),
+                   -EINVAL);
+  assert_null(src);
+  assert_int_equal(cancel_http_request_cancelled(NULL, NULL), -EINVAL);
 
   /* A port in use. */
   cancel_http_server *a = start(NULL, NULL);
