@@ -198,6 +198,15 @@ void cancel__timer_fired(cancel_source *src);
 /* Formats a duration as "2s", "250ms", "40us" or "7ns". */
 void cancel__format_duration(char *buf, size_t len, int64_t ns);
 
+/* Writes the via path of r at buf + pos, snprintf style (counting past
+ * len), and returns the new position: "(N more)<sep>" when hops nearer
+ * the origin were left out, then each hop's name ("?" when unnamed) with
+ * its note, " (grace 2s expired)", joined by sep.  cancel_reason_format
+ * (" -> ") and cancel_logfmt_reason (">") both say the path with it, so
+ * the human line and the log line never disagree on a hop or a note. */
+size_t cancel__reason_via(const cancel_reason *r, const char *sep, char *buf,
+                          size_t len, size_t pos);
+
 /* ---- Reactor (reactor.c): the one internal thread ---------------------- */
 
 void cancel__reactor_lock(void);

@@ -290,25 +290,15 @@ int cancel_logfmt_reason(char *buf, size_t len, const cancel_reason *r) {
              REASON_VALUE_MAX);
   if (r->detail != NULL && r->detail[0] != '\0')
     fields_add(&f, "cancel_detail", r->detail, REASON_VALUE_MAX);
-  if (r->via_len > 0) {
-    /* The hops' names joined by '>', each name's own bytes as they are:
-     * the quoting below escapes them once, for the whole path. */
-    size_t vl = 0;
-    for (size_t i = 0; i < r->via_len && i < CANCEL_VIA_MAX; i++)
-      vl += (i > 0) + strlen(r->via[i].name != NULL ? r->via[i].name : "");
+  if (r->via_len > 0 || r->via_skipped > 0) {
+    /* The path as cancel_reason_format says it (hops, the shield's grace
+     * note, the hops left out), joined by '>': the quoting below escapes
+     * the names' bytes once, for the whole path. */
+    size_t vl = cancel__reason_via(r, ">", NULL, 0, 0);
     char stack[512];
     char *via = vl < sizeof stack ? stack : malloc(vl + 1);
     if (via != NULL) {
-      size_t o = 0;
-      for (size_t i = 0; i < r->via_len && i < CANCEL_VIA_MAX; i++) {
-        const char *nm = r->via[i].name != NULL ? r->via[i].name : "";
-        if (i > 0)
-          via[o++] = '>';
-        size_t n = strlen(nm);
-        memcpy(via + o, nm, n);
-        o += n;
-      }
-      via[o] = '\0';
+      (void)cancel__reason_via(r, ">", via, vl + 1, 0);
       fields_add(&f, "cancel_via", via, 2 * REASON_VALUE_MAX);
       if (via != stack)
         free(via);

@@ -81,6 +81,20 @@ static void put(char *buf, size_t len, size_t *pos, const char *fmt, ...) {
     *pos += (size_t)n;
 }
 
+size_t cancel__reason_via(const cancel_reason *r, const char *sep, char *buf,
+                          size_t len, size_t pos) {
+  if (r->via_skipped > 0)
+    put(buf, len, &pos, "(%zu more)%s", r->via_skipped, sep);
+  for (size_t i = 0; i < r->via_len && i < CANCEL_VIA_MAX; i++) {
+    const cancel_hop *h = &r->via[i];
+    put(buf, len, &pos, "%s%s", i > 0 ? sep : "",
+        h->name && h->name[0] ? h->name : "?");
+    if (h->note && h->note[0])
+      put(buf, len, &pos, " (%s)", h->note);
+  }
+  return pos;
+}
+
 int cancel_reason_format(const cancel_reason *r, char *buf, size_t len) {
   if (r == NULL || (buf == NULL && len > 0))
     return -EINVAL;
@@ -98,16 +112,8 @@ int cancel_reason_format(const cancel_reason *r, char *buf, size_t len) {
   else if (origin[0] || detail[0])
     put(buf, len, &pos, " (%s)", origin[0] ? origin : detail);
   if (r->via_len > 0 || r->via_skipped > 0) {
-    put(buf, len, &pos, " via");
-    if (r->via_skipped > 0)
-      put(buf, len, &pos, " (%zu more) ->", r->via_skipped);
-    for (size_t i = 0; i < r->via_len && i < CANCEL_VIA_MAX; i++) {
-      const cancel_hop *h = &r->via[i];
-      put(buf, len, &pos, "%s %s", i > 0 ? " ->" : "",
-          h->name && h->name[0] ? h->name : "?");
-      if (h->note && h->note[0])
-        put(buf, len, &pos, " (%s)", h->note);
-    }
+    put(buf, len, &pos, " via ");
+    pos = cancel__reason_via(r, " -> ", buf, len, pos);
   }
   return pos > INT32_MAX ? INT32_MAX : (int)pos;
 }

@@ -160,6 +160,60 @@ static int h_num(cancel_http_request *req, const cancel_token *tok, void *arg) {
   return finish(tok, 0);
 }
 
+/* A handler's own timeout, the README's practice: a source derived from
+ * the request's token around a "downstream call", waited on, -ECANCELED
+ * returned when it fires.  AUTO makes it with
+ * cancel_http_request_timeout_new (the request knows it); TOLD makes it
+ * with cancel_source_new_timeout and names it with
+ * cancel_http_request_cancelled before dropping it. */
+enum { OWN_AUTO, OWN_TOLD };
+struct own {
+  int how;
+  int64_t timeout_ns;
+};
+
+static int h_own(cancel_http_request *req, const cancel_token *tok,
+                 void *arg) {
+  const struct own *o = arg;
+  seen_start(tok);
+  cancel_source *call = NULL;
+  int rc = o->how == OWN_AUTO
+               ? cancel_http_request_timeout_new(req, &call, "downstream call",
+                                                 o->timeout_ns)
+               : cancel_source_new_timeout(&call, "downstream call", tok,
+                                           o->timeout_ns);
+  if (rc < 0) {
+    __atomic_add_fetch(&handler_errors, 1, __ATOMIC_SEQ_CST);
+    return rc;
+  }
+  sem_post(&entered);
+  rc = cancel_sleep(cancel_source_token(call), CANCEL_SEC(30));
+  if (rc == 0)
+    cancel_http_respond(req, 200, NULL, "slept", 5);
+  (void)finish(cancel_source_token(call), rc);
+  if (rc == -ECANCELED && o->how == OWN_TOLD)
+    rc = cancel_http_request_cancelled(req, cancel_source_token(call));
+  cancel_source_unref(call); /* the edge needs it no more (TOLD: copied) */
+  return rc;
+}
+
+/* Names a token that did not fire: -EINVAL, which it returns (500). */
+static int h_told_live(cancel_http_request *req, const cancel_token *tok,
+                       void *arg) {
+  (void)arg;
+  cancel_source *own = NULL;
+  if (cancel_http_request_cancelled(req, NULL) != -EINVAL ||
+      cancel_http_request_timeout_new(req, &own, "x", -1) != -EINVAL ||
+      own != NULL)
+    __atomic_add_fetch(&handler_errors, 1, __ATOMIC_SEQ_CST);
+  return finish(tok, cancel_http_request_cancelled(req, tok));
+}
+
+static const struct own own_auto_50ms = {OWN_AUTO, CANCEL_MSEC(50)};
+static const struct own own_told_50ms = {OWN_TOLD, CANCEL_MSEC(50)};
+static const struct own own_auto_30s = {OWN_AUTO, CANCEL_SEC(30)};
+static const struct own own_told_30s = {OWN_TOLD, CANCEL_SEC(30)};
+
 static const cancel_http_route routes[] = {
     {"GET", "/hello/{id}", h_hello, NULL, 0},
     {"POST", "/hello/{id}", h_hello, NULL, 0},
@@ -170,6 +224,11 @@ static const cancel_http_route routes[] = {
     {"GET", "/fake-cancel", h_fail, (void *)(intptr_t)-ECANCELED, 0},
     {"GET", "/nothing", h_nothing, NULL, 0},
     {"GET", "/num/{n}", h_num, NULL, 0},
+    {"GET", "/own-timeout-auto", h_own, (void *)&own_auto_50ms, 0},
+    {"GET", "/own-timeout-told", h_own, (void *)&own_told_50ms, 0},
+    {"GET", "/own-wait-auto", h_own, (void *)&own_auto_30s, 0},
+    {"GET", "/own-wait-told", h_own, (void *)&own_told_30s, 0},
+    {"GET", "/told-live", h_told_live, NULL, 0},
 };
 #define NROUTES (sizeof routes / sizeof routes[0])
 
@@ -325,6 +384,14 @@ static void test_server_answers_itself(void **state) {
       log_find(line, sizeof line, "status=500", "route=/fail", "error=", NULL));
   assert_true(strncmp(line, "40 ", 3) == 0);
   assert_int_equal(get(port, "/fake-cancel", NULL, resp, sizeof resp), 500);
+  assert_true(log_find(line, sizeof line, "route=/fake-cancel", "status=500",
+                       "error=\"handler returned -ECANCELED but neither",
+                       NULL));
+  /* Naming a token that did not fire is a misuse: -EINVAL, a 500. */
+  assert_int_equal(get(port, "/told-live", NULL, resp, sizeof resp), 500);
+  assert_true(log_find(line, sizeof line, "route=/told-live", "status=500",
+                       "error=", NULL));
+  assert_null(strstr(line, "cancel_kind="));
   assert_int_equal(get(port, "/nothing", NULL, resp, sizeof resp), 500);
   assert_true(log_find(line, sizeof line, "handler set no response", NULL));
   /* Still serving. */
@@ -349,6 +416,9 @@ static void test_client_gone(void **state) {
   assert_i64_lt(seen_get()->returned - t0, test_tol(CANCEL_MSEC(50)));
   assert_true(strncmp(line, "20 ", 3) == 0); /* info, not an error */
   assert_non_null(strstr(line, "cancel_kind=\"client gone\""));
+  /* The sources are named after what they are (issue 12): the request's
+   * scope is its route's, not "route timeout". */
+  assert_non_null(strstr(line, "cancel_via=\"route GET /wait\""));
   assert_non_null(strstr(line, "after_cancel_ms="));
   assert_false(log_has_level(CANCEL_LOG_ERROR));
   assert_int_equal(cancel_http_server_in_flight(s), 0);
@@ -364,13 +434,82 @@ static void test_route_timeout(void **state) {
   assert_int_equal(
       get(cancel_http_server_port(s), "/quick", NULL, resp, sizeof resp), 504);
   assert_elapsed_within(test_since(t0), CANCEL_MSEC(100), CANCEL_MSEC(400));
-  assert_non_null(strstr(resp, "timeout: route timeout"));
+  assert_non_null(strstr(resp, "timeout: route GET /quick"));
   assert_int_equal(seen_get()->kind, CANCEL_TIMEOUT);
-  assert_string_equal(seen_get()->origin, "route timeout");
+  assert_string_equal(seen_get()->origin, "route GET /quick");
+  /* Named after the route, the timeout in the detail. */
   assert_true(log_find(line, sizeof line, "status=504",
-                       "cancel_origin=\"route timeout\"", NULL));
+                       "cancel_origin=\"route GET /quick\"",
+                       "cancel_detail=100ms", NULL));
   assert_true(strncmp(line, "30 ", 3) == 0); /* warn */
   assert_false(log_has_level(CANCEL_LOG_ERROR));
+  stop(s);
+}
+
+/* The handler's own timeout (issue 12): a source it derived from the
+ * request's token fired, the request's did not.  The edge answers by the
+ * derived token's reason, whether the request knows the source
+ * (cancel_http_request_timeout_new) or is told of it
+ * (cancel_http_request_cancelled): 504, a warning naming the source; not
+ * the 500 "handler returned -ECANCELED but its token did not fire". */
+static void test_handler_timeout_answered_504(void **state) {
+  (void)state;
+  cancel_http_server *s = start(NULL, NULL);
+  uint16_t port = cancel_http_server_port(s);
+  const char *paths[] = {"/own-timeout-auto", "/own-timeout-told"};
+  for (size_t i = 0; i < 2; i++) {
+    seen_reset();
+    test_log_forget();
+    char resp[4096], line[2048];
+    int64_t t0 = cancel_now();
+    int st = get(port, paths[i], NULL, resp, sizeof resp);
+    if (st != 504)
+      fail_msg("%s answered %d: %s", paths[i], st, resp);
+    assert_elapsed_within(test_since(t0), CANCEL_MSEC(50), CANCEL_MSEC(400));
+    assert_non_null(strstr(resp, "timeout: downstream call"));
+    assert_int_equal(seen_get()->kind, CANCEL_TIMEOUT);
+    assert_string_equal(seen_get()->origin, "downstream call");
+    char route[64];
+    snprintf(route, sizeof route, "route=%s", paths[i]);
+    assert_true(log_find(line, sizeof line, "msg=request", route,
+                         "status=504", "cancel_kind=timeout",
+                         "cancel_origin=\"downstream call\"",
+                         "cancel_detail=50ms", "after_cancel_ms=", NULL));
+    assert_true(strncmp(line, "30 ", 3) == 0); /* warn */
+    assert_null(strstr(line, "error="));
+    assert_false(log_has_level(CANCEL_LOG_ERROR));
+  }
+  stop(s);
+}
+
+/* The client leaves while the handler waits on a token it derived: the
+ * derived token fires with kind client gone (through the link), and the
+ * request is still a 499 at info, logged by the request's own reason. */
+static void test_client_gone_through_derived_token(void **state) {
+  (void)state;
+  cancel_http_server *s = start(NULL, NULL);
+  uint16_t port = cancel_http_server_port(s);
+  const char *paths[] = {"/own-wait-auto", "/own-wait-told"};
+  for (size_t i = 0; i < 2; i++) {
+    seen_reset();
+    test_log_forget();
+    int fd = client_connect(port);
+    char req[256], route[64], via[96];
+    snprintf(req, sizeof req, "GET %s HTTP/1.1\r\nHost: t\r\n\r\n", paths[i]);
+    send_all(fd, req);
+    assert_int_equal(test_sem_wait_ns(&entered, test_tol(CANCEL_SEC(5))), 0);
+    close(fd);
+    char line[2048];
+    snprintf(route, sizeof route, "route=%s", paths[i]);
+    snprintf(via, sizeof via, "cancel_via=\"route GET %s\"", paths[i]);
+    assert_true(log_find(line, sizeof line, "msg=request", route,
+                         "status=499", "cancel_kind=\"client gone\"",
+                         "cancel_origin=\"client 127.0.0.1:", via, NULL));
+    assert_int_equal(seen_get()->kind, CANCEL_CLIENT_GONE);
+    assert_true(strncmp(line, "20 ", 3) == 0); /* info */
+    assert_false(log_has_level(CANCEL_LOG_ERROR));
+  }
+  assert_int_equal(cancel_http_server_in_flight(s), 0);
   stop(s);
 }
 
@@ -530,6 +669,47 @@ static void test_graceful_stop(void **state) {
   a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   assert_int_equal(connect(fd, (struct sockaddr *)&a, sizeof a), -1);
   close(fd);
+  assert_int_equal(cancel_http_server_free(s), 0);
+  cancel_source_unref(stopping);
+}
+
+/* after_cancel_ms is how long the handler ran after its own token fired
+ * (issue 12): a request drained by the stop (its token fires when the
+ * drain's grace ends, long after the stopping token did) that returns at
+ * once is logged with a small after_cancel_ms, not the drain's length. */
+static void test_drained_after_cancel_ms(void **state) {
+  (void)state;
+  int64_t bound = test_tol(CANCEL_MSEC(50)), drain = 6 * bound;
+  cancel_source *stopping = new_src("host");
+  cancel_http_options o = {.drain_timeout_ns = drain};
+  cancel_http_server *s = start(&o, TOK(stopping));
+  pthread_t t;
+  struct client *c = client_start(cancel_http_server_port(s), "/wait", &t);
+  assert_int_equal(test_sem_wait_ns(&entered, test_tol(CANCEL_SEC(5))), 0);
+  int64_t t0 = cancel_now();
+  cancel_source_cancel_with(stopping, CANCEL_SHUTDOWN, "SIGTERM");
+  assert_int_equal(
+      cancel_http_server_stop(s, cancel_now() + test_tol(CANCEL_SEC(5))), 0);
+  test_helper_join(t);
+  assert_int_equal(c->status, 503);
+  /* The handler ran for the drain after the stopping token fired. */
+  assert_i64_ge(seen_get()->returned - t0, drain);
+  char line[2048];
+  assert_true(log_find(line, sizeof line, "msg=request", "route=/wait",
+                       "status=503", "cancel_kind=shutdown",
+                       "after_cancel_ms=", NULL));
+  struct lf_record r;
+  const char *text = strchr(line, ' ') + 1; /* after the captured level */
+  if (lf_decode(text, &r) != 0)
+    fail_msg("not logfmt (%s): %s", r.error, text);
+  double after = strtod(lf_get(&r, "after_cancel_ms"), NULL);
+  assert_non_null(strstr(lf_get(&r, "cancel_via"), "drain (grace "));
+  lf_free(&r);
+  print_message("drained request: after_cancel_ms=%.3f (drain %.0f ms)\n",
+                after, (double)drain / 1e6);
+  if (after < 0 || after >= (double)bound / 1e6)
+    fail_msg("after_cancel_ms=%.3f, not under %.0f ms (drain %.0f ms): %s",
+             after, (double)bound / 1e6, (double)drain / 1e6, line);
   assert_int_equal(cancel_http_server_free(s), 0);
   cancel_source_unref(stopping);
 }
@@ -952,6 +1132,11 @@ static void test_bad_arguments(void **state) {
   assert_int_equal(cancel_http_server_new(&s, &o, routes, 1), -EINVAL);
   assert_int_equal(cancel_http_server_stop(NULL, 0), -EINVAL);
   assert_int_equal(cancel_http_server_free(NULL), 0);
+  cancel_source *src = (cancel_source *)&src;
+  assert_int_equal(cancel_http_request_timeout_new(NULL, &src, "x", 0),
+                   -EINVAL);
+  assert_null(src);
+  assert_int_equal(cancel_http_request_cancelled(NULL, NULL), -EINVAL);
 
   /* A port in use. */
   cancel_http_server *a = start(NULL, NULL);
@@ -1548,9 +1733,15 @@ int main(void) {
                                       teardown),
       cmocka_unit_test_setup_teardown(test_client_gone, setup, teardown),
       cmocka_unit_test_setup_teardown(test_route_timeout, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_handler_timeout_answered_504, setup,
+                                      teardown),
+      cmocka_unit_test_setup_teardown(test_client_gone_through_derived_token,
+                                      setup, teardown),
       cmocka_unit_test_setup_teardown(test_deadline_headers, setup, teardown),
       cmocka_unit_test_setup_teardown(test_parse_timeout, setup, teardown),
       cmocka_unit_test_setup_teardown(test_graceful_stop, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_drained_after_cancel_ms, setup,
+                                      teardown),
       cmocka_unit_test_setup_teardown(test_stop_lets_in_flight_finish, setup,
                                       teardown),
       cmocka_unit_test_setup_teardown(test_stop_times_out_on_stuck_handler,

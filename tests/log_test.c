@@ -66,6 +66,39 @@ static void test_reason_fields(void **state) {
   cancel_source_unref(parent);
 }
 
+/* A reason that came through a shield whose grace expired: the log line
+ * keeps the shield's note, as cancel_reason_format does, and both say the
+ * same path (issue 12: the logfmt fields dropped the note). */
+static void test_reason_fields_keep_grace_note(void **state) {
+  (void)state;
+  cancel_source *host = new_src("host");
+  cancel_source *drain = NULL;
+  assert_int_equal(
+      cancel_source_new_shield(&drain, "drain", TOK(host), CANCEL_MSEC(20)), 0);
+  const cancel_token *d = TOK(drain);
+  cancel_source *client = NULL;
+  assert_int_equal(cancel_source_new_linked(&client, "client 10.0.0.7:5123",
+                                            &d, 1),
+                   0);
+  cancel_source_cancel_with(host, CANCEL_SHUTDOWN, "SIGTERM");
+  assert_int_equal(cancel_sleep(TOK(client), test_tol(CANCEL_SEC(5))),
+                   -ECANCELED);
+  cancel_reason r;
+  assert_int_equal(cancel_token_reason(TOK(client), &r), 1);
+  char b[512], human[512];
+  int n = cancel_logfmt_reason(b, sizeof b, &r);
+  assert_int_equal((size_t)n, strlen(b));
+  assert_string_equal(b, "cancel_kind=shutdown cancel_origin=host "
+                         "cancel_detail=SIGTERM cancel_via=\"drain (grace "
+                         "20ms expired)>client 10.0.0.7:5123\"");
+  assert_true(cancel_reason_format(&r, human, sizeof human) > 0);
+  assert_string_equal(human, "shutdown (host SIGTERM) via drain (grace 20ms "
+                             "expired) -> client 10.0.0.7:5123");
+  cancel_source_unref(client);
+  cancel_source_unref(drain);
+  cancel_source_unref(host);
+}
+
 static void test_sink_and_levels(void **state) {
   (void)state;
   struct captured c = {0};
@@ -422,6 +455,7 @@ int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_quote),
       cmocka_unit_test(test_reason_fields),
+      cmocka_unit_test(test_reason_fields_keep_grace_note),
       cmocka_unit_test(test_sink_and_levels),
       cmocka_unit_test(test_default_sink_stderr),
       cmocka_unit_test(test_quote_hostile),

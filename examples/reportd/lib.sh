@@ -308,6 +308,11 @@ rd_expect() {
   "$@" || RD_PROBLEMS+=("$what")
 }
 rd_match() { [[ $1 =~ $2 ]]; }
+# rd_ere TEXT: TEXT as an ERE that matches it literally (a source's name
+# such as "route GET /reports/{id}" holds braces).
+rd_ere() { sed 's/[][\\.*^$(){}?+|]/\\&/g' <<<"$1"; }
+# rd_absent_in TEXT PART: TEXT does not hold PART (a fixed string).
+rd_absent_in() { [[ $1 != *"$2"* ]]; }
 # rd_absent FILE TEXT: no line of FILE holds TEXT (a fixed string).
 rd_absent() { ! grep -qF -- "$2" "$1"; }
 
@@ -464,7 +469,7 @@ rd__timed_out() {
   rd_curl "$name-$RD_ID" "$@" "$RD_URL/reports/$RD_ID?downstream_delay_ms=3000"
   rd_expect "answered $RD_CODE, not 504" [ "$RD_CODE" = 504 ]
   rd_check_access "/reports/$RD_ID" \
-    "level=warn .* status=504 .*cancel_kind=timeout cancel_origin=\"$origin\"" \
+    "level=warn .* status=504 .*cancel_kind=timeout cancel_origin=\"$(rd_ere "$origin")\"" \
     "a warning, status=504, cancel_kind=timeout, origin $origin"
   RD_T_LINE=$RD_LINE
   dur=$(rd_field "$RD_T_LINE" dur_ms)
@@ -477,10 +482,23 @@ rd__timed_out() {
 }
 
 # 3. The route's timeout (reportd runs with --route-timeout 1000): 504 and
-# a warning naming "route timeout".
+# a warning naming the route's source, "route GET /reports/{id}".
 rd_scenario_route_timeout() {
-  rd__timed_out s3 1000 "route timeout"
+  rd__timed_out s3 1000 "route GET /reports/{id}"
   rd_row "3 route timeout (1 s)$1" "$RD_T_STATUS" \
+    "timeout -> 504 sent +$RD_T_LATE ms" \
+    "$(rd_short "$RD_T_LINE" status cancel_kind cancel_origin)"
+}
+
+# 3b. The downstream call's own timeout (reportd runs with
+# --downstream-timeout 300 and --route-timeout 5000): a source the handler
+# derived from the request's token fired, not the request's: 504 and a
+# warning naming "downstream call", not a 500 (issue 12).
+rd_scenario_downstream_timeout() {
+  rd__timed_out s3b 300 "downstream call"
+  rd_expect "the access line is not a warning without error: $RD_T_LINE" \
+    rd_absent_in "$RD_T_LINE" "error="
+  rd_row "3b downstream call timeout (300 ms)$1" "$RD_T_STATUS" \
     "timeout -> 504 sent +$RD_T_LATE ms" \
     "$(rd_short "$RD_T_LINE" status cancel_kind cancel_origin)"
 }
@@ -562,7 +580,8 @@ rd_scenario_sigterm() {
 # rd_play_core LABEL [ARGS...]: the five scenarios against one database
 # (ARGS: --db FILE or --pg CONNINFO; LABEL tags the rows).  Scenarios 1-4
 # share one reportd (--route-timeout 1000), which then must stop cleanly;
-# scenario 5 has its own (--route-timeout 5000: its requests are slow, not
+# scenario 3b has its own (--downstream-timeout 300, under a 5 s route
+# timeout); scenario 5 has its own (--route-timeout 5000: its requests are slow, not
 # late).  Both aggregate with a tenth of the default CPU work (--work
 # 2000): a sanitizer build on a busy machine still answers well within
 # the timeouts that are not under test.
@@ -580,6 +599,14 @@ rd_play_core() {
   if [[ $RD_EXIT != 0 ]] || grep -q 'level=error' "$RD_LOG"; then
     RD_FAILED=$((RD_FAILED + 1))
     RD_NOTES+=("reportd of scenarios 1-4$tag: exit status $RD_EXIT, or an error logged")
+  fi
+  rd_start_reportd "ds$RD_NEXT_ID" --route-timeout 5000 --downstream-timeout 300 \
+    --poll 100 --work 2000 "$@" || rd_die "reportd did not start"
+  rd_scenario_downstream_timeout "$tag"
+  rd_stop_reportd
+  if [[ $RD_EXIT != 0 ]] || grep -q 'level=error' "$RD_LOG"; then
+    RD_FAILED=$((RD_FAILED + 1))
+    RD_NOTES+=("reportd of scenario 3b$tag: exit status $RD_EXIT, or an error logged")
   fi
   # The commit must still run when SIGTERM comes (a slow machine takes
   # longer to start the three requests), and end well within the budget.

@@ -42,7 +42,8 @@ struct config {
   const char *db;
   const char *pg;
   const char *downstream;
-  long route_timeout_ms, shutdown_timeout_ms, drain_ms, threads, poll_ms;
+  long route_timeout_ms, downstream_timeout_ms, shutdown_timeout_ms, drain_ms,
+      threads, poll_ms;
   long rows, work, commit_delay_ms, watchdog_ms;
   long header_timeout_ms, body_timeout_ms, idle_timeout_ms, max_conns,
       max_conns_per_ip;
@@ -58,6 +59,8 @@ static const char usage[] =
     "  --pg CONNINFO         REPORTD_PG, PostgreSQL instead of SQLite\n"
     "  --downstream URL      REPORTD_DOWNSTREAM (http://127.0.0.1:8081)\n"
     "  --route-timeout MS    REPORTD_ROUTE_TIMEOUT_MS (2000)\n"
+    "  --downstream-timeout MS REPORTD_DOWNSTREAM_TIMEOUT_MS, the downstream\n"
+    "                        call's own timeout (0: none, the request's budget)\n"
     "  --shutdown-timeout MS REPORTD_SHUTDOWN_TIMEOUT_MS (30000)\n"
     "  --drain MS            REPORTD_DRAIN_MS (shutdown timeout - 2000)\n"
     "  --threads N           REPORTD_THREADS (16)\n"
@@ -140,6 +143,8 @@ static bool configure(int argc, char **argv, struct config *c) {
       {"REPORTD_PORT", "port", 0, 65535, offsetof(struct config, port)},
       {"REPORTD_ROUTE_TIMEOUT_MS", "route-timeout", 1, 3600000,
        offsetof(struct config, route_timeout_ms)},
+      {"REPORTD_DOWNSTREAM_TIMEOUT_MS", "downstream-timeout", 0, 3600000,
+       offsetof(struct config, downstream_timeout_ms)},
       {"REPORTD_SHUTDOWN_TIMEOUT_MS", "shutdown-timeout", 100, 3600000,
        offsetof(struct config, shutdown_timeout_ms)},
       {"REPORTD_DRAIN_MS", "drain", 1, 3600000,
@@ -335,18 +340,53 @@ static void say(char *why, size_t len, const char *fmt, ...) {
       *c = '?';
 }
 
+/* The downstream call's token: tok, or with --downstream-timeout a source
+ * of its own derived from tok ("downstream call"), which *callp then
+ * holds (drop it after the call).  In a request (req not NULL) the
+ * source is made through the request, so that the edge answers its
+ * timeout as the 504 it is, naming it, rather than a -ECANCELED from a
+ * token it never saw fire (cancel_http_request_timeout_new). */
+static int call_token(const struct service *s, cancel_http_request *req,
+                      const cancel_token *tok, cancel_source **callp,
+                      const cancel_token **out) {
+  *callp = NULL;
+  *out = tok;
+  if (s->cfg.downstream_timeout_ms == 0)
+    return 0;
+  int64_t t = CANCEL_MSEC(s->cfg.downstream_timeout_ms);
+  int rc = req != NULL
+               ? cancel_http_request_timeout_new(req, callp, "downstream call",
+                                                 t)
+               : cancel_source_new_timeout(callp, "downstream call", tok, t);
+  if (rc == 0)
+    *out = cancel_source_token(*callp);
+  return rc;
+}
+
 /* GET <downstream>/meta/<id>: the report's title, into *title (free() it;
- * *tlen bytes, NUL bytes possible).  Returns -ENOENT for a 404, -EINVAL for
+ * *tlen bytes, NUL bytes possible).  req: the request it is for, NULL for
+ * the background job.  Returns -ENOENT for a 404, -EINVAL for
  * another 4xx (our request is wrong: asking again will not help), -EPROTO
  * for a 5xx or another status (the downstream may recover), -EBADMSG for a
  * 200 whose body is not the JSON object we expect, the adapter's errors
  * otherwise; `why` says it in words. */
-static int fetch_metadata(const struct service *s, const cancel_token *tok,
-                          long id, long delay_ms, char **title, size_t *tlen,
-                          char *why, size_t whylen) {
+static int fetch_metadata(const struct service *s, cancel_http_request *req,
+                          const cancel_token *reqtok, long id, long delay_ms,
+                          char **title, size_t *tlen, char *why,
+                          size_t whylen) {
+  cancel_source *call;
+  const cancel_token *tok;
+  int rc = call_token(s, req, reqtok, &call, &tok);
+  if (rc < 0) {
+    say(why, whylen, "cannot arm the downstream call's timeout: %s",
+        cancel_strerror(rc));
+    return rc;
+  }
   CURL *e = curl_easy_init();
-  if (e == NULL)
+  if (e == NULL) {
+    cancel_source_unref(call);
     return -ENOMEM;
+  }
   char url[512];
   snprintf(url, sizeof url, "%s/meta/%ld?delay_ms=%ld", s->cfg.downstream, id,
            delay_ms);
@@ -355,7 +395,7 @@ static int fetch_metadata(const struct service *s, const cancel_token *tok,
   curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, body_write);
   curl_easy_setopt(e, CURLOPT_WRITEDATA, &b);
   curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
-  int rc = cancel_curl_perform(tok, e);
+  rc = cancel_curl_perform(tok, e);
   long status = 0;
   curl_easy_getinfo(e, CURLINFO_RESPONSE_CODE, &status);
   curl_easy_cleanup(e);
@@ -367,6 +407,9 @@ static int fetch_metadata(const struct service *s, const cancel_token *tok,
      * downstream failure. */
     rc = -ECANCELED;
   }
+  /* The call's source is no longer needed: the request holds its own
+   * reference for the edge (the job's is dropped here). */
+  cancel_source_unref(call);
   if (rc < 0) {
     say(why, whylen, "downstream: %s", cancel_strerror(rc));
   } else if (status == 404) {
@@ -447,12 +490,13 @@ __attribute__((noinline)) int aggregate_ignoring_token(const double *v,
 
 /* The service method: one token, passed to every step.  On success the
  * caller frees out->title; `why` (may be NULL) says what failed. */
-static int build_report(const struct service *s, const cancel_token *tok,
-                        long id, long delay_ms, bool buggy, struct report *out,
-                        char *why, size_t whylen) {
+static int build_report(const struct service *s, cancel_http_request *req,
+                        const cancel_token *tok, long id, long delay_ms,
+                        bool buggy, struct report *out, char *why,
+                        size_t whylen) {
   *out = (struct report){.id = id};
-  int rc = fetch_metadata(s, tok, id, delay_ms, &out->title, &out->title_len,
-                          why, whylen);
+  int rc = fetch_metadata(s, req, tok, id, delay_ms, &out->title,
+                          &out->title_len, why, whylen);
   if (rc < 0)
     return rc;
   double *v = NULL;
@@ -545,7 +589,10 @@ static int report(cancel_http_request *req, const cancel_token *tok,
     return respond_text(req, 400, "downstream_delay_ms: 0..600000\n");
   struct report r;
   char why[256] = "";
-  int rc = build_report(s, pass(s, tok), id, delay, buggy, &r, why, sizeof why);
+  /* --ignore-tokens drops the request from the chain too: no source of
+   * the downstream call may hang on the request's token then. */
+  int rc = build_report(s, s->cfg.ignore_tokens ? NULL : req, pass(s, tok), id,
+                        delay, buggy, &r, why, sizeof why);
   if (rc == -ENOENT)
     return respond_text(req, 404, "no such report\n");
   if (rc == -ECONNREFUSED || rc == -EPROTO || rc == -EHOSTUNREACH ||
@@ -731,7 +778,7 @@ static int job_attempt(struct service *s, const cancel_token *stopping,
   }
   const cancel_token *tok = pass(s, cancel_source_token(src));
   struct report r;
-  rc = build_report(s, tok, report, 0, false, &r, why, whylen);
+  rc = build_report(s, NULL, tok, report, 0, false, &r, why, whylen);
   if (rc == 0) {
     json_t *o = report_object(&r);
     char *body = dump(o);
@@ -914,10 +961,11 @@ int main(int argc, char **argv) {
   }
   cancel_log(CANCEL_LOG_INFO, "reportd", "started",
              "port=%u database=%s route_timeout_ms=%ld "
-             "shutdown_timeout_ms=%ld drain_ms=%ld ignore_tokens=%d "
-             "watchdog_ms=%ld seeded_bug=%d",
+             "downstream_timeout_ms=%ld shutdown_timeout_ms=%ld drain_ms=%ld "
+             "ignore_tokens=%d watchdog_ms=%ld seeded_bug=%d",
              (unsigned)cancel_http_server_port(svc.http), store_kind(svc.db),
-             c->route_timeout_ms, c->shutdown_timeout_ms, c->drain_ms,
+             c->route_timeout_ms, c->downstream_timeout_ms,
+             c->shutdown_timeout_ms, c->drain_ms,
              c->ignore_tokens, c->watchdog_ms, c->seeded_bug);
   printf("listening port=%u\n", (unsigned)cancel_http_server_port(svc.http));
   fflush(stdout);

@@ -20,28 +20,42 @@
  *              closes idle, or after its answer went out, cancels
  *              nothing: cancel_cancellations_total{kind="client gone"}
  *              counts exactly the requests logged 499
- *   route      "route timeout", the route's timeout (kind timeout)
+ *   route      "route GET /reports/{id}" (the route's method, "*" for a
+ *              route of every method, and pattern): the request's scope,
+ *              with the route's timeout (kind timeout, detail "2s")
  *   deadline   "deadline header grpc-timeout" or "... X-Request-Timeout-Ms":
  *              the caller's budget, when a request carries one (capped by
  *              max_deadline_ns; a malformed header is ignored with a
  *              warning); the smaller of the two headers wins
  *
- * so the reason says who asked: "client gone (client 10.0.0.7:5123)",
- * "timeout (route timeout 2s) via client ...", "shutdown (host SIGTERM)
- * via drain [grace 20s expired] ...".
+ * so the reason says who asked: "client gone (client 10.0.0.7:5123) via
+ * route GET /reports/{id}", "timeout (route GET /reports/{id} 2s)",
+ * "shutdown (host SIGTERM) via drain (grace 20s expired) -> client ...".
+ *
+ * A handler may derive tokens of its own from the request's (a timeout
+ * around a downstream call: cancel_http_request_timeout_new, or any
+ * source it tells the edge of with cancel_http_request_cancelled; see
+ * "The handler's own tokens" below).
  *
  * Handlers run on a pool of threads (the connection is suspended while
  * they do).  The edge, after the handler returns:
  *   >= 0          the response the handler set is sent (none set: 500);
- *   -ECANCELED    answered by the token's reason:
+ *   -ECANCELED    answered by the reason of the token that fired first:
+ *                 the request's, or one the handler derived from it that
+ *                 fired by itself (its own timeout) and that the edge
+ *                 knows of (see below):
  *                   client gone: nothing is sent (the connection is
  *                     closed), logged at info, status 499 in the log;
+ *                     also when the handler saw it through a token it
+ *                     derived (the kind came down the link);
  *                   timeout: 504, logged at warn naming the source that
- *                     timed out;
+ *                     timed out (cancel_origin: the route's, a deadline
+ *                     header's, or the handler's own "downstream call");
  *                   shutdown: 503 with Connection: close, info;
  *                   requested or a user kind: 503, info;
- *                 a handler that returns -ECANCELED although its token did
- *                 not fire (an inner source of its own): 500, error;
+ *                 a handler that returns -ECANCELED although neither its
+ *                 token nor a token of its own that the edge knows of
+ *                 fired: 500, error;
  *   other < 0     500, logged at error with cancel_strerror.
  * Nothing cancellation-related is logged as an error.  Every request that
  * started (its request line was read) ends with one access line
@@ -49,7 +63,9 @@
  * ("-" when the headers never came), path, route, status, dur_ms, and
  * for cancellations the reason's fields
  * (cancel_logfmt_reason), after_cancel_ms: how long the handler ran
- * after its token fired, and handler_end_mono_us: when it returned, on
+ * after the token it is answered by fired (for a request drained by a
+ * stop: from the end of the drain's grace, when its token fired, not from
+ * the stop), and handler_end_mono_us: when it returned, on
  * CLOCK_MONOTONIC (cancel_now() / 1000), which other processes of the
  * machine share (a load generator measures from its own close to it).
  *
@@ -310,6 +326,72 @@ CANCEL_API int cancel_http_respond(cancel_http_request *req, unsigned status,
  * -EINVAL (no response yet, a name or value with CR/LF), -ENOMEM. */
 CANCEL_API int cancel_http_respond_header(cancel_http_request *req,
                                           const char *name, const char *value);
+
+/* ---- The handler's own tokens ---------------------------------------- *
+ * A handler that derives a token from the request's (Go's
+ * context.WithTimeout around a downstream call) and returns -ECANCELED
+ * because that token fired leaves the request's own token live: the edge
+ * must learn which token fired, or it has no reason to answer by.  Either
+ * make the source through the request, which then finds it:
+ *
+ *   cancel_source *call;
+ *   int rc = cancel_http_request_timeout_new(req, &call, "downstream call",
+ *                                            CANCEL_MSEC(800));
+ *   if (rc < 0)
+ *     return rc;
+ *   rc = cancel_curl_perform(cancel_source_token(call), easy);
+ *   cancel_source_unref(call);
+ *   if (rc < 0)
+ *     return rc;        // -ECANCELED: 504 "downstream call", or 499 ...
+ *
+ * or name the token that fired before returning (any token: one made
+ * with cancel_source_new_timeout, a shield, a token linked to several):
+ *
+ *   if (rc == -ECANCELED)
+ *     rc = cancel_http_request_cancelled(req, cancel_source_token(call));
+ *   cancel_source_unref(call);
+ *   return rc;
+ *
+ * A handler's token that fired because the request's did (the client
+ * left, the route's timeout, the drain) is answered by the request's
+ * reason, as if the handler had waited on the request's token itself.
+ * Both calls are for the handler, on its thread, while it runs. */
+
+/* Creates a source linked to the request's token that times out after
+ * timeout_ns (cancel_source_new_timeout: 0 gives one cancelled already, a
+ * timeout too long to end gives none), named `name` (copied; the reason's
+ * origin and the 504's body say it; the duration is its detail).  *srcp
+ * holds the caller's reference, to drop with cancel_source_unref() as
+ * for any source, before or after returning; the request holds one of
+ * its own until the edge has classified the handler's result.  When the
+ * handler returns -ECANCELED, the edge answers by the reason of the first
+ * of these sources that fired by itself, if none of the request's own
+ * fired first (a later cancellation of the request, the drain firing
+ * while the handler returns from its own timeout, is not the cause).  A
+ * server without cancellation (no_cancellation) links it to nothing.
+ * Returns 0 with *srcp set, or with *srcp NULL: -EINVAL (NULL req or
+ * srcp, timeout_ns < 0), -ENOMEM, -EMFILE, -ENFILE, -EAGAIN (the timer
+ * could not be armed, as for cancel_source_new_timeout). */
+CANCEL_API int cancel_http_request_timeout_new(cancel_http_request *req,
+                                               cancel_source **srcp,
+                                               const char *name,
+                                               int64_t timeout_ns);
+
+/* Tells the edge that the handler's -ECANCELED comes from tok (borrowed
+ * for the call: its reason is copied, so tok may be freed as soon as this
+ * returns).  When the handler then returns -ECANCELED, the edge answers
+ * by tok's reason, unless tok fired because the request's token did, or
+ * the request's token fired first: then by the request's.  A later call
+ * replaces an earlier one; the edge ignores it when the handler returns
+ * anything but -ECANCELED.  A tok whose deadline has just passed but
+ * whose timer has not fired it yet (a call that counts time on its own
+ * clock returned a moment early) is waited for, up to 150 ms.
+ * Returns -ECANCELED, the value for the handler to return (`return
+ * cancel_http_request_cancelled(req, tok);`), or -EINVAL (NULL req or
+ * tok, or tok not cancelled: nothing is recorded, and a handler returning
+ * this is answered 500 as for any error). */
+CANCEL_API int cancel_http_request_cancelled(cancel_http_request *req,
+                                             const cancel_token *tok);
 
 /* Parses a deadline header value: grpc-timeout ("250m": 1-8 digits and a
  * unit H M S m u n) when grpc is true, else X-Request-Timeout-Ms (1-12

@@ -10,7 +10,8 @@
  * A line looks like
  *   ts=2026-11-29T12:00:00.123Z level=warn component=http msg="request
  *   timed out" id=17 route=/reports/{id} status=504 cancel_kind=timeout
- *   cancel_origin="route timeout" cancel_via="request 17"
+ *   cancel_origin="route GET /reports/{id}" cancel_detail=2s
+ *   cancel_via="client 10.0.0.7:5123"
  * (one line, no newline inside; the sink gets it without the final '\n').
  *
  * The grammar is go-logfmt's, so any logfmt decoder reads exactly the
@@ -118,10 +119,11 @@ CANCEL_API void cancel_log_fields(int level, const char *component,
 CANCEL_API int cancel_logfmt_quote(char *buf, size_t len, const char *value);
 
 /* The fields of a cancellation reason, snprintf style:
- *   cancel_kind=timeout cancel_origin="route timeout" cancel_detail=2s
- *   cancel_via="request 17>GET /reports/{id}"
+ *   cancel_kind=shutdown cancel_origin=host cancel_detail=SIGTERM
+ *   cancel_via="drain (grace 20s expired)>client 10.0.0.7:5123"
  * (detail and via only when not empty; via hops joined by '>', origin
- * side first).  r NULL or not cancelled: "" (returns 0).  Origin and
+ * side first, each with its note as cancel_reason_format writes it, and
+ * "(N more)>" first when hops were left out of the reason).  r NULL or not cancelled: "" (returns 0).  Origin and
  * detail are cut at 256 bytes, via at 512 (quotes included, with "...").
  * Returns the length all the fields need; buf gets the whole fields that
  * fit in len-1 bytes, so it never ends inside a value. */

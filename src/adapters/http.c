@@ -154,6 +154,25 @@ struct cancel_http_request {
   cancel_source *client, *route_src, *deadline_src; /* client: a reference
                                                         to the connection's */
   const cancel_token *tok;
+  /* When tok fired, noted by fired_reg's callback (see fired_at()): the
+   * reason's time is its origin's, which for a request drained by the
+   * server's shield is the stop, not the end of the grace. */
+  cancel_reg fired_reg;
+  bool fired_armed;
+  int64_t fired_time; /* atomic; 0 until the callback ran */
+  /* The handler's own sources (cancel_http_request_timeout_new): the
+   * request holds a reference to each until the handler's result is
+   * classified.  Only the handler's thread touches them. */
+  cancel_source **own;
+  size_t nown, own_cap;
+  /* The token the handler named (cancel_http_request_cancelled): its
+   * reason as it was then (the token may be gone by the time the edge
+   * looks), the fields already in cancel_fields.  told_through: it fired
+   * because the request's token did (the request's reason is the one). */
+  bool told, told_through;
+  int told_kind;
+  int64_t told_time;
+  char told_origin[96];
   /* The answer. */
   unsigned status, log_status;
   char *resp_body, *ctype;
@@ -546,6 +565,13 @@ static bool conn_end(cancel_http_request *r) {
   return kind == CANCEL_NONE || kind == CANCEL_CLIENT_GONE;
 }
 
+/* The request's token fired: noted for after_cancel_ms (on the
+ * cancelling thread; one store). */
+static void on_fired(void *arg) {
+  cancel_http_request *r = arg;
+  st_release(&r->fired_time, cancel_now());
+}
+
 static int build_sources(cancel_http_request *r) {
   cancel_http_server *s = r->srv;
   cancel_source *conn = conn_source(r);
@@ -554,7 +580,16 @@ static int build_sources(cancel_http_request *r) {
   r->client = cancel_source_ref(conn);
   int64_t t =
       r->route->timeout_ns ? r->route->timeout_ns : s->o.default_timeout_ns;
-  int rc = cancel_source_new_timeout(&r->route_src, "route timeout",
+  /* The request's scope under its route, named after the route (the
+   * server's strings, not the client's): "route GET /reports/{id}".  Its
+   * timeout is in the reason's detail ("2s"), so a timeout reads
+   * "timeout (route GET /reports/{id} 2s)" and a client that left
+   * "client gone (client ...) via route GET /reports/{id}". */
+  char name[256];
+  snprintf(name, sizeof name, "route %s %s",
+           r->route->method != NULL ? r->route->method : "*",
+           r->route->pattern);
+  int rc = cancel_source_new_timeout(&r->route_src, name,
                                      cancel_source_token(r->client), t);
   if (rc < 0)
     return rc;
@@ -569,11 +604,38 @@ static int build_sources(cancel_http_request *r) {
       r->tok = cancel_source_token(r->deadline_src);
     }
   }
+  /* Registering never fails on a token (1: fired already, noted now). */
+  r->fired_armed = cancel_register(&r->fired_reg, r->tok, on_fired, r) >= 0;
   return 0;
 }
 
-/* Drops the request's sources. */
+/* When the request's token fired (0: it did not), once; ends the
+ * registration.  A callback that had not run yet when the handler
+ * returned is removed: the cancellation is being delivered at this very
+ * moment (the cancelling thread is still running the callbacks of the
+ * tree that the handler saw cancelled), so now is when it fired. */
+static int64_t fired_at(cancel_http_request *r) {
+  if (r->fired_armed) {
+    r->fired_armed = false;
+    if (cancel_unregister(&r->fired_reg) == 1 &&
+        cancel_token_is_cancelled(r->tok))
+      st_release(&r->fired_time, cancel_now());
+  }
+  return ld_acquire(&r->fired_time);
+}
+
+/* Drops the request's sources, the handler's own first (they hang on
+ * the request's token). */
 static void teardown_sources(cancel_http_request *r) {
+  for (size_t i = 0; i < r->nown; i++)
+    cancel_source_unref(r->own[i]);
+  free(r->own);
+  r->own = NULL;
+  r->nown = r->own_cap = 0;
+  if (r->fired_armed) {
+    (void)cancel_unregister(&r->fired_reg);
+    r->fired_armed = false;
+  }
   cancel_source_unref(r->deadline_src);
   cancel_source_unref(r->route_src);
   cancel_source_unref(r->client);
@@ -861,21 +923,116 @@ static unsigned check_request(cancel_http_request *r, const char *version,
 
 /* ---- The edge ----------------------------------------------------------- */
 
+/* A handler that saw a deadline pass by its own means (a downstream's
+ * "deadline exceeded", a budget it computed) may return -ECANCELED a
+ * moment before the token's timer fires it: settle, so the reason is
+ * there to answer by (cancel.h's guarantee covers libcancel's calls; this
+ * covers the handler's own code). */
+static void settle(const cancel_token *tok) {
+  (void)cancel_token_settle(tok, CANCEL_MSEC(50));
+}
+
+/* Whether two reasons are one cancellation: the same origin source (its
+ * name's storage is its own) at the same time. */
+static bool same_cancellation(const cancel_reason *a, const cancel_reason *b) {
+  return a->origin == b->origin && a->time == b->time && a->kind == b->kind;
+}
+
+/* A handler's token of its own that fired by itself, not because the
+ * request's token did (whose reason is req, NULL while it has not fired):
+ * the one the handler named, else the first to fire of the sources made
+ * with cancel_http_request_timeout_new, whose fields go to cancel_fields.
+ * Returns whether there is one, with its kind, origin and time. */
+struct own_reason {
+  int kind;
+  int64_t time;
+  const char *origin; /* valid until teardown_sources */
+};
+
+static bool own_reason(cancel_http_request *r, const cancel_reason *req,
+                       struct own_reason *out) {
+  if (r->told) {
+    if (r->told_through)
+      return false;
+    *out = (struct own_reason){r->told_kind, r->told_time, r->told_origin};
+    return true;
+  }
+  cancel_reason best, cur;
+  bool found = false;
+  for (size_t i = 0; i < r->nown; i++) {
+    if (cancel_token_reason(cancel_source_token(r->own[i]), &cur) != 1 ||
+        (req != NULL && same_cancellation(&cur, req)))
+      continue;
+    if (!found || cur.time < best.time) {
+      best = cur;
+      found = true;
+    }
+  }
+  if (!found)
+    return false;
+  cancel_logfmt_reason(r->cancel_fields, sizeof r->cancel_fields, &best);
+  *out = (struct own_reason){best.kind, best.time, best.origin};
+  return true;
+}
+
+/* The token whose deadline comes first, of the request's and the
+ * handler's own: the one to settle. */
+static const cancel_token *first_deadline(const cancel_http_request *r) {
+  const cancel_token *t = r->tok;
+  for (size_t i = 0; i < r->nown; i++) {
+    const cancel_token *o = cancel_source_token(r->own[i]);
+    if (t == NULL || cancel_token_deadline(o) < cancel_token_deadline(t))
+      t = o;
+  }
+  return t;
+}
+
+static bool any_fired(const cancel_http_request *r) {
+  if (r->told || cancel_token_is_cancelled(r->tok))
+    return true;
+  for (size_t i = 0; i < r->nown; i++)
+    if (cancel_token_is_cancelled(cancel_source_token(r->own[i])))
+      return true;
+  return false;
+}
+
+/* The edge (see the header).  A -ECANCELED is answered by the reason of
+ * the token that fired first: the request's, or one the handler derived
+ * from it that fired by itself (its own timeout). */
 static void classify(cancel_http_request *r, int rc) {
   r->level = CANCEL_LOG_INFO;
   r->after_cancel_ms = -1;
   cancel_reason why;
-  /* No waiting for the token here: a libcancel call that returned
-   * -ECANCELED has a fired token (cancel.h), also when a timeout it took
-   * from the deadline beat the timer. */
+  if (rc == -ECANCELED && !any_fired(r))
+    settle(first_deadline(r));
   bool fired = r->tok != NULL && cancel_token_reason(r->tok, &why) == 1;
-  if (fired) {
+  int64_t fired_time = fired ? fired_at(r) : 0;
+  struct own_reason own;
+  bool mine = rc == -ECANCELED && own_reason(r, fired ? &why : NULL, &own) &&
+              (!fired || own.time < fired_time);
+  int kind = CANCEL_NONE;
+  const char *origin = "";
+  int64_t since = 0;
+  if (mine) {
+    kind = own.kind;
+    origin = own.origin;
+    since = own.time;
+  } else if (fired) {
     cancel_logfmt_reason(r->cancel_fields, sizeof r->cancel_fields, &why);
-    /* 0 when the token fired after the handler returned (its timer, while
-     * the handler was answering by itself): it stopped in time. */
-    int64_t after = r->t_handler_end - why.time;
+    kind = why.kind;
+    origin = why.origin;
+    since = fired_time != 0 ? fired_time : why.time;
+  } else {
+    r->cancel_fields[0] = '\0'; /* a named token's, unused */
+  }
+  if (mine || fired) {
+    /* How long the handler went on after the token it answers by fired:
+     * 0 when it returned a moment before the token's timer (settle): it
+     * stopped at the deadline. */
+    int64_t after = r->t_handler_end - since;
     r->after_cancel_ms = after > 0 ? (double)after / 1e6 : 0.0;
   }
+  fired = fired || mine;
   if (rc >= 0) {
     if (r->status == 0) {
       respond_text(r, 500, "internal error\n");
@@ -884,14 +1041,14 @@ static void classify(cancel_http_request *r, int rc) {
     }
   } else if (rc == -ECANCELED && fired) {
     char line[256];
-    switch (why.kind) {
+    switch (kind) {
     case CANCEL_CLIENT_GONE:
       r->no_response = true;
       r->log_status = 499;
       break;
     case CANCEL_TIMEOUT:
       snprintf(line, sizeof line, "timeout: %s\n",
-               why.origin[0] ? why.origin : "deadline");
+               origin[0] ? origin : "deadline");
       respond_text(r, 504, line);
       r->level = CANCEL_LOG_WARN;
       break;
@@ -906,7 +1063,8 @@ static void classify(cancel_http_request *r, int rc) {
   } else if (rc == -ECANCELED) {
     respond_text(r, 500, "internal error\n");
     snprintf(r->error, sizeof r->error,
-             "handler returned -ECANCELED but its token did not fire");
+             "handler returned -ECANCELED but neither its token nor one "
+             "it derived fired (cancel_http_request_cancelled)");
     r->level = CANCEL_LOG_ERROR;
   } else {
     respond_text(r, 500, "internal error\n");
@@ -1868,4 +2026,51 @@ const void *cancel_http_request_body(const cancel_http_request *r,
   if (len != NULL)
     *len = r != NULL ? r->body_len : 0;
   return r != NULL ? r->body : NULL;
+}
+
+/* ---- The handler's own tokens ------------------------------------------- */
+
+int cancel_http_request_timeout_new(cancel_http_request *r,
+                                    cancel_source **srcp, const char *name,
+                                    int64_t timeout_ns) {
+  if (srcp != NULL)
+    *srcp = NULL;
+  if (r == NULL || srcp == NULL || timeout_ns < 0)
+    return -EINVAL;
+  if (r->nown == r->own_cap) {
+    size_t cap = r->own_cap ? 2 * r->own_cap : 4;
+    cancel_source **a = realloc(r->own, cap * sizeof *a);
+    if (a == NULL)
+      return -ENOMEM;
+    r->own = a;
+    r->own_cap = cap;
+  }
+  cancel_source *src;
+  int rc = cancel_source_new_timeout(&src, name, r->tok, timeout_ns);
+  if (rc < 0)
+    return rc;
+  r->own[r->nown++] = cancel_source_ref(src);
+  *srcp = src;
+  return 0;
+}
+
+int cancel_http_request_cancelled(cancel_http_request *r,
+                                  const cancel_token *tok) {
+  if (r == NULL || tok == NULL)
+    return -EINVAL;
+  settle(tok);
+  cancel_reason why, req;
+  if (cancel_token_reason(tok, &why) != 1)
+    return -EINVAL;
+  r->told = true;
+  r->told_kind = why.kind;
+  r->told_time = why.time;
+  /* A token derived from the request's that fired because the request's
+   * did: the parent is cancelled before its children, so the request's
+   * reason is readable now, and it is the same cancellation. */
+  r->told_through = r->tok != NULL && cancel_token_reason(r->tok, &req) == 1 &&
+                    same_cancellation(&why, &req);
+  snprintf(r->told_origin, sizeof r->told_origin, "%s", why.origin);
+  cancel_logfmt_reason(r->cancel_fields, sizeof r->cancel_fields, &why);
+  return -ECANCELED;
 }
