@@ -669,7 +669,8 @@ CANCEL_API int cancel_token_fd(const cancel_token *tok);
 
 /* A registration that is not registered: what CANCEL_AUTO_REG needs, and
  * what cancel_unregister() answers -EINVAL for. */
-#define CANCEL_REG_INIT {NULL, NULL, NULL, NULL, NULL, 0, 0}
+#define CANCEL_REG_INIT                                                        \
+  { NULL, NULL, NULL, NULL, NULL, 0, 0 }
 
 #if defined(__GNUC__) || defined(__clang__)
 static inline void cancel__auto_source(cancel_source **srcp) {

@@ -39,13 +39,14 @@ static bool released(struct probe *p) {
 /* A heap source linked to parent, kept by the cleanup helper, probed. */
 #define AUTO_CHILD(var, parent, probe)                                         \
   CANCEL_AUTO_SOURCE cancel_source *var = NULL;                                \
-  assert_int_equal(                                                            \
-      cancel_source_new_linked(&var, #var, (const cancel_token *[]){parent}, 1), \
-      0);                                                                      \
+  assert_int_equal(cancel_source_new_linked(                                   \
+                       &var, #var, (const cancel_token *[]){parent}, 1),       \
+                   0);                                                         \
   assert_int_equal(                                                            \
       cancel_register(&(probe)->reg, TOK(var), probe_cb, (probe)), 0)
 
-/* ---- CANCEL_AUTO_SOURCE --------------------------------------------------- */
+/* ---- CANCEL_AUTO_SOURCE ---------------------------------------------------
+ */
 
 /* Falling off the end of the block unrefs the source. */
 static void test_source_unreffed_at_scope_exit(void **state) {
@@ -148,7 +149,8 @@ static void test_null_safe(void **state) {
   }
 }
 
-/* ---- CANCEL_AUTO_CANCEL --------------------------------------------------- */
+/* ---- CANCEL_AUTO_CANCEL ---------------------------------------------------
+ */
 
 struct worker {
   cancel_thread t;
@@ -207,7 +209,8 @@ static void test_cancel_at_scope_exit(void **state) {
   cancel_source_unref(kept);
 }
 
-/* ---- CANCEL_AUTO_REG ------------------------------------------------------ */
+/* ---- CANCEL_AUTO_REG ------------------------------------------------------
+ */
 
 /* Registers p on tok and leaves: the registration is gone. */
 static void register_and_leave(const cancel_token *tok, int *count,
@@ -249,8 +252,7 @@ static void test_reg_unregistered_at_scope_exit(void **state) {
   {
     /* On a cancelled token: it ran inline, and the exit is fine. */
     CANCEL_AUTO_REG cancel_reg ran = CANCEL_REG_INIT;
-    assert_int_equal(cancel_register(&ran, TOK(src), test_count_cb, &count),
-                     1);
+    assert_int_equal(cancel_register(&ran, TOK(src), test_count_cb, &count), 1);
   }
   assert_int_equal(test_load(&count), 1);
   cancel_source_unref(src);
@@ -265,8 +267,7 @@ static void test_reg_declared_before_its_source(void **state) {
     CANCEL_AUTO_REG cancel_reg reg = CANCEL_REG_INIT;
     CANCEL_AUTO_SOURCE cancel_source *src = NULL;
     assert_int_equal(cancel_source_new(&src, "src"), 0);
-    assert_int_equal(cancel_register(&reg, TOK(src), test_count_cb, &count),
-                     0);
+    assert_int_equal(cancel_register(&reg, TOK(src), test_count_cb, &count), 0);
   }
   assert_int_equal(test_load(&count), 0);
 }
@@ -320,8 +321,7 @@ static void test_reg_exit_waits_for_running_callback(void **state) {
     CANCEL_AUTO_REG cancel_reg reg = CANCEL_REG_INIT;
     assert_int_equal(cancel_register(&reg, TOK(src), slow_cb, c), 0);
     cancel_t = test_helper_start(canceller, c, release_stop);
-    assert_int_equal(test_sem_wait_ns(&c->entered, test_tol(CANCEL_SEC(5))),
-                     0);
+    assert_int_equal(test_sem_wait_ns(&c->entered, test_tol(CANCEL_SEC(5))), 0);
     release_t = test_helper_start(releaser, c, release_stop);
   }
   assert_int_equal(__atomic_load_n(&c->done, __ATOMIC_SEQ_CST), 1);

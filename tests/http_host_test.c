@@ -74,7 +74,7 @@ struct client {
   int64_t sigterm_at;
   bool no_read; /* leave after the SIGTERM without the answer */
   int status;   /* of the answer; 0 none */
-  int err;    /* a step that failed: asserted by the test */
+  int err;      /* a step that failed: asserted by the test */
 };
 
 static int client_worker(const cancel_token *stopping, void *arg) {
@@ -204,8 +204,7 @@ static void test_drain_follows_host_deadline(void **state) {
   assert_true(test_log_find_within(line, sizeof line, 0, "msg=stopping",
                                    "component=http", "drain_ms=900", NULL));
   assert_true(test_log_find_within(line, sizeof line, 0, "route=/wait",
-                                   "status=503", "cancel_kind=shutdown",
-                                   NULL));
+                                   "status=503", "cancel_kind=shutdown", NULL));
   assert_false(test_log_has_level(CANCEL_LOG_ERROR));
   assert_int_equal(cancel_http_server_free(s), 0);
   assert_int_equal(cancel_host_free(h), 0);
@@ -261,8 +260,8 @@ static void drain_logged(cancel_http_server *s, cancel_source *stopping,
   cancel_source_cancel_with(stopping, CANCEL_SHUTDOWN, "test");
   assert_int_equal(
       cancel_http_server_stop(s, cancel_now() + test_tol(CANCEL_SEC(5))), 0);
-  assert_true(test_log_find_within(NULL, 0, 0, "msg=stopping",
-                                   "component=http", drain_ms, NULL));
+  assert_true(test_log_find_within(NULL, 0, 0, "msg=stopping", "component=http",
+                                   drain_ms, NULL));
   assert_int_equal(cancel_http_server_free(s), 0);
 }
 

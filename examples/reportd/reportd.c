@@ -914,12 +914,11 @@ int main(int argc, char **argv) {
              "watchdog_ms=%ld seeded_bug=%d",
              (unsigned)cancel_http_server_port(svc.http), store_kind(svc.db),
              c->route_timeout_ms, c->shutdown_timeout_ms,
-             c->drain_ms > 0
-                 ? c->drain_ms
-                 : (long)((CANCEL_MSEC(c->shutdown_timeout_ms) -
-                           CANCEL_HTTP_DRAIN_MARGIN(
-                               CANCEL_MSEC(c->shutdown_timeout_ms))) /
-                          CANCEL_MSEC(1)),
+             c->drain_ms > 0 ? c->drain_ms
+                             : (long)((CANCEL_MSEC(c->shutdown_timeout_ms) -
+                                       CANCEL_HTTP_DRAIN_MARGIN(CANCEL_MSEC(
+                                           c->shutdown_timeout_ms))) /
+                                      CANCEL_MSEC(1)),
              c->ignore_tokens, c->watchdog_ms, c->seeded_bug);
   printf("listening port=%u\n", (unsigned)cancel_http_server_port(svc.http));
   fflush(stdout);

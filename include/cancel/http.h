@@ -174,7 +174,7 @@ typedef struct cancel_http_options {
    * drain is not checked; 0 then means 20 s. */
   int64_t drain_timeout_ns;
   int64_t host_shutdown_timeout_ns;
-  size_t max_body;          /* request bodies; 0: 1 MiB */
+  size_t max_body; /* request bodies; 0: 1 MiB */
   /* Slow and greedy clients (slowloris; nginx's client_header_timeout,
    * client_body_timeout, keepalive_timeout and limit_conn).  Timeouts: 0
    * takes the default, CANCEL_NEVER turns one off.

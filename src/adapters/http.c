@@ -1857,7 +1857,8 @@ int cancel_http_server_run(const cancel_token *stopping, void *arg) {
     /* The host's deadline, as cancel_host_shutdown_deadline() computes
      * it, less half the margin: the stop's own report of handlers that
      * ignore their tokens comes before the host's. */
-    int64_t by = cancel__add_sat(why.time, host - CANCEL_HTTP_DRAIN_MARGIN(host) / 2);
+    int64_t by =
+        cancel__add_sat(why.time, host - CANCEL_HTTP_DRAIN_MARGIN(host) / 2);
     if (by < deadline)
       deadline = by;
   }
