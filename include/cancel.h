@@ -225,7 +225,9 @@ cancel_source_token(const cancel_source *src) {
 
 /* Creates a heap source with one reference.  `name` (may be NULL) is
  * copied; it names the source in reasons and logs.
- * Returns 0, -EINVAL (srcp NULL), -ENOMEM. */
+ * Returns 0, -EINVAL (srcp NULL), -ENOMEM.  On error *srcp is NULL (when
+ * srcp is not), as for every cancel_source_new*: a pointer that started
+ * NULL can be unreffed whatever happened (see CANCEL_AUTO_SOURCE). */
 CANCEL_API int cancel_source_new(cancel_source **srcp, const char *name);
 
 /* Initialises a source on caller storage; no allocation unless the name is
@@ -641,6 +643,103 @@ CANCEL_API int cancel_thread_join(const cancel_token *tok, cancel_thread *t,
  * is torn down.  Returns the descriptor, -EINVAL (NULL token: it never
  * fires, there is nothing to poll), -EMFILE, -ENFILE, -ENOMEM. */
 CANCEL_API int cancel_token_fd(const cancel_token *tok);
+
+/* ======================================================================
+ * Cleanup at scope exit
+ *
+ * Go writes `defer cancel()`; with GCC and Clang the cleanup attribute
+ * does the same in C, the way GLib's g_autoptr does: a variable declared
+ * with one of these is released when its block is left, by a return, a
+ * break, a goto out of the block or falling off its end (not by longjmp
+ * or a thread's exit, which skip cleanups).
+ *
+ *   CANCEL_AUTO_SOURCE cancel_source *src = NULL;
+ *       cancel_source_unref(src) at scope exit: a heap source from any
+ *       cancel_source_new* (each sets *srcp to NULL on error, so a failed
+ *       creation leaves nothing to drop).  It does not cancel: the timer
+ *       is disarmed and the source unhooked from its parents, and work
+ *       that took a reference of its own keeps running.
+ *   CANCEL_AUTO_CANCEL cancel_source *src = NULL;
+ *       cancel_source_cancel(src), then cancel_source_unref(src): Go's
+ *       `defer cancel()` exactly.  Threads and linked children that still
+ *       hold the source see it cancelled (kind CANCEL_REQUESTED), so work
+ *       started on its behalf stops with the function that started it.
+ *       A source that fired already keeps its reason.
+ *   CANCEL_AUTO_REG cancel_reg reg = CANCEL_REG_INIT;
+ *       cancel_unregister(&reg) at scope exit, when it is registered; a
+ *       registration never made (still CANCEL_REG_INIT), one whose
+ *       callback ran and one unregistered by hand already are left as
+ *       they are.  As cancel_unregister(), it waits when the callback is
+ *       running on another thread, so the callback is not running, and
+ *       never will, once the block is left: what it points to may be
+ *       local.  The initialiser is required (an uninitialised cancel_reg
+ *       holds garbage).
+ *   CANCEL_SCOPE(tok, name) (cancel/diag.h) ends a work scope the same
+ *       way.
+ *
+ * Both pointers start NULL, and every one is NULL-safe.  Cleanups run in
+ * the reverse order of the declarations: declare a registration after the
+ * source it is registered on, so that it goes first.  (The other order is
+ * safe too: the source's teardown detaches the registration, which then
+ * needs nothing.)  Sources on caller storage (cancel_source_init*) have
+ * no helper: whether one was initialised is the caller's to know.
+ *
+ *   int fetch(const cancel_token *request) {
+ *     CANCEL_AUTO_SOURCE cancel_source *call = NULL;
+ *     int rc = cancel_source_new_timeout(&call, "downstream call",
+ *                                        request, CANCEL_MSEC(800));
+ *     if (rc < 0)
+ *       return rc;
+ *     CANCEL_AUTO_REG cancel_reg reg = CANCEL_REG_INIT;
+ *     cancel_register(&reg, cancel_source_token(call), wake, &waiter);
+ *     return call_downstream(cancel_source_token(call), &waiter);
+ *   }
+ *
+ * Without GCC or Clang the macros are not defined (nor CANCEL_SCOPE's
+ * attribute: use cancel_scope_begin/end).  The plain-C spelling of the
+ * same function is one exit label that releases in reverse order, which
+ * works because the starting values are safe to release:
+ *
+ *   int fetch(const cancel_token *request) {
+ *     cancel_source *call = NULL;
+ *     cancel_reg reg = CANCEL_REG_INIT;
+ *     int rc = cancel_source_new_timeout(&call, "downstream call",
+ *                                        request, CANCEL_MSEC(800));
+ *     if (rc < 0)
+ *       goto out;
+ *     cancel_register(&reg, cancel_source_token(call), wake, &waiter);
+ *     rc = call_downstream(cancel_source_token(call), &waiter);
+ *   out:
+ *     cancel_unregister(&reg);   // -EINVAL when never registered: harmless
+ *     cancel_source_unref(call); // NULL: a no-op
+ *     return rc;
+ *   }
+ * ====================================================================== */
+
+/* A registration that is not registered: what CANCEL_AUTO_REG needs, and
+ * what cancel_unregister() answers -EINVAL for. */
+#define CANCEL_REG_INIT                                                        \
+  { NULL, NULL, NULL, NULL, NULL, 0, 0 }
+
+#if defined(__GNUC__) || defined(__clang__)
+static inline void cancel__auto_source(cancel_source **srcp) {
+  cancel_source_unref(*srcp);
+}
+static inline void cancel__auto_cancel(cancel_source **srcp) {
+  if (*srcp != NULL) {
+    (void)cancel_source_cancel(*srcp);
+    cancel_source_unref(*srcp);
+  }
+}
+static inline void cancel__auto_reg(cancel_reg *reg) {
+  /* -EINVAL (never registered, or unregistered by hand) is the case the
+   * helper exists to make safe. */
+  (void)cancel_unregister(reg);
+}
+#define CANCEL_AUTO_SOURCE __attribute__((cleanup(cancel__auto_source)))
+#define CANCEL_AUTO_CANCEL __attribute__((cleanup(cancel__auto_cancel)))
+#define CANCEL_AUTO_REG __attribute__((cleanup(cancel__auto_reg)))
+#endif
 
 /* ======================================================================
  * fork()

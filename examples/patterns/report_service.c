@@ -313,11 +313,13 @@ static void post(void *arg) {
  * itself.  Returns 1, or 0 if tok never fired. */
 static int reason_of(const cancel_token *tok, cancel_reason *why) {
   cancel_sem fired;
-  cancel_reg reg;
   cancel_sem_init(&fired, 0);
+  /* Unregistered when the function returns (cancel.h's CANCEL_AUTO_REG),
+   * before `fired`, declared first, goes: the callback is then not
+   * running and never will. */
+  CANCEL_AUTO_REG cancel_reg reg = CANCEL_REG_INIT;
   if (cancel_register(&reg, tok, post, &fired) == 0)
     cancel_sem_wait(NULL, &fired, cancel_now() + GENEROUS);
-  cancel_unregister(&reg); /* after this `fired` is no longer touched */
   return cancel_token_reason(tok, why);
 }
 
@@ -610,14 +612,13 @@ static int stopped_in(const struct outcome *o, const char *step) {
 static int case_completes(const struct report_service *svc,
                           struct downstream *ds) {
   const char *l = "a)";
-  cancel_source *client;
+  CANCEL_AUTO_SOURCE cancel_source *client = NULL; /* cancel.h */
   struct outcome o;
   if (cancel_source_new(&client, "client 192.0.2.7:5123") < 0)
     return check(l, 0, "cancel_source_new");
   downstream_set_delay(ds, QUICK_DOWNSTREAM);
   serve_request(l, svc, cancel_source_token(client), GENEROUS, 1, SEED_DAYS,
                 &o);
-  cancel_source_unref(client);
   long budget = downstream_budget_ms(ds);
   printf("   the downstream was given %ld ms of the %lld s budget\n", budget,
          (long long)(GENEROUS / CANCEL_SEC(1)));
@@ -634,7 +635,7 @@ static int case_completes(const struct report_service *svc,
 static int case_timeout(const struct report_service *svc, struct downstream *ds,
                         struct statements *st) {
   const char *l = "b)";
-  cancel_source *client;
+  CANCEL_AUTO_SOURCE cancel_source *client = NULL; /* cancel.h */
   struct outcome o;
   if (cancel_source_new(&client, "client 192.0.2.7:5124") < 0)
     return check(l, 0, "cancel_source_new");
@@ -642,7 +643,6 @@ static int case_timeout(const struct report_service *svc, struct downstream *ds,
   long before = st->started;
   serve_request(l, svc, cancel_source_token(client), SHORT_TIMEOUT, 1,
                 SEED_DAYS, &o);
-  cancel_source_unref(client);
   printf("   statements started: %ld\n", st->started - before);
   return check(l, o.rc == -ECANCELED, "not -ECANCELED") &&
          check(l, stopped_in(&o, "fetch metadata"),

@@ -17,9 +17,12 @@ static int aggregate(const cancel_token *tok, long rows, long *sum) {
   return 0;
 }
 
-/* The boundary: the request's token, linked with the route's budget. */
+/* The boundary: the request's token, linked with the route's budget.
+ * CANCEL_AUTO_SOURCE (cancel.h) drops the source on every way out of the
+ * function, as Go's `defer cancel()` would; without GCC or Clang, unref
+ * it before each return. */
 static int serve(const cancel_token *request, long rows) {
-  cancel_source *scope;
+  CANCEL_AUTO_SOURCE cancel_source *scope = NULL;
   int rc = cancel_source_new_timeout(&scope, "GET /reports/42", request,
                                      CANCEL_MSEC(20));
   if (rc < 0)
@@ -38,7 +41,6 @@ static int serve(const cancel_token *request, long rows) {
     printf("504 warning: %s\n", line);
   else
     printf("500 error: %s\n", cancel_strerror(rc));
-  cancel_source_unref(scope);
   return rc;
 }
 

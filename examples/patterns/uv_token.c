@@ -69,7 +69,9 @@ static void on_cancel(uv_poll_t *w, int status, int events) {
 
 int main(void) {
   struct job job = {0};
-  cancel_source *src;
+  /* Dropped on every return (cancel.h's CANCEL_AUTO_SOURCE): after the
+   * loop below is closed, so never under a watch of its descriptor. */
+  CANCEL_AUTO_SOURCE cancel_source *src = NULL;
   uv_loop_t loop;
   int rc, fd;
 
@@ -81,13 +83,11 @@ int main(void) {
   job.tok = cancel_source_token(src);
   if ((fd = cancel_token_fd(job.tok)) < 0) {
     fprintf(stderr, "cancel_token_fd: %s\n", cancel_strerror(fd));
-    cancel_source_unref(src);
     return 1;
   }
 
   if ((rc = uv_loop_init(&loop)) < 0) {
     fprintf(stderr, "uv_loop_init: %s\n", uv_strerror(rc));
-    cancel_source_unref(src);
     return 1;
   }
   job.tick.data = &job;
@@ -97,7 +97,6 @@ int main(void) {
       (rc = uv_poll_init(&loop, &job.watch, fd)) < 0 ||
       (rc = uv_poll_start(&job.watch, UV_READABLE, on_cancel)) < 0) {
     fprintf(stderr, "libuv: %s\n", uv_strerror(rc));
-    cancel_source_unref(src);
     return 1;
   }
 
@@ -121,7 +120,6 @@ int main(void) {
             rc, closed);
   }
   /* Only now, with the watch closed, may the source (and its descriptor)
-   * go. */
-  cancel_source_unref(src);
+   * go: at this return. */
   return prompt ? 0 : 1;
 }

@@ -68,7 +68,9 @@ static void *worker_main(void *arg) {
 int main(void) {
   static struct worker w; /* static: outlives main if the join gives up */
   static cancel_thread thread;
-  cancel_source *stop;
+  /* main's reference, dropped on every return (cancel.h's cleanup
+   * helpers); the worker holds one of its own. */
+  CANCEL_AUTO_SOURCE cancel_source *stop = NULL;
   int rc;
 
   /* Stands in for the process's shutdown token (SIGTERM, a host). */
@@ -81,7 +83,6 @@ int main(void) {
   if ((rc = cancel_thread_create(&thread, NULL, worker_main, &w)) < 0) {
     fprintf(stderr, "cancel_thread_create: %s\n", cancel_strerror(rc));
     cancel_source_unref(w.stop);
-    cancel_source_unref(stop);
     return 1;
   }
 
@@ -97,7 +98,6 @@ int main(void) {
   char line[160] = "";
   if (cancel_token_reason(cancel_source_token(stop), &why) != 1) {
     fprintf(stderr, "the worker stopped without a cancel\n");
-    cancel_source_unref(stop);
     return 1;
   }
   cancel_reason_format(&why, line, sizeof line);
@@ -107,6 +107,5 @@ int main(void) {
          "would have ended), after %d flushes\n",
          (long long)(took / 1000), line,
          (long long)(left > 0 ? left / 1000000 : 0), w.flushes);
-  cancel_source_unref(stop);
   return took >= 0 && took < PROMPT ? 0 : 1;
 }

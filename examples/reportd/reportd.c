@@ -62,7 +62,8 @@ static const char usage[] =
     "  --downstream-timeout MS REPORTD_DOWNSTREAM_TIMEOUT_MS, the downstream\n"
     "                        call's own timeout (0: none, the request's budget)\n"
     "  --shutdown-timeout MS REPORTD_SHUTDOWN_TIMEOUT_MS (30000)\n"
-    "  --drain MS            REPORTD_DRAIN_MS (shutdown timeout - 2000)\n"
+    "  --drain MS            REPORTD_DRAIN_MS (the server's: shutdown\n"
+    "                        timeout - a second; longer is refused)\n"
     "  --threads N           REPORTD_THREADS (16)\n"
     "  --poll MS             REPORTD_POLL_MS (500)\n"
     "  --header-timeout MS   REPORTD_HEADER_TIMEOUT_MS, a request's line and\n"
@@ -119,7 +120,7 @@ static bool configure(int argc, char **argv, struct config *c) {
                        .downstream = "http://127.0.0.1:8081",
                        .route_timeout_ms = 2000,
                        .shutdown_timeout_ms = 30000,
-                       .drain_ms = -1,
+                       .drain_ms = 0, /* the server derives it */
                        .threads = 16,
                        .poll_ms = 500,
                        .rows = 2000,
@@ -264,16 +265,9 @@ static bool configure(int argc, char **argv, struct config *c) {
             usage);
     return false;
   }
-  if (c->drain_ms < 0)
-    c->drain_ms =
-        c->shutdown_timeout_ms > 2100 ? c->shutdown_timeout_ms - 2000 : 100;
-  if (c->drain_ms >= c->shutdown_timeout_ms) {
-    fprintf(stderr,
-            "reportd: --drain (%ld) must be below --shutdown-timeout "
-            "(%ld)\n",
-            c->drain_ms, c->shutdown_timeout_ms);
-    return false;
-  }
+  /* --drain is checked against --shutdown-timeout by the server, which
+   * knows the margin (cancel_http_server_new refuses a drain that would
+   * outlast the host's shutdown, and logs both values). */
   return true;
 }
 
@@ -925,7 +919,10 @@ int main(int argc, char **argv) {
       .bind_address = c->bind,
       .port = (uint16_t)c->port,
       .threads = (unsigned)c->threads,
+      /* 0 unless --drain: the server then ends its drain a margin
+       * before the host's shutdown deadline. */
       .drain_timeout_ns = CANCEL_MSEC(c->drain_ms),
+      .host_shutdown_timeout_ns = cancel_host_shutdown_timeout(svc.host),
       .header_timeout_ns = CANCEL_MSEC(c->header_timeout_ms),
       .body_timeout_ns = CANCEL_MSEC(c->body_timeout_ms),
       .idle_timeout_ns = CANCEL_MSEC(c->idle_timeout_ms),
@@ -965,7 +962,12 @@ int main(int argc, char **argv) {
              "ignore_tokens=%d watchdog_ms=%ld seeded_bug=%d",
              (unsigned)cancel_http_server_port(svc.http), store_kind(svc.db),
              c->route_timeout_ms, c->downstream_timeout_ms,
-             c->shutdown_timeout_ms, c->drain_ms,
+             c->shutdown_timeout_ms,
+             c->drain_ms > 0 ? c->drain_ms
+                             : (long)((CANCEL_MSEC(c->shutdown_timeout_ms) -
+                                       CANCEL_HTTP_DRAIN_MARGIN(CANCEL_MSEC(
+                                           c->shutdown_timeout_ms))) /
+                                      CANCEL_MSEC(1)),
              c->ignore_tokens, c->watchdog_ms, c->seeded_bug);
   printf("listening port=%u\n", (unsigned)cancel_http_server_port(svc.http));
   fflush(stdout);

@@ -163,6 +163,14 @@ CANCEL_API int cancel_host_add_worker(cancel_host *h, const char *name,
  * NULL for NULL.  Thread-safe, O(1). */
 CANCEL_API const cancel_token *cancel_host_stopping(const cancel_host *h);
 
+/* The host's shutdown timeout: opts->shutdown_timeout_ns, or
+ * CANCEL_HOST_DEFAULT_SHUTDOWN_TIMEOUT when that was 0; 0 for NULL.  A
+ * server that runs under the host is told it (cancel/http.h's
+ * host_shutdown_timeout_ns), so that its drain follows the host's deadline
+ * instead of a second number kept in step by hand.  Fixed at
+ * cancel_host_new().  Thread-safe, O(1). */
+CANCEL_API int64_t cancel_host_shutdown_timeout(const cancel_host *h);
+
 /* CANCEL_NEVER until the stop is requested; then the absolute time
  * (cancel_now() clock) by which everything must have stopped: when the
  * stopping token fired plus the shutdown timeout.  A server sizes its

@@ -161,6 +161,12 @@ typedef struct cancel_http_route {
   int64_t timeout_ns; /* the route's timeout; 0: the server's default */
 } cancel_http_route;
 
+/* The part of a host's shutdown timeout `t` that a server's drain leaves
+ * for what follows it (see drain_timeout_ns): a second, or a quarter of t
+ * when t is shorter than 4 s.  30 s gives a 29 s drain, 2 s a 1.5 s one. */
+#define CANCEL_HTTP_DRAIN_MARGIN(t)                                            \
+  ((t) / 4 < CANCEL_SEC(1) ? (t) / 4 : CANCEL_SEC(1))
+
 /* Options; zero-initialise, then set what you need.  NULL: defaults. */
 typedef struct cancel_http_options {
   const char *name;           /* the server's name in logs; "http" */
@@ -170,10 +176,21 @@ typedef struct cancel_http_options {
   int64_t default_timeout_ns; /* routes without their own; 0: 30 s */
   int64_t max_deadline_ns;    /* cap on an incoming deadline header; 0: 5 min */
   bool ignore_deadline_headers;
-  int64_t drain_timeout_ns; /* after stopping, how long requests in flight
-                               may run before their tokens fire; 0: 20 s.
-                               Keep it below the host's shutdown timeout. */
-  size_t max_body;          /* request bodies; 0: 1 MiB */
+  /* The drain: after stopping fired, how long requests in flight may run
+   * before their tokens fire.  Under a host (cancel/host.h), set
+   * host_shutdown_timeout_ns to cancel_host_shutdown_timeout(h) and leave
+   * the drain 0: it is then the host's shutdown timeout less
+   * CANCEL_HTTP_DRAIN_MARGIN of it, so the drain ends that margin before
+   * the host's deadline (cancel_host_shutdown_deadline) and the requests
+   * it cancels have the margin to answer 503, their connections to close
+   * and the server's worker to return.  An explicit drain longer than
+   * that (timeout - margin) is rejected by cancel_http_server_new with
+   * -EINVAL and an error line (msg "drain outlasts the host's shutdown")
+   * naming both values.  Without a host (host_shutdown_timeout_ns 0) the
+   * drain is not checked; 0 then means 20 s. */
+  int64_t drain_timeout_ns;
+  int64_t host_shutdown_timeout_ns;
+  size_t max_body; /* request bodies; 0: 1 MiB */
   /* Slow and greedy clients (slowloris; nginx's client_header_timeout,
    * client_body_timeout, keepalive_timeout and limit_conn).  Timeouts: 0
    * takes the default, CANCEL_NEVER turns one off.
@@ -229,7 +246,9 @@ typedef struct cancel_http_options {
  * server; the first matching route wins).  Nothing listens yet.
  * Returns 0, -EINVAL (NULL srvp, routes NULL with n > 0, a route without
  * handler or pattern, a pattern not starting with '/', negative times, a
- * bind_address that is not an IP literal), -ENOMEM. */
+ * bind_address that is not an IP literal, a drain_timeout_ns above
+ * host_shutdown_timeout_ns - CANCEL_HTTP_DRAIN_MARGIN of it: logged at
+ * error with both values), -ENOMEM. */
 CANCEL_API int cancel_http_server_new(cancel_http_server **srvp,
                                       const cancel_http_options *opts,
                                       const cancel_http_route *routes,
@@ -266,8 +285,11 @@ CANCEL_API int cancel_http_server_stop(cancel_http_server *srv,
  * (arg) with `stopping` (unless it was started already, e.g. by main() to
  * learn its port: it MUST then have been started with the same token),
  * waits until stopping fires, then stops gracefully with the deadline
- * drain_timeout_ns + 1 s.  Returns -ECANCELED after a clean stop, or the
- * error of start / stop. */
+ * drain_timeout_ns + 1 s after that; with host_shutdown_timeout_ns set, at
+ * the latest half the margin before the host's deadline (when stopping
+ * fired plus that timeout), so that a stop which times out is the
+ * server's report, not the host's.  Returns -ECANCELED after a clean
+ * stop, or the error of start / stop. */
 CANCEL_API int cancel_http_server_run(const cancel_token *stopping, void *srv);
 
 /* Frees a stopped (or never started) server.  Returns 0, or -EBUSY (still

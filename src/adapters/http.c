@@ -1606,6 +1606,33 @@ static void on_mhd_log(void *cls, const char *fmt, va_list ap) {
 /* ---- The server -------------------------------------------------------------
  */
 
+/* Under a host, the drain must end CANCEL_HTTP_DRAIN_MARGIN before the
+ * host's deadline: the requests it cancels answer 503 and their
+ * connections close in that margin, and the server's worker returns
+ * before the host gives up on it.  A drain left 0 is derived from the
+ * host's timeout; an explicit one that breaks the rule is a configuration
+ * error, said with both numbers (the two settings usually come from two
+ * places: a flag and the host's options). */
+static int drain_for_host(cancel_http_options *o) {
+  int64_t host = o->host_shutdown_timeout_ns;
+  int64_t margin = CANCEL_HTTP_DRAIN_MARGIN(host), max = host - margin;
+  if (o->drain_timeout_ns == 0) {
+    o->drain_timeout_ns = max;
+    return 0;
+  }
+  if (o->drain_timeout_ns <= max)
+    return 0;
+  char srv[64];
+  cancel_logfmt_quote(srv, sizeof srv, o->name);
+  cancel_log(CANCEL_LOG_ERROR, "http", "drain outlasts the host's shutdown",
+             "server=%s drain_ms=%.0f host_shutdown_timeout_ms=%.0f "
+             "margin_ms=%.0f max_drain_ms=%.0f error=\"drain_timeout_ns must "
+             "end the margin before the host's shutdown deadline\"",
+             srv, (double)o->drain_timeout_ns / 1e6, (double)host / 1e6,
+             (double)margin / 1e6, (double)max / 1e6);
+  return -EINVAL;
+}
+
 int cancel_http_server_new(cancel_http_server **srvp,
                            const cancel_http_options *opts,
                            const cancel_http_route *routes, size_t n) {
@@ -1617,7 +1644,8 @@ int cancel_http_server_new(cancel_http_server **srvp,
   if (srvp == NULL || (routes == NULL && n > 0) ||
       opts->default_timeout_ns < 0 || opts->max_deadline_ns < 0 ||
       opts->drain_timeout_ns < 0 || opts->header_timeout_ns < 0 ||
-      opts->body_timeout_ns < 0 || opts->idle_timeout_ns < 0)
+      opts->body_timeout_ns < 0 || opts->idle_timeout_ns < 0 ||
+      opts->host_shutdown_timeout_ns < 0)
     return -EINVAL;
   for (size_t i = 0; i < n; i++)
     if (routes[i].handler == NULL || routes[i].pattern == NULL ||
@@ -1638,6 +1666,8 @@ int cancel_http_server_new(cancel_http_server **srvp,
     o.default_timeout_ns = DEFAULT_TIMEOUT;
   if (o.max_deadline_ns == 0)
     o.max_deadline_ns = DEFAULT_MAX_DEADLINE;
+  if (o.host_shutdown_timeout_ns > 0 && drain_for_host(&o) < 0)
+    return -EINVAL;
   if (o.drain_timeout_ns == 0)
     o.drain_timeout_ns = DEFAULT_DRAIN;
   if (o.max_body == 0)
@@ -1971,9 +2001,20 @@ int cancel_http_server_run(const cancel_token *stopping, void *arg) {
   if (rc < 0)
     return rc;
   (void)cancel_sleep_until(stopping, CANCEL_NEVER);
-  rc = cancel_http_server_stop(
-      s, cancel__add_sat(cancel_now(), cancel__add_sat(s->o.drain_timeout_ns,
-                                                       CANCEL_SEC(1))));
+  int64_t deadline = cancel__add_sat(
+      cancel_now(), cancel__add_sat(s->o.drain_timeout_ns, CANCEL_SEC(1)));
+  cancel_reason why;
+  int64_t host = s->o.host_shutdown_timeout_ns;
+  if (host > 0 && cancel_token_reason(stopping, &why) == 1) {
+    /* The host's deadline, as cancel_host_shutdown_deadline() computes
+     * it, less half the margin: the stop's own report of handlers that
+     * ignore their tokens comes before the host's. */
+    int64_t by =
+        cancel__add_sat(why.time, host - CANCEL_HTTP_DRAIN_MARGIN(host) / 2);
+    if (by < deadline)
+      deadline = by;
+  }
+  rc = cancel_http_server_stop(s, deadline);
   return rc < 0 ? rc : -ECANCELED;
 }
 

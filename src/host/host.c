@@ -240,6 +240,10 @@ const cancel_token *cancel_host_stopping(const cancel_host *h) {
   return h != NULL ? stop_token(h) : NULL;
 }
 
+int64_t cancel_host_shutdown_timeout(const cancel_host *h) {
+  return h != NULL ? h->timeout : 0;
+}
+
 int64_t cancel_host_shutdown_deadline(const cancel_host *h) {
   if (h == NULL)
     return CANCEL_NEVER;
