@@ -693,7 +693,21 @@ def synopsis(f):
            ".Fo " + f.name]
     params = f.params or ["void"]
     for p in params:
-        out.append(".Fa " + q(p))
+        # A function pointer's own parameters go as separate arguments:
+        # the comma .Fo puts between them is the one the C has, and the
+        # line can break there (one long argument cannot be broken).
+        parts, depth, cur = [], 0, ""
+        for ch in p:
+            if ch == "," and depth == 1:
+                parts.append(cur.strip())
+                cur = ""
+                continue
+            depth += ch == "("
+            depth -= ch == ")"
+            cur += ch
+        parts.append(cur.strip())
+        for part in parts:
+            out.append(".Fa " + q(part))
     out.append(".Fc")
     return out
 
