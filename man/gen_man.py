@@ -431,7 +431,7 @@ def q(s):
     return '"' + s.replace("\\", "\\e").replace('"', "\\(dq") + '"'
 
 
-END = re.compile(r"(?<!\be\.g)(?<!\bi\.e)(?<!\betc)(?<!\bvs)(?<=\S)"
+END = re.compile(r"(?<!\.\.)(?<!\be\.g)(?<!\bi\.e)(?<!\betc)(?<!\bvs)(?<=\S)"
                  r"([.!?][\"')\]]*)\s+(?=\S)")
 
 
@@ -492,7 +492,7 @@ def render(lines):
         out.append(".Pp")
     while out and out[-1] == ".Pp":
         out.pop()
-    # No paragraph break right before or after a list or display.
+    # No paragraph break right before a list or display (mandoc skips it).
     cleaned = []
     for k, ln in enumerate(out):
         if ln == ".Pp" and (k + 1 < len(out) and
@@ -503,69 +503,48 @@ def render(lines):
 
 
 def render_block(blk):
+    """An indented run of comment lines: a bullet list ("- " items), a tag
+    list ("value  text" items), paragraphs with a hanging indent, or, for
+    anything else (code above all), a literal display."""
     ind = min(indent_of(ln) for ln in blk)
     heads = [ln for ln in blk if indent_of(ln) == ind]
     if indent_of(blk[0]) != ind:
         heads = []  # it starts inside an item: show it as it is
+    code = any(re.search(r"[;{}]\s*$|//| = |^\s*\.\.\.", ln) for ln in blk)
     if heads and all(ln.strip().startswith(("- ", "* ")) for ln in heads):
-        out = [".Bl -bullet"]
-        for ln in blk:
-            if indent_of(ln) == ind:
-                out.append(".It")
-                out.extend(sentences(ln.strip()[2:]))
-            else:
-                out.extend(sentences(ln.strip()))
-        return merge_items(out) + [".El"]
+        return item_list(".Bl -bullet", blk, ind,
+                         lambda ln: (".It", ln.strip()[2:]))
     if heads and all(TAG.match(ln.strip()) for ln in heads) and \
             not any(re.search(r"[{}]\s*$|//| = ", ln) for ln in heads):
-        out = [".Bl -tag -width Ds"]
-        for ln in blk:
-            if indent_of(ln) == ind:
-                m = TAG.match(ln.strip())
-                out.append(".It " + q(m.group(1)))
-                out.extend(sentences(m.group(2)))
-            else:
-                out.extend(sentences(ln.strip()))
-        return merge_items(out) + [".El"]
-    code = any(re.search(r"[;{}]\s*$|//| = |^\s*\.\.\.", ln) for ln in blk)
+        return item_list(".Bl -tag -width Ds", blk, ind,
+                         lambda ln: (".It " + q(TAG.match(ln.strip()).group(1)),
+                                     TAG.match(ln.strip()).group(2)))
     if heads and not code and all(re.match(r"^[A-Za-z(`\"]", ln.strip())
                                   for ln in heads):
-        # Paragraphs with a hanging indent: prose.
-        out = [".Bl -item -offset indent"]
-        for ln in blk:
-            if indent_of(ln) == ind:
-                out.append(".It")
-            out.extend(sentences(ln.strip()))
-        return merge_items(out) + [".El"]
+        return item_list(".Bl -item -offset indent", blk, ind,
+                         lambda ln: (".It", ln.strip()))
     out = [".Bd -literal -offset indent"]
     for ln in blk:
         out.append(esc(ln[ind:]) if ln.strip() else "")
     return out + [".Ed"]
 
 
-def merge_items(out):
-    """Joins the sentence lines of one list item split across comment lines
-    (the item's text was cut by the comment's line breaks)."""
-    res, text = [], []
-
-    def flush():
-        if text:
-            res.extend(sentences(" ".join(t.replace("\\e", "\\") if False
-                                          else t for t in text)))
-            text.clear()
-
-    for ln in out:
-        if ln.startswith("."):
-            flush()
-            res.append(ln)
+def item_list(start, blk, ind, head):
+    """A list whose items start at the lines indented by ind; head(line)
+    gives an item's .It line and the start of its text, the more indented
+    lines after it continue that text."""
+    items = []
+    for ln in blk:
+        if indent_of(ln) == ind:
+            macro, text = head(ln)
+            items.append((macro, [text]))
         else:
-            text.append(ln)
-    flush()
-    return res
-
-
-def unesc_join(lines):
-    return " ".join(lines)
+            items[-1][1].append(ln.strip())
+    out = [start]
+    for macro, texts in items:
+        out.append(macro)
+        out.extend(sentences(" ".join(texts)))
+    return out + [".El"]
 
 
 def first_sentence(lines):
@@ -720,7 +699,7 @@ def xrefs(pairs):
     return out
 
 
-def page3(h, g, all_funcs, pages7, date, version):
+def page3(h, g, all_funcs, date, version):
     first = g.funcs[0]
     out = mdoc_head(first.name, 3, date, version)
     out.append(".Sh NAME")
@@ -894,7 +873,7 @@ def main(argv):
         for g in h.groups:
             first = g.funcs[0].name + ".3"
             write(os.path.join(man3, first),
-                  page3(h, g, all_funcs, want7, date, version))
+                  page3(h, g, all_funcs, date, version))
             for f in g.funcs[1:]:
                 link = os.path.join(man3, f.name + ".3")
                 if os.path.islink(link) and os.readlink(link) == first:
