@@ -224,10 +224,26 @@ def strip_blank(lines):
 PUBLIC = re.compile(r"^cancel_(?!_)\w+$")
 
 
+def drop_attributes(t):
+    """t without its __attribute__((...)) specifiers."""
+    while True:
+        k = t.find("__attribute__")
+        if k < 0:
+            return t
+        j = t.find("(", k)
+        depth = 0
+        for e in range(j, len(t)):
+            depth += t[e] == "("
+            depth -= t[e] == ")"
+            if depth == 0:
+                break
+        t = (t[:k].rstrip() + " " + t[e + 1:].lstrip()).strip()
+
+
 def function_of(decl):
     """(name, return type, [params], inline) of a public function's
     declaration, or None."""
-    t = decl.text
+    t = drop_attributes(decl.text)
     inline = False
     if t.startswith("CANCEL_API "):
         t = t[len("CANCEL_API "):]
@@ -348,6 +364,11 @@ class Header:
                     prev, prev_func = None, None
                     continue
             fn = function_of(it) if it.kind == "decl" else None
+            if fn is None and it.kind == "decl" and \
+                    it.text.startswith("CANCEL_API") and \
+                    not re.search(r"\bcancel__\w*\s*\(", it.text):
+                errors.append("%s:%d: cannot read this CANCEL_API declaration "
+                              "(gen_man.py): %s" % (self.path, it.l0, it.text))
             adjacent = prev is not None and prev.l1 == it.l0 - 1
             if fn:
                 f = Func(*fn, decl=it)

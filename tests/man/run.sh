@@ -57,7 +57,8 @@ headers="$src/include/cancel.h $(ls "$src"/include/cancel/*.h)"
 # The headers as one line without their comments, so that a prototype
 # split over lines reads as one; then the name before each prototype's '('.
 for h in $headers; do
-  tr '\n' ' ' <"$h" | sed 's:/\*:\n&:g; s:\*/:&\n:g' | grep -v '^/\*' | tr -d '\n'
+  tr '\n' ' ' <"$h" | sed 's:/\*:\n&:g; s:\*/:&\n:g' | grep -v '^/\*' | tr -d '\n' |
+    sed 's/__attribute__ *((\([^()]\|([^()]*)\)*))//g'
   echo
 done >"$work/flat"
 {
