@@ -39,6 +39,9 @@ DEPS_CHECK := build-essential cmake pkg-config libcmocka-dev valgrind libuv1-dev
               libjansson-dev jq clang libclang-rt-14-dev fiu-utils libfiu-dev
 # spin: the model check of the registration protocol (tests/model).
 DEPS_CHECK += spin
+# The manual pages: python3 generates them, mandoc lints them, man-db's
+# man shows them (man_test).
+DEPS_CHECK += python3 mandoc man-db
 # node may come from outside Debian: only ask for nodejs when none is found.
 DEPS_BENCH := golang-go g++ $(if $(shell command -v node),,nodejs)
 DEPS_FORMAT := clang-format

@@ -203,6 +203,8 @@ typedef struct cancel_metrics {
   uint64_t watchdog_reports;
 } cancel_metrics;
 
+/* Fills *m with the counters now (each read on its own: they are not one
+ * snapshot).  NULL is ignored.  Thread-safe. */
 CANCEL_API void cancel_metrics_get(cancel_metrics *m);
 
 #ifdef __cplusplus

@@ -304,9 +304,14 @@ CANCEL_API size_t cancel_http_server_in_flight(const cancel_http_server *srv);
 /* ---- The request, inside a handler ----------------------------------- *
  * Strings are valid until the handler returns. */
 
+/* The request's number on this server, from 1 up: the id= of its log
+ * lines.  0 for NULL. */
 CANCEL_API uint64_t cancel_http_request_id(const cancel_http_request *req);
+/* The request's method as the client sent it ("GET", "HEAD"...).  NULL
+ * for NULL. */
 CANCEL_API const char *
 cancel_http_request_method(const cancel_http_request *req);
+/* The request's path, without the query string.  NULL for NULL. */
 CANCEL_API const char *cancel_http_request_path(const cancel_http_request *req);
 /* The route's pattern that matched ("/reports/{id}"). */
 CANCEL_API const char *
