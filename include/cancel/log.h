@@ -140,7 +140,8 @@ CANCEL_API void cancel_log_fields(int level, const char *component,
  *   F64     the shortest decimal that reads back as the same double
  *           (printf's %g form with 1 to 17 digits), NaN, +Inf, -Inf:
  *                                                        ratio=0.1 big=1e+300
- *   FIXED   a double with `arg` decimals (%.*f), NaN, +Inf, -Inf.
+ *   FIXED   a double with `arg` decimals (%.*f, at most 17), NaN, +Inf,
+ *           -Inf:                                        ratio=0.25
  *   BOOL    true or false.
  *   MS      a duration in nanoseconds (int64) written as milliseconds
  *           with `arg` decimals: CANCEL_LOG_MS gives 3 (microseconds),
