@@ -163,8 +163,8 @@ static void name_chain(char *buf, size_t len, cancel_scope **chain, int from,
                        : cancel__scope_fired_at(u) == 0
                            ? "[token not cancelled]"
                            : "";
-    int k = snprintf(buf + bl, len - bl, "%s%s%s", bl ? sep : "", u->name,
-                     mark);
+    int k =
+        snprintf(buf + bl, len - bl, "%s%s%s", bl ? sep : "", u->name, mark);
     if (k < 0)
       break;
     bl += (size_t)k;

@@ -453,9 +453,9 @@ static void test_attrs_stage_risk_model(void **state) {
   assert_string_equal(after_msg(cap.line, "\"stage failed\""),
                       "stage=\"risk model\" attempt=2");
   decode_ok(cap.line, &r);
-  assert_true(lf_keys_are(&r, (const char *const[]){"ts", "level", "component",
-                                                    "msg", "stage", "attempt",
-                                                    NULL}));
+  assert_true(
+      lf_keys_are(&r, (const char *const[]){"ts", "level", "component", "msg",
+                                            "stage", "attempt", NULL}));
   assert_string_equal(lf_get(&r, "stage"), stage);
   lf_free(&r);
   cancel_log_set_sink(NULL, NULL, CANCEL_LOG_INFO);
@@ -483,9 +483,9 @@ static void test_attrs_types(void **state) {
                       "f=0.1 g=1e+300 h=-2.5 z=0 nan=NaN inf=-Inf x=3.14 x0=2 "
                       "t=true b=false ms=1.235 ms1=400.3 ms0=2000 neg=-1.500");
   CANCEL_LOG(CANCEL_LOG_INFO, "test", "errno",
-             CANCEL_LOG_ERRNO("a", -ECANCELED), CANCEL_LOG_ERRNO("b", ETIMEDOUT),
-             CANCEL_LOG_ERRNO("c", 0), CANCEL_LOG_ERRNO("d", -99999),
-             CANCEL_LOG_ERRNO("e", INT_MIN));
+             CANCEL_LOG_ERRNO("a", -ECANCELED),
+             CANCEL_LOG_ERRNO("b", ETIMEDOUT), CANCEL_LOG_ERRNO("c", 0),
+             CANCEL_LOG_ERRNO("d", -99999), CANCEL_LOG_ERRNO("e", INT_MIN));
   char want[128];
   snprintf(want, sizeof want, "a=ECANCELED b=ETIMEDOUT c=0 d=-99999 e=%d",
            INT_MIN);
@@ -516,9 +516,10 @@ static void test_attrs_types(void **state) {
                       "cancel_detail=2s b=2");
   cancel_source_unref(src);
   /* STRN's own limit, quotes included; an unknown type: key, no value. */
-  cancel_log_attr odd[] = {CANCEL_LOG_STRN("k", "abcdefghijklmnopqrstuvwxyz", 12),
-                           {.key = "future", .type = 999},
-                           CANCEL_LOG_STRN("w", "whole", 12)};
+  cancel_log_attr odd[] = {
+      CANCEL_LOG_STRN("k", "abcdefghijklmnopqrstuvwxyz", 12),
+      {.key = "future", .type = 999},
+      CANCEL_LOG_STRN("w", "whole", 12)};
   cancel_log_attrs(CANCEL_LOG_INFO, "test", "odd", odd, 3);
   assert_string_equal(after_msg(cap.line, "odd"),
                       "k=\"abcdefg...\" future=\"\" w=whole");
@@ -538,17 +539,24 @@ static void test_attrs_types(void **state) {
 static void test_attrs_f64_round_trip(void **state) {
   (void)state;
   log_capture();
-  const double xs[] = {1.0 / 3,     2.0 / 3,  1e-310, 5e-324, DBL_MAX,
-                       -DBL_MIN,    123456789012345678.0, 0.30000000000000004,
-                       100,         1e21};
+  const double xs[] = {1.0 / 3,
+                       2.0 / 3,
+                       1e-310,
+                       5e-324,
+                       DBL_MAX,
+                       -DBL_MIN,
+                       123456789012345678.0,
+                       0.30000000000000004,
+                       100,
+                       1e21};
   for (size_t i = 0; i < sizeof xs / sizeof xs[0]; i++) {
     CANCEL_LOG(CANCEL_LOG_INFO, "test", "f", CANCEL_LOG_F64("x", xs[i]),
                CANCEL_LOG_FIXED("y", xs[i], 17));
     struct lf_record r;
     decode_ok(cap.line, &r);
-    assert_true(lf_keys_are(&r, (const char *const[]){"ts", "level",
-                                                      "component", "msg", "x",
-                                                      "y", NULL}));
+    assert_true(
+        lf_keys_are(&r, (const char *const[]){"ts", "level", "component", "msg",
+                                              "x", "y", NULL}));
     char *end = NULL;
     assert_true(strtod(lf_get(&r, "x"), &end) == xs[i]);
     assert_int_equal(*end, '\0');
@@ -575,10 +583,9 @@ static void test_attrs_hostile(void **state) {
     struct lf_record r;
     decode_ok(cap.line, &r);
     assert_true(strlen(cap.line) <= CANCEL_LOG_LINE_MAX);
-    if (!lf_keys_are(&r, (const char *const[]){"ts", "level", "component",
-                                               "msg", "id", "path", "short",
-                                               "bad_key__x__", "error", "ok",
-                                               NULL}))
+    if (!lf_keys_are(&r, (const char *const[]){
+                             "ts", "level", "component", "msg", "id", "path",
+                             "short", "bad_key__x__", "error", "ok", NULL}))
       fail_msg("value %d: fields not as written: %.400s", h, cap.line);
     assert_true(lf_value_ok(lf_get(&r, "component"), v));
     assert_true(lf_value_ok(lf_get(&r, "msg"), v));
@@ -604,11 +611,10 @@ static void test_attrs_hostile(void **state) {
     decode_ok(cap.line, &r);
     assert_true(strlen(cap.line) <= CANCEL_LOG_LINE_MAX);
     assert_true(lf_keys_are(
-        &r, (const char *const[]){"ts", "level", "component", "msg",
-                                  "cancel_kind", "cancel_origin",
-                                  "cancel_detail", "cancel_kind",
-                                  "cancel_origin", "cancel_detail", "end",
-                                  NULL}));
+        &r,
+        (const char *const[]){"ts", "level", "component", "msg", "cancel_kind",
+                              "cancel_origin", "cancel_detail", "cancel_kind",
+                              "cancel_origin", "cancel_detail", "end", NULL}));
     assert_true(lf_value_ok(lf_get(&r, "cancel_origin"), v));
     assert_true(lf_value_ok(lf_get(&r, "cancel_detail"), v));
     lf_free(&r);
@@ -654,14 +660,17 @@ static void test_attrs_line_cut(void **state) {
     pad[n] = '\0';
     for (int k = 0; k < 3; k++) {
       if (k == 0)
-        CANCEL_LOG(CANCEL_LOG_ERROR, "test", "shift", CANCEL_LOG_STR("pad", pad),
-                   CANCEL_LOG_REASON(&why), CANCEL_LOG_I64("z", 1));
+        CANCEL_LOG(CANCEL_LOG_ERROR, "test", "shift",
+                   CANCEL_LOG_STR("pad", pad), CANCEL_LOG_REASON(&why),
+                   CANCEL_LOG_I64("z", 1));
       else if (k == 1)
-        CANCEL_LOG(CANCEL_LOG_ERROR, "test", "shift", CANCEL_LOG_STR("pad", pad),
-                   CANCEL_LOG_LOGFMT(kept), CANCEL_LOG_I64("z", 1));
+        CANCEL_LOG(CANCEL_LOG_ERROR, "test", "shift",
+                   CANCEL_LOG_STR("pad", pad), CANCEL_LOG_LOGFMT(kept),
+                   CANCEL_LOG_I64("z", 1));
       else
-        CANCEL_LOG(CANCEL_LOG_ERROR, "test", "shift", CANCEL_LOG_STR("pad", pad),
-                   CANCEL_LOG_STR("q", big), CANCEL_LOG_I64("z", 1));
+        CANCEL_LOG(CANCEL_LOG_ERROR, "test", "shift",
+                   CANCEL_LOG_STR("pad", pad), CANCEL_LOG_STR("q", big),
+                   CANCEL_LOG_I64("z", 1));
       assert_true(strlen(cap.line) <= CANCEL_LOG_LINE_MAX);
       if (lf_decode(cap.line, &r) != 0)
         fail_msg("pad %zu, kind %d: not logfmt (%s)", n, k, r.error);

@@ -789,11 +789,11 @@ static int jobs_worker(const cancel_token *stopping, void *arg) {
     rc = job_attempt(s, stopping, job, report, attempt, why, sizeof why);
     int64_t dur = cancel_now() - t0;
     if (rc == 0) {
-      CANCEL_LOG(CANCEL_LOG_INFO, "reportd", "job committed",
-                 CANCEL_LOG_I64("job", job), CANCEL_LOG_I64("report", report),
-                 CANCEL_LOG_I64("attempt", attempt),
-                 CANCEL_LOG_MSD("dur_ms", dur, 1),
-                 CANCEL_LOG_I64("stopping", cancel_token_is_cancelled(stopping)));
+      CANCEL_LOG(
+          CANCEL_LOG_INFO, "reportd", "job committed",
+          CANCEL_LOG_I64("job", job), CANCEL_LOG_I64("report", report),
+          CANCEL_LOG_I64("attempt", attempt), CANCEL_LOG_MSD("dur_ms", dur, 1),
+          CANCEL_LOG_I64("stopping", cancel_token_is_cancelled(stopping)));
       continue;
     }
     if (rc == -ECANCELED) {

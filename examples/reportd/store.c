@@ -122,10 +122,10 @@ static int sq_open(store *s, sqlite3 **dbp) {
       s->cfg.sqlite_path, &db,
       SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL);
   if (rc != SQLITE_OK) {
-    CANCEL_LOG(
-        CANCEL_LOG_ERROR, "reportd", "cannot open database",
-        CANCEL_LOG_STR("path", s->cfg.sqlite_path),
-        CANCEL_LOG_STR("error", db != NULL ? sqlite3_errmsg(db) : "out of memory"));
+    CANCEL_LOG(CANCEL_LOG_ERROR, "reportd", "cannot open database",
+               CANCEL_LOG_STR("path", s->cfg.sqlite_path),
+               CANCEL_LOG_STR("error", db != NULL ? sqlite3_errmsg(db)
+                                                  : "out of memory"));
     sqlite3_close(db);
     return -EIO;
   }
@@ -219,7 +219,8 @@ static int pg_run(PGconn *c, const cancel_token *tok, const char *sql,
   if (rc == -EIO) {
     char head[41];
     snprintf(head, sizeof head, "%s", sql);
-    const char *state = r != NULL ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
+    const char *state =
+        r != NULL ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
     CANCEL_LOG(CANCEL_LOG_ERROR, "reportd", "postgresql",
                CANCEL_LOG_STR("sql", head),
                CANCEL_LOG_STR("sqlstate", state != NULL ? state : "-"));
@@ -235,8 +236,9 @@ static int pg_open(store *s, PGconn **cp) {
   PGconn *c = NULL;
   int rc = cancel_pq_connect(NULL, s->cfg.pg_conninfo, &c);
   if (rc < 0) {
-    CANCEL_LOG(CANCEL_LOG_ERROR, "reportd", "cannot connect to PostgreSQL",
-               CANCEL_LOG_STRN("error", c != NULL ? PQerrorMessage(c) : "", 300));
+    CANCEL_LOG(
+        CANCEL_LOG_ERROR, "reportd", "cannot connect to PostgreSQL",
+        CANCEL_LOG_STRN("error", c != NULL ? PQerrorMessage(c) : "", 300));
     PQfinish(c);
     return rc;
   }

@@ -136,7 +136,7 @@ CANCEL_API void cancel_log_fields(int level, const char *component,
  *           it is not a bare word; cut to `arg` bytes, quotes included
  *           (0: CANCEL_LOG_VALUE_MAX), with "..." before the closing quote.
  *   I64     decimal, with '-' when negative:            attempt=-3
- *   U64     decimal:                                    bytes=18446744073709551615
+ *   U64     decimal:                                    bytes=4096
  *   F64     the shortest decimal that reads back as the same double
  *           (printf's %g form with 1 to 17 digits), NaN, +Inf, -Inf:
  *                                                        ratio=0.1 big=1e+300
@@ -215,8 +215,7 @@ typedef struct cancel_log_attr {
   CANCEL_LOG_ATTR_(key, CANCEL_LOG_T_FIXED, decimals, d, value)
 #define CANCEL_LOG_BOOL(key, value)                                            \
   CANCEL_LOG_ATTR_(key, CANCEL_LOG_T_BOOL, 0, b, (value) != 0)
-#define CANCEL_LOG_MS(key, ns)                                                 \
-  CANCEL_LOG_ATTR_(key, CANCEL_LOG_T_MS, 3, i, ns)
+#define CANCEL_LOG_MS(key, ns) CANCEL_LOG_ATTR_(key, CANCEL_LOG_T_MS, 3, i, ns)
 #define CANCEL_LOG_MSD(key, ns, decimals)                                      \
   CANCEL_LOG_ATTR_(key, CANCEL_LOG_T_MS, decimals, i, ns)
 #define CANCEL_LOG_ERRNO(key, value)                                           \
