@@ -5,7 +5,9 @@
 #include "cancel/log.h"
 
 #include <errno.h>
+#include <inttypes.h>
 #include <limits.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -444,6 +446,176 @@ void cancel_log_fields(int level, const char *component, const char *msg,
   f.need = 1;
   for (size_t i = 0; i < nfields && fields != NULL; i++)
     fields_add(&f, fields[i].key, fields[i].value, CANCEL_LOG_VALUE_MAX);
+  used += f.used;
+  if (f.full) {
+    memcpy(line + used, TRUNC_FIELD, TRUNC_LEN);
+    used += TRUNC_LEN;
+  }
+  line_emit(level, line, used);
+}
+
+/* ---- Typed fields -------------------------------------------------------- */
+
+/* A double as logfmt text: the shortest %g that reads back as the same
+ * value (what Go's strconv.FormatFloat(x, 'g', -1, 64) gives, in C's
+ * spelling of the exponent), or with a fixed number of decimals. */
+static void put_double(char *out, size_t len, double x, int decimals) {
+  if (isnan(x)) {
+    snprintf(out, len, "NaN");
+    return;
+  }
+  if (isinf(x)) {
+    snprintf(out, len, "%s", x > 0 ? "+Inf" : "-Inf");
+    return;
+  }
+  if (decimals >= 0) {
+    snprintf(out, len, "%.*f", decimals, x);
+    return;
+  }
+  for (int p = 1; p <= 17; p++) {
+    snprintf(out, len, "%.*g", p, x);
+    if (strtod(out, NULL) == x)
+      return;
+  }
+}
+
+/* The symbolic name of an errno value, or NULL.  glibc has the table
+ * (strerrorname_np, 2.32); another C library gets the number. */
+static const char *errno_name(int e) {
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || __GLIBC_MINOR__ >= 32)
+  return strerrorname_np(e);
+#else
+  (void)e;
+  return NULL;
+#endif
+}
+
+/* Adds text that is already whole fields (cancel_logfmt_reason's): scrubbed
+ * as cancel_log's fields are, and cut at the last field boundary that fits. */
+static void fields_add_logfmt(struct fields *f, const char *text) {
+  size_t len = text != NULL ? strlen(text) : 0;
+  if (len == 0)
+    return;
+  size_t sep = f->need > 0 ? 1 : 0;
+  f->need += sep + len;
+  if (f->full)
+    return;
+  size_t room = f->cap - f->used;
+  size_t keep = len;
+  if (sep + len > room) {
+    /* The field that ends right at the room's end is whole when a space
+     * follows it in text: let last_whole_field see that space. */
+    keep = room > sep ? last_whole_field(text, room - sep + 1) : 0;
+    f->full = true;
+    if (keep == 0)
+      return;
+  }
+  char *p = f->buf + f->used;
+  if (sep)
+    *p++ = ' ';
+  memcpy(p, text, keep);
+  scrub(p, keep);
+  f->used += sep + keep;
+  f->buf[f->used] = '\0';
+}
+
+/* Adds a reason's fields, written by cancel_logfmt_reason straight into the
+ * room that is left: it writes only whole fields, so a reason that does not
+ * fit leaves some of them out and the line is cut after them. */
+static void fields_add_reason(struct fields *f, const cancel_reason *r) {
+  if (r == NULL || r->kind == CANCEL_NONE)
+    return;
+  size_t sep = f->need > 0 ? 1 : 0;
+  if (f->full)
+    return;
+  size_t room = f->cap - f->used;
+  if (room <= sep) {
+    f->full = true;
+    return;
+  }
+  char *p = f->buf + f->used + sep;
+  int need = cancel_logfmt_reason(p, room - sep + 1, r);
+  size_t got = strlen(p);
+  f->need += sep + (size_t)need;
+  if (got < (size_t)need)
+    f->full = true;
+  if (got == 0) {
+    f->buf[f->used] = '\0';
+    return;
+  }
+  if (sep)
+    f->buf[f->used] = ' ';
+  f->used += sep + got;
+}
+
+static void fields_add_attr(struct fields *f, const cancel_log_attr *a) {
+  char num[352]; /* a FIXED 1e308 with 17 decimals */
+  const char *v = num;
+  size_t max = CANCEL_LOG_VALUE_MAX;
+  switch (a->type) {
+  case CANCEL_LOG_T_STR:
+    v = a->v.s;
+    if (a->arg > 0 && a->arg < max)
+      max = a->arg;
+    break;
+  case CANCEL_LOG_T_I64:
+    snprintf(num, sizeof num, "%" PRId64, a->v.i);
+    break;
+  case CANCEL_LOG_T_U64:
+    snprintf(num, sizeof num, "%" PRIu64, a->v.u);
+    break;
+  case CANCEL_LOG_T_F64:
+    put_double(num, sizeof num, a->v.d, -1);
+    break;
+  case CANCEL_LOG_T_FIXED:
+    /* More than 17 decimals say nothing a double holds; the cap keeps
+     * a huge value's text inside num. */
+    put_double(num, sizeof num, a->v.d, a->arg > 17 ? 17 : a->arg);
+    break;
+  case CANCEL_LOG_T_BOOL:
+    v = a->v.b ? "true" : "false";
+    break;
+  case CANCEL_LOG_T_MS:
+    /* The division as cancel_log's callers wrote it ("%.1f", ns / 1e6),
+     * so a converted line reads as it did. */
+    put_double(num, sizeof num, (double)a->v.i / 1e6, a->arg > 9 ? 9 : a->arg);
+    break;
+  case CANCEL_LOG_T_ERRNO: {
+    int e = a->v.err;
+    const char *name = NULL;
+    if (e != 0 && e != INT_MIN)
+      name = errno_name(e < 0 ? -e : e);
+    if (name != NULL)
+      v = name;
+    else
+      snprintf(num, sizeof num, "%d", e);
+    break;
+  }
+  case CANCEL_LOG_T_REASON:
+    fields_add_reason(f, a->v.r);
+    return;
+  case CANCEL_LOG_T_LOGFMT:
+    fields_add_logfmt(f, a->v.s);
+    return;
+  default:
+    v = "";
+    break;
+  }
+  fields_add(f, a->key, v, max);
+}
+
+void cancel_log_attrs(int level, const char *component, const char *msg,
+                      const cancel_log_attr *attrs, size_t nattrs) {
+  if (!cancel_log_enabled(level))
+    return;
+  char line[LINE_MAX_BYTES + 1];
+  const size_t cap = LINE_MAX_BYTES - 1;
+  size_t used = line_head(line, cap, level, component, msg);
+  struct fields f;
+  fields_init(&f, line + used, cap - TRUNC_LEN - used + 1);
+  f.need = 1;
+  for (size_t i = 0; i < nattrs && attrs != NULL; i++)
+    fields_add_attr(&f, &attrs[i]);
   used += f.used;
   if (f.full) {
     memcpy(line + used, TRUNC_FIELD, TRUNC_LEN);

@@ -171,11 +171,10 @@ static int64_t __attribute__((noinline)) overran(cancel_scope *s) {
   if (!(s->flags & CANCEL__SCOPE_WAIT))
     cancel__metrics_overrun(over);
   if (ld_relaxed(&s->reported)) {
-    char n[160];
-    cancel_logfmt_quote(n, sizeof n, s->name);
-    cancel_log(CANCEL_LOG_WARN, "watchdog", "scope ended after cancel",
-               "scope=%s thread=%d overrun_ms=%.1f", n, me.tid,
-               (double)over / 1e6);
+    CANCEL_LOG(CANCEL_LOG_WARN, "watchdog", "scope ended after cancel",
+               CANCEL_LOG_STRN("scope", s->name, 160),
+               CANCEL_LOG_I64("thread", me.tid),
+               CANCEL_LOG_MSD("overrun_ms", over, 1));
   }
   return over;
 }

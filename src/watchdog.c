@@ -100,65 +100,75 @@ static void thread_name(int tid, char *buf, size_t len) {
 /* What is logged about one scope, copied while the scan pins it. */
 struct report {
   int tid;
-  char scope[160];
-  char outer[320];
-  char inner[320];
-  char reason[640];
-  double since_ms;
+  /* The names as they are (the log quotes them), cut to what a line says
+   * of them: a longer scope name than 255 bytes is still longer than the
+   * 160 the line keeps, so its cut is marked there. */
+  char scope[256];
+  char outer[300];
+  char inner[300];
+  char reason[640]; /* cancel_logfmt_reason's fields */
+  int64_t since_ns;
 };
 
+/* What a line keeps of each name, quotes included. */
+#define SCOPE_MAX 160
+#define CHAIN_MAX 320
+
 static void log_report(const struct report *r) {
-  char tname[32], tq[48];
+  char tname[32];
   thread_name(r->tid, tname, sizeof tname);
-  cancel_logfmt_quote(tq, sizeof tq, tname);
-  cancel_log(CANCEL_LOG_WARN, "watchdog", "scope still running after cancel",
-             "scope=%s outer=%s inner=%s thread=%d thread_name=%s "
-             "since_cancel_ms=%.1f %s",
-             r->scope, r->outer, r->inner, r->tid, tq, r->since_ms, r->reason);
+  CANCEL_LOG(CANCEL_LOG_WARN, "watchdog", "scope still running after cancel",
+             CANCEL_LOG_STRN("scope", r->scope, SCOPE_MAX),
+             CANCEL_LOG_STRN("outer", r->outer, CHAIN_MAX),
+             CANCEL_LOG_STRN("inner", r->inner, CHAIN_MAX),
+             CANCEL_LOG_I64("thread", r->tid),
+             CANCEL_LOG_STRN("thread_name", tname, 48),
+             CANCEL_LOG_MSD("since_cancel_ms", r->since_ns, 1),
+             CANCEL_LOG_LOGFMT(r->reason));
   cancel__metrics_reported();
   if (opt.stack_signal < 0)
     return;
   int n = capture(r->tid);
   if (n <= 0) {
-    cancel_log(CANCEL_LOG_WARN, "watchdog", "stack unavailable",
-               "scope=%s thread=%d", r->scope, r->tid);
+    CANCEL_LOG(CANCEL_LOG_WARN, "watchdog", "stack unavailable",
+               CANCEL_LOG_STRN("scope", r->scope, SCOPE_MAX),
+               CANCEL_LOG_I64("thread", r->tid));
     return;
   }
   /* Frames 0 and 1 are the handler and the signal trampoline. */
   int skip = n > 2 ? 2 : 0;
   char **sym = backtrace_symbols(cap.frames + skip, n - skip);
   for (int i = 0; i < n - skip; i++) {
-    char at[320];
     char raw[32];
     snprintf(raw, sizeof raw, "%p", cap.frames[skip + i]);
-    cancel_logfmt_quote(at, sizeof at, sym != NULL ? sym[i] : raw);
-    cancel_log(CANCEL_LOG_WARN, "watchdog", "stack",
-               "scope=%s thread=%d frame=%d at=%s", r->scope, r->tid, i, at);
+    CANCEL_LOG(CANCEL_LOG_WARN, "watchdog", "stack",
+               CANCEL_LOG_STRN("scope", r->scope, SCOPE_MAX),
+               CANCEL_LOG_I64("thread", r->tid), CANCEL_LOG_I64("frame", i),
+               CANCEL_LOG_STRN("at", sym != NULL ? sym[i] : raw, 320));
   }
   free(sym);
 }
 
 /* Names chain[from..to) joined by sep, each scope whose token is not the
  * cancelled one marked: "[no token]" or "[token not cancelled]" is what a
- * dropped token looks like from inside. */
-static void name_chain(char *out, size_t len, cancel_scope **chain, int from,
+ * dropped token looks like from inside.  The text is the names' own bytes,
+ * cut to len: the log line quotes it. */
+static void name_chain(char *buf, size_t len, cancel_scope **chain, int from,
                        int to, int step, const char *sep) {
-  char buf[300];
   size_t bl = 0;
   buf[0] = '\0';
-  for (int i = from; i != to && bl < sizeof buf; i += step) {
+  for (int i = from; i != to && bl < len; i += step) {
     const cancel_scope *u = chain[i];
     const char *mark = u->tok == NULL ? "[no token]"
                        : cancel__scope_fired_at(u) == 0
                            ? "[token not cancelled]"
                            : "";
-    int k = snprintf(buf + bl, sizeof buf - bl, "%s%s%s", bl ? sep : "",
-                     u->name, mark);
+    int k =
+        snprintf(buf + bl, len - bl, "%s%s%s", bl ? sep : "", u->name, mark);
     if (k < 0)
       break;
     bl += (size_t)k;
   }
-  cancel_logfmt_quote(out, len, buf);
 }
 
 struct look {
@@ -179,8 +189,8 @@ static void look_thread(void *ctx, int tid, cancel_scope **chain, int n) {
     st_relaxed(&s->reported, 1);
     struct report *r = &lk->reps[lk->n++];
     r->tid = tid;
-    r->since_ms = (double)(lk->now - at) / 1e6;
-    cancel_logfmt_quote(r->scope, sizeof r->scope, s->name);
+    r->since_ns = lk->now - at;
+    snprintf(r->scope, sizeof r->scope, "%s", s->name);
     name_chain(r->outer, sizeof r->outer, chain, i + 1, n, 1, "<");
     name_chain(r->inner, sizeof r->inner, chain, i - 1, -1, -1, ">");
     cancel_reason why;

@@ -6,6 +6,10 @@
 #include "cancel/log.h"
 #include "logfmt.h"
 
+#include <float.h>
+#include <limits.h>
+#include <math.h>
+
 struct captured {
   int n;
   int level;
@@ -451,6 +455,292 @@ static void test_reason_hostile(void **state) {
   }
 }
 
+/* ---- Typed fields (CANCEL_LOG, cancel_log_attrs) ------------------------ */
+
+/* The fields after msg=..., as the line holds them. */
+static const char *after_msg(const char *line, const char *msg) {
+  char head[128];
+  snprintf(head, sizeof head, "msg=%s ", msg);
+  const char *p = strstr(line, head);
+  assert_non_null(p);
+  return p + strlen(head);
+}
+
+/* The issue's line: a value with a space through cancel_log's format is
+ * two fields to every decoder (stage=risk and a key `model`); the same
+ * value as a typed field is one field that reads back as written. */
+static void test_attrs_stage_risk_model(void **state) {
+  (void)state;
+  log_capture();
+  const char *stage = "risk model";
+  cancel_log(CANCEL_LOG_WARN, "reportd", "stage failed", "stage=%s attempt=%d",
+             stage, 2);
+  struct lf_record r;
+  decode_ok(cap.line, &r);
+  /* The old path: the decoder reads a field nobody wrote. */
+  assert_string_equal(lf_get(&r, "stage"), "risk");
+  assert_non_null(lf_get(&r, "model"));
+  lf_free(&r);
+  CANCEL_LOG(CANCEL_LOG_WARN, "reportd", "stage failed",
+             CANCEL_LOG_STR("stage", stage), CANCEL_LOG_I64("attempt", 2));
+  assert_string_equal(after_msg(cap.line, "\"stage failed\""),
+                      "stage=\"risk model\" attempt=2");
+  decode_ok(cap.line, &r);
+  assert_true(
+      lf_keys_are(&r, (const char *const[]){"ts", "level", "component", "msg",
+                                            "stage", "attempt", NULL}));
+  assert_string_equal(lf_get(&r, "stage"), stage);
+  lf_free(&r);
+  cancel_log_set_sink(NULL, NULL, CANCEL_LOG_INFO);
+}
+
+/* Every type's text, exactly as log.h documents it. */
+static void test_attrs_types(void **state) {
+  (void)state;
+  log_capture();
+  CANCEL_LOG(CANCEL_LOG_INFO, "test", "types", CANCEL_LOG_STR("s", "plain"),
+             CANCEL_LOG_STR("q", "a b"), CANCEL_LOG_STR("e", ""),
+             CANCEL_LOG_STR("n", NULL), CANCEL_LOG_I64("i", -42),
+             CANCEL_LOG_I64("imin", INT64_MIN), CANCEL_LOG_U64("u", UINT64_MAX),
+             CANCEL_LOG_F64("f", 0.1), CANCEL_LOG_F64("g", 1e300),
+             CANCEL_LOG_F64("h", -2.5), CANCEL_LOG_F64("z", 0.0),
+             CANCEL_LOG_F64("nan", NAN), CANCEL_LOG_F64("inf", -INFINITY),
+             CANCEL_LOG_FIXED("x", 3.14159, 2), CANCEL_LOG_FIXED("x0", 2.5, 0),
+             CANCEL_LOG_BOOL("t", 7), CANCEL_LOG_BOOL("b", 0),
+             CANCEL_LOG_MS("ms", 1234567), CANCEL_LOG_MSD("ms1", 400277000, 1),
+             CANCEL_LOG_MSD("ms0", CANCEL_SEC(2), 0),
+             CANCEL_LOG_MS("neg", -1500000));
+  assert_string_equal(after_msg(cap.line, "types"),
+                      "s=plain q=\"a b\" e=\"\" n=\"\" i=-42 "
+                      "imin=-9223372036854775808 u=18446744073709551615 "
+                      "f=0.1 g=1e+300 h=-2.5 z=0 nan=NaN inf=-Inf x=3.14 x0=2 "
+                      "t=true b=false ms=1.235 ms1=400.3 ms0=2000 neg=-1.500");
+  CANCEL_LOG(CANCEL_LOG_INFO, "test", "errno",
+             CANCEL_LOG_ERRNO("a", -ECANCELED),
+             CANCEL_LOG_ERRNO("b", ETIMEDOUT), CANCEL_LOG_ERRNO("c", 0),
+             CANCEL_LOG_ERRNO("d", -99999), CANCEL_LOG_ERRNO("e", INT_MIN));
+  char want[128];
+  snprintf(want, sizeof want, "a=ECANCELED b=ETIMEDOUT c=0 d=-99999 e=%d",
+           INT_MIN);
+  assert_string_equal(after_msg(cap.line, "errno"), want);
+  /* A reason: its fields, the key unused; none when not cancelled. */
+  cancel_source *src = new_src("route timeout");
+  cancel_reason why;
+  cancel_token_reason(TOK(src), &why);
+  CANCEL_LOG(CANCEL_LOG_INFO, "test", "reason", CANCEL_LOG_I64("a", 1),
+             CANCEL_LOG_REASON(&why), CANCEL_LOG_REASON(NULL),
+             CANCEL_LOG_I64("b", 2));
+  assert_string_equal(after_msg(cap.line, "reason"), "a=1 b=2");
+  cancel_source_cancel_with(src, CANCEL_TIMEOUT, "2s");
+  assert_int_equal(cancel_token_reason(TOK(src), &why), 1);
+  CANCEL_LOG(CANCEL_LOG_INFO, "test", "reason", CANCEL_LOG_I64("a", 1),
+             CANCEL_LOG_REASON(&why), CANCEL_LOG_I64("b", 2));
+  assert_string_equal(after_msg(cap.line, "reason"),
+                      "a=1 cancel_kind=timeout cancel_origin=\"route timeout\" "
+                      "cancel_detail=2s b=2");
+  /* Fields kept from cancel_logfmt_reason, as they were written. */
+  char kept[256];
+  cancel_logfmt_reason(kept, sizeof kept, &why);
+  CANCEL_LOG(CANCEL_LOG_INFO, "test", "kept", CANCEL_LOG_LOGFMT(kept),
+             CANCEL_LOG_LOGFMT(""), CANCEL_LOG_LOGFMT(NULL),
+             CANCEL_LOG_I64("b", 2));
+  assert_string_equal(after_msg(cap.line, "kept"),
+                      "cancel_kind=timeout cancel_origin=\"route timeout\" "
+                      "cancel_detail=2s b=2");
+  cancel_source_unref(src);
+  /* STRN's own limit, quotes included; an unknown type: key, no value. */
+  cancel_log_attr odd[] = {
+      CANCEL_LOG_STRN("k", "abcdefghijklmnopqrstuvwxyz", 12),
+      {.key = "future", .type = 999},
+      CANCEL_LOG_STRN("w", "whole", 12)};
+  cancel_log_attrs(CANCEL_LOG_INFO, "test", "odd", odd, 3);
+  assert_string_equal(after_msg(cap.line, "odd"),
+                      "k=\"abcdefg...\" future=\"\" w=whole");
+  /* No fields at all. */
+  cancel_log_attrs(CANCEL_LOG_INFO, "test", "none", NULL, 0);
+  assert_non_null(strstr(cap.line, " msg=none"));
+  assert_string_equal(strstr(cap.line, " msg=none"), " msg=none");
+  /* Below the sink's level: nothing. */
+  int n = cap.n;
+  cancel_log_set_sink(capture, &cap, CANCEL_LOG_INFO);
+  CANCEL_LOG(CANCEL_LOG_DEBUG, "test", "hidden", CANCEL_LOG_I64("a", 1));
+  assert_int_equal(cap.n, n);
+  cancel_log_set_sink(NULL, NULL, CANCEL_LOG_INFO);
+}
+
+/* A double of every magnitude reads back as the same double. */
+static void test_attrs_f64_round_trip(void **state) {
+  (void)state;
+  log_capture();
+  const double xs[] = {1.0 / 3,
+                       2.0 / 3,
+                       1e-310,
+                       5e-324,
+                       DBL_MAX,
+                       -DBL_MIN,
+                       123456789012345678.0,
+                       0.30000000000000004,
+                       100,
+                       1e21};
+  for (size_t i = 0; i < sizeof xs / sizeof xs[0]; i++) {
+    CANCEL_LOG(CANCEL_LOG_INFO, "test", "f", CANCEL_LOG_F64("x", xs[i]),
+               CANCEL_LOG_FIXED("y", xs[i], 17));
+    struct lf_record r;
+    decode_ok(cap.line, &r);
+    assert_true(
+        lf_keys_are(&r, (const char *const[]){"ts", "level", "component", "msg",
+                                              "x", "y", NULL}));
+    char *end = NULL;
+    assert_true(strtod(lf_get(&r, "x"), &end) == xs[i]);
+    assert_int_equal(*end, '\0');
+    assert_true(strlen(lf_get(&r, "x")) <= 24);
+    lf_free(&r);
+  }
+  cancel_log_set_sink(NULL, NULL, CANCEL_LOG_INFO);
+}
+
+/* Hostile text in every string a line takes (component, msg, values,
+ * keys): the decoder reads exactly the fields written, each value whole
+ * or cut with the marker. */
+static void test_attrs_hostile(void **state) {
+  (void)state;
+  hostile_init();
+  log_capture();
+  for (int h = 0; h < nhostile; h++) {
+    const char *v = hostile[h];
+    CANCEL_LOG(CANCEL_LOG_WARN, v, v, CANCEL_LOG_I64("id", 7),
+               CANCEL_LOG_STR("path", v), CANCEL_LOG_STRN("short", v, 40),
+               CANCEL_LOG_STR("bad key=\"x\"\n", "k"),
+               CANCEL_LOG_ERRNO("error", -ECANCELED),
+               CANCEL_LOG_BOOL("ok", true));
+    struct lf_record r;
+    decode_ok(cap.line, &r);
+    assert_true(strlen(cap.line) <= CANCEL_LOG_LINE_MAX);
+    if (!lf_keys_are(&r, (const char *const[]){
+                             "ts", "level", "component", "msg", "id", "path",
+                             "short", "bad_key__x__", "error", "ok", NULL}))
+      fail_msg("value %d: fields not as written: %.400s", h, cap.line);
+    assert_true(lf_value_ok(lf_get(&r, "component"), v));
+    assert_true(lf_value_ok(lf_get(&r, "msg"), v));
+    assert_true(lf_value_ok(lf_get(&r, "path"), v));
+    assert_true(lf_value_ok(lf_get(&r, "short"), v));
+    assert_string_equal(lf_get(&r, "id"), "7");
+    assert_string_equal(lf_get(&r, "error"), "ECANCELED");
+    assert_string_equal(lf_get(&r, "ok"), "true");
+    if (strlen(v) > CANCEL_LOG_VALUE_MAX)
+      assert_true(lf_value_cut(lf_get(&r, "path"), v));
+    lf_free(&r);
+    /* The same value in a reason and in kept fields. */
+    if (v[0] == '\0')
+      continue;
+    cancel_source *src = new_src(v);
+    cancel_source_cancel_with(src, CANCEL_CLIENT_GONE, v);
+    cancel_reason why;
+    assert_int_equal(cancel_token_reason(TOK(src), &why), 1);
+    static char kept[2048];
+    cancel_logfmt_reason(kept, sizeof kept, &why);
+    CANCEL_LOG(CANCEL_LOG_INFO, "http", "request", CANCEL_LOG_REASON(&why),
+               CANCEL_LOG_LOGFMT(kept), CANCEL_LOG_I64("end", 1));
+    decode_ok(cap.line, &r);
+    assert_true(strlen(cap.line) <= CANCEL_LOG_LINE_MAX);
+    assert_true(lf_keys_are(
+        &r,
+        (const char *const[]){"ts", "level", "component", "msg", "cancel_kind",
+                              "cancel_origin", "cancel_detail", "cancel_kind",
+                              "cancel_origin", "cancel_detail", "end", NULL}));
+    assert_true(lf_value_ok(lf_get(&r, "cancel_origin"), v));
+    assert_true(lf_value_ok(lf_get(&r, "cancel_detail"), v));
+    lf_free(&r);
+    cancel_source_unref(src);
+  }
+  cancel_log_set_sink(NULL, NULL, CANCEL_LOG_INFO);
+}
+
+/* A line too long for the sink is cut between fields, with
+ * truncated=true, wherever the cut falls: in a string, a reason's fields
+ * or kept fields. */
+static void test_attrs_line_cut(void **state) {
+  (void)state;
+  hostile_init();
+  log_capture();
+  const char *big = hostile[8]; /* 10 KB */
+  CANCEL_LOG(CANCEL_LOG_ERROR, "test", "big", CANCEL_LOG_STR("a", big),
+             CANCEL_LOG_STR("b", big), CANCEL_LOG_STR("c", big),
+             CANCEL_LOG_I64("end", 1));
+  struct lf_record r;
+  decode_ok(cap.line, &r);
+  assert_true(
+      lf_keys_are(&r, (const char *const[]){"ts", "level", "component", "msg",
+                                            "a", "truncated", NULL}));
+  assert_true(lf_value_cut(lf_get(&r, "a"), big));
+  lf_free(&r);
+  /* A reason whose origin, detail and via are long and hostile. */
+  cancel_source *parent = new_src(big);
+  const cancel_token *p = TOK(parent);
+  cancel_source *child = NULL;
+  assert_int_equal(cancel_source_new_linked(&child, big, &p, 1), 0);
+  cancel_source_cancel_with(parent, CANCEL_TIMEOUT, big);
+  cancel_reason why;
+  assert_int_equal(cancel_token_reason(TOK(child), &why), 1);
+  static char kept[2048];
+  cancel_logfmt_reason(kept, sizeof kept, &why);
+  static char pad[2100];
+  /* Per kind: lines whole, and lines cut after some of the fields that
+   * follow pad (the cut inside the reason's or the kept fields). */
+  int whole[3] = {0}, inside[3] = {0};
+  for (size_t n = 1; n < 2000; n += 3) {
+    memset(pad, 'p', n);
+    pad[n] = '\0';
+    for (int k = 0; k < 3; k++) {
+      if (k == 0)
+        CANCEL_LOG(CANCEL_LOG_ERROR, "test", "shift",
+                   CANCEL_LOG_STR("pad", pad), CANCEL_LOG_REASON(&why),
+                   CANCEL_LOG_I64("z", 1));
+      else if (k == 1)
+        CANCEL_LOG(CANCEL_LOG_ERROR, "test", "shift",
+                   CANCEL_LOG_STR("pad", pad), CANCEL_LOG_LOGFMT(kept),
+                   CANCEL_LOG_I64("z", 1));
+      else
+        CANCEL_LOG(CANCEL_LOG_ERROR, "test", "shift",
+                   CANCEL_LOG_STR("pad", pad), CANCEL_LOG_STR("q", big),
+                   CANCEL_LOG_I64("z", 1));
+      assert_true(strlen(cap.line) <= CANCEL_LOG_LINE_MAX);
+      if (lf_decode(cap.line, &r) != 0)
+        fail_msg("pad %zu, kind %d: not logfmt (%s)", n, k, r.error);
+      const char *last = r.f[r.n - 1].key;
+      /* Either the whole line, or every field up to the cut then the
+       * marker: never a key cut short or a field split. */
+      if (strcmp(last, "z") != 0) {
+        assert_string_equal(last, "truncated");
+        assert_null(lf_get(&r, "z"));
+        if (lf_get(&r, "pad") != NULL && r.n > 6)
+          inside[k]++;
+      } else {
+        whole[k]++;
+      }
+      const char *pv = lf_get(&r, "pad");
+      if (pv != NULL && n <= CANCEL_LOG_VALUE_MAX - 2)
+        assert_int_equal(strlen(pv), n);
+      for (int i = 4; i < r.n - 1; i++) {
+        const char *key = r.f[i].key;
+        assert_true(strcmp(key, "pad") == 0 || strcmp(key, "q") == 0 ||
+                    strncmp(key, "cancel_", 7) == 0);
+        if (strcmp(key, "q") == 0 || strcmp(key, "cancel_origin") == 0 ||
+            strcmp(key, "cancel_detail") == 0)
+          assert_true(lf_value_ok(r.f[i].value, big));
+      }
+      lf_free(&r);
+    }
+  }
+  for (int k = 0; k < 3; k++) {
+    assert_true(whole[k] > 0);
+    assert_true(k == 2 || inside[k] > 0); /* a STR is whole or left out */
+  }
+  cancel_source_unref(child);
+  cancel_source_unref(parent);
+  cancel_log_set_sink(NULL, NULL, CANCEL_LOG_INFO);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_quote),
@@ -465,6 +755,11 @@ int main(void) {
       cmocka_unit_test(test_log_unquoted_scrubbed),
       cmocka_unit_test(test_log_fields),
       cmocka_unit_test(test_reason_hostile),
+      cmocka_unit_test(test_attrs_stage_risk_model),
+      cmocka_unit_test(test_attrs_types),
+      cmocka_unit_test(test_attrs_f64_round_trip),
+      cmocka_unit_test(test_attrs_hostile),
+      cmocka_unit_test(test_attrs_line_cut),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

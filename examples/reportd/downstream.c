@@ -94,12 +94,10 @@ static int h_meta(cancel_http_request *req, const cancel_token *tok,
     return respond_text(req, 400, "delay_ms\n");
   const char *g = cancel_http_request_header(req, "grpc-timeout");
   const char *x = cancel_http_request_header(req, "X-Request-Timeout-Ms");
-  char gq[64], xq[64];
-  cancel_logfmt_quote(gq, sizeof gq, g != NULL ? g : "-");
-  cancel_logfmt_quote(xq, sizeof xq, x != NULL ? x : "-");
-  cancel_log(CANCEL_LOG_INFO, "downstream", "meta",
-             "id=%ld delay_ms=%ld grpc_timeout=%s x_request_timeout_ms=%s", id,
-             delay, gq, xq);
+  CANCEL_LOG(CANCEL_LOG_INFO, "downstream", "meta", CANCEL_LOG_I64("id", id),
+             CANCEL_LOG_I64("delay_ms", delay),
+             CANCEL_LOG_STRN("grpc_timeout", g != NULL ? g : "-", 64),
+             CANCEL_LOG_STRN("x_request_timeout_ms", x != NULL ? x : "-", 64));
   int rc = cancel_sleep(tok, CANCEL_MSEC(delay));
   if (rc < 0)
     return rc;
@@ -183,8 +181,9 @@ static int h_put_title(cancel_http_request *req, const cancel_token *tok,
   pthread_mutex_unlock(&mu);
   json_decref(old);
   free(old_raw);
-  cancel_log(CANCEL_LOG_INFO, "downstream", "title set",
-             "id=%ld bytes=%zu unchecked=%d", id, len, unchecked);
+  CANCEL_LOG(CANCEL_LOG_INFO, "downstream", "title set",
+             CANCEL_LOG_I64("id", id), CANCEL_LOG_U64("bytes", len),
+             CANCEL_LOG_I64("unchecked", unchecked));
   return respond_json(
       req, 200,
       json_pack("{s:I,s:I}", "id", (json_int_t)id, "bytes", (json_int_t)len));
@@ -212,8 +211,8 @@ static int h_put_status(cancel_http_request *req, const cancel_token *tok,
   pthread_mutex_lock(&mu);
   metas[id].status = status;
   pthread_mutex_unlock(&mu);
-  cancel_log(CANCEL_LOG_INFO, "downstream", "status set", "id=%ld status=%ld",
-             id, status);
+  CANCEL_LOG(CANCEL_LOG_INFO, "downstream", "status set",
+             CANCEL_LOG_I64("id", id), CANCEL_LOG_I64("status", status));
   return respond_json(req, 200,
                       json_pack("{s:I,s:I}", "id", (json_int_t)id, "status",
                                 (json_int_t)status));

@@ -591,10 +591,9 @@ static int report(cancel_http_request *req, const cancel_token *tok,
     return respond_text(req, 404, "no such report\n");
   if (rc == -ECONNREFUSED || rc == -EPROTO || rc == -EHOSTUNREACH ||
       rc == -EINVAL || rc == -EBADMSG) {
-    char q[300];
-    cancel_logfmt_quote(q, sizeof q, why);
-    cancel_log(CANCEL_LOG_WARN, "reportd", "downstream failed",
-               "id=%" PRIu64 " error=%s", cancel_http_request_id(req), q);
+    CANCEL_LOG(CANCEL_LOG_WARN, "reportd", "downstream failed",
+               CANCEL_LOG_U64("id", cancel_http_request_id(req)),
+               CANCEL_LOG_STRN("error", why, 300));
     return respond_text(req, 502, "downstream failed\n");
   }
   if (rc < 0)
@@ -815,30 +814,35 @@ static int jobs_worker(const cancel_token *stopping, void *arg) {
     if (rc == -ECANCELED)
       return -ECANCELED;
     if (rc < 0) {
-      cancel_log(CANCEL_LOG_WARN, "reportd", "jobs poll failed", "error=\"%s\"",
-                 cancel_strerror(rc));
+      CANCEL_LOG(CANCEL_LOG_WARN, "reportd", "jobs poll failed",
+                 CANCEL_LOG_STR("error", cancel_strerror(rc)));
       if (cancel_sleep(stopping, CANCEL_MSEC(c->poll_ms)) == -ECANCELED)
         return -ECANCELED;
       continue;
     }
     int64_t t0 = cancel_now();
     long attempt = attempts + 1;
-    cancel_log(CANCEL_LOG_INFO, "reportd", "job started",
-               "job=%ld report=%ld attempt=%ld/%ld", job, report, attempt,
-               c->job_attempts);
+    char of[48]; /* "2/3": the attempt and how many there may be */
+    snprintf(of, sizeof of, "%ld/%ld", attempt, c->job_attempts);
+    CANCEL_LOG(CANCEL_LOG_INFO, "reportd", "job started",
+               CANCEL_LOG_I64("job", job), CANCEL_LOG_I64("report", report),
+               CANCEL_LOG_STR("attempt", of));
     char why[256] = "";
     rc = job_attempt(s, stopping, job, report, attempt, why, sizeof why);
-    double ms = (double)(cancel_now() - t0) / 1e6;
+    int64_t dur = cancel_now() - t0;
     if (rc == 0) {
-      cancel_log(CANCEL_LOG_INFO, "reportd", "job committed",
-                 "job=%ld report=%ld attempt=%ld dur_ms=%.1f stopping=%d", job,
-                 report, attempt, ms, cancel_token_is_cancelled(stopping));
+      CANCEL_LOG(
+          CANCEL_LOG_INFO, "reportd", "job committed",
+          CANCEL_LOG_I64("job", job), CANCEL_LOG_I64("report", report),
+          CANCEL_LOG_I64("attempt", attempt), CANCEL_LOG_MSD("dur_ms", dur, 1),
+          CANCEL_LOG_I64("stopping", cancel_token_is_cancelled(stopping)));
       continue;
     }
     if (rc == -ECANCELED) {
-      cancel_log(CANCEL_LOG_INFO, "reportd", "job cancelled",
-                 "job=%ld report=%ld dur_ms=%.1f state=pending", job, report,
-                 ms);
+      CANCEL_LOG(CANCEL_LOG_INFO, "reportd", "job cancelled",
+                 CANCEL_LOG_I64("job", job), CANCEL_LOG_I64("report", report),
+                 CANCEL_LOG_MSD("dur_ms", dur, 1),
+                 CANCEL_LOG_STR("state", "pending"));
       return -ECANCELED;
     }
     /* A failed attempt: one warning each, the last one saying the job
@@ -846,24 +850,27 @@ static int jobs_worker(const cancel_token *stopping, void *arg) {
      * the worker goes on with the jobs behind it meanwhile. */
     bool final = permanent(rc) || attempt >= c->job_attempts;
     int64_t retry = final ? -1 : backoff_ms(c, attempt, &rng);
-    char q[300];
-    cancel_logfmt_quote(q, sizeof q, why);
     if (final)
-      cancel_log(CANCEL_LOG_WARN, "reportd", "job failed",
-                 "job=%ld report=%ld attempts=%ld error=%s permanent=%d "
-                 "dur_ms=%.1f",
-                 job, report, attempt, q, permanent(rc), ms);
+      CANCEL_LOG(CANCEL_LOG_WARN, "reportd", "job failed",
+                 CANCEL_LOG_I64("job", job), CANCEL_LOG_I64("report", report),
+                 CANCEL_LOG_I64("attempts", attempt),
+                 CANCEL_LOG_STRN("error", why, 300),
+                 CANCEL_LOG_I64("permanent", permanent(rc)),
+                 CANCEL_LOG_MSD("dur_ms", dur, 1));
     else
-      cancel_log(CANCEL_LOG_WARN, "reportd", "job attempt failed",
-                 "job=%ld report=%ld attempt=%ld/%ld error=%s "
-                 "retry_in_ms=%" PRId64 " dur_ms=%.1f",
-                 job, report, attempt, c->job_attempts, q, retry, ms);
+      CANCEL_LOG(CANCEL_LOG_WARN, "reportd", "job attempt failed",
+                 CANCEL_LOG_I64("job", job), CANCEL_LOG_I64("report", report),
+                 CANCEL_LOG_STR("attempt", of),
+                 CANCEL_LOG_STRN("error", why, 300),
+                 CANCEL_LOG_I64("retry_in_ms", retry),
+                 CANCEL_LOG_MSD("dur_ms", dur, 1));
     rc = store_job_attempt_failed(s->db, tok, job, attempt, why, retry);
     if (rc == -ECANCELED)
       return -ECANCELED;
     if (rc < 0) {
-      cancel_log(CANCEL_LOG_WARN, "reportd", "job state not stored",
-                 "job=%ld error=\"%s\"", job, cancel_strerror(rc));
+      CANCEL_LOG(CANCEL_LOG_WARN, "reportd", "job state not stored",
+                 CANCEL_LOG_I64("job", job),
+                 CANCEL_LOG_STR("error", cancel_strerror(rc)));
       if (cancel_sleep(stopping, CANCEL_MSEC(c->poll_ms)) == -ECANCELED)
         return -ECANCELED;
     }
@@ -956,19 +963,23 @@ int main(int argc, char **argv) {
     curl_global_cleanup();
     return 1;
   }
-  cancel_log(CANCEL_LOG_INFO, "reportd", "started",
-             "port=%u database=%s route_timeout_ms=%ld "
-             "downstream_timeout_ms=%ld shutdown_timeout_ms=%ld drain_ms=%ld "
-             "ignore_tokens=%d watchdog_ms=%ld seeded_bug=%d",
-             (unsigned)cancel_http_server_port(svc.http), store_kind(svc.db),
-             c->route_timeout_ms, c->downstream_timeout_ms,
-             c->shutdown_timeout_ms,
-             c->drain_ms > 0 ? c->drain_ms
-                             : (long)((CANCEL_MSEC(c->shutdown_timeout_ms) -
-                                       CANCEL_HTTP_DRAIN_MARGIN(CANCEL_MSEC(
-                                           c->shutdown_timeout_ms))) /
-                                      CANCEL_MSEC(1)),
-             c->ignore_tokens, c->watchdog_ms, c->seeded_bug);
+  long drain_ms =
+      c->drain_ms > 0
+          ? c->drain_ms
+          : (long)((CANCEL_MSEC(c->shutdown_timeout_ms) -
+                    CANCEL_HTTP_DRAIN_MARGIN(
+                        CANCEL_MSEC(c->shutdown_timeout_ms))) /
+                   CANCEL_MSEC(1));
+  CANCEL_LOG(CANCEL_LOG_INFO, "reportd", "started",
+             CANCEL_LOG_U64("port", cancel_http_server_port(svc.http)),
+             CANCEL_LOG_STR("database", store_kind(svc.db)),
+             CANCEL_LOG_I64("route_timeout_ms", c->route_timeout_ms),
+             CANCEL_LOG_I64("downstream_timeout_ms", c->downstream_timeout_ms),
+             CANCEL_LOG_I64("shutdown_timeout_ms", c->shutdown_timeout_ms),
+             CANCEL_LOG_I64("drain_ms", drain_ms),
+             CANCEL_LOG_I64("ignore_tokens", c->ignore_tokens),
+             CANCEL_LOG_I64("watchdog_ms", c->watchdog_ms),
+             CANCEL_LOG_I64("seeded_bug", c->seeded_bug));
   printf("listening port=%u\n", (unsigned)cancel_http_server_port(svc.http));
   fflush(stdout);
 

@@ -94,8 +94,9 @@ static int sq_exec(sqlite3 *db, const char *sql) {
   if (rc < 0) {
     char head[41];
     snprintf(head, sizeof head, "%s", sql);
-    cancel_log_field f[] = {{"sql", head}, {"error", sqlite3_errmsg(db)}};
-    cancel_log_fields(CANCEL_LOG_ERROR, "reportd", "sqlite", f, 2);
+    CANCEL_LOG(CANCEL_LOG_ERROR, "reportd", "sqlite",
+               CANCEL_LOG_STR("sql", head),
+               CANCEL_LOG_STR("error", sqlite3_errmsg(db)));
   }
   return rc;
 }
@@ -106,8 +107,8 @@ static long g_commit_delay_ms;
  * way to land a SIGTERM inside the point of no return. */
 static int slow_commit(void *arg) {
   (void)arg;
-  cancel_log(CANCEL_LOG_INFO, "reportd", "job commit started", "delay_ms=%ld",
-             g_commit_delay_ms);
+  CANCEL_LOG(CANCEL_LOG_INFO, "reportd", "job commit started",
+             CANCEL_LOG_I64("delay_ms", g_commit_delay_ms));
   struct timespec ts = {.tv_sec = g_commit_delay_ms / 1000,
                         .tv_nsec = (g_commit_delay_ms % 1000) * 1000000};
   while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
@@ -121,11 +122,10 @@ static int sq_open(store *s, sqlite3 **dbp) {
       s->cfg.sqlite_path, &db,
       SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL);
   if (rc != SQLITE_OK) {
-    cancel_log_field f[] = {
-        {"path", s->cfg.sqlite_path},
-        {"error", db != NULL ? sqlite3_errmsg(db) : "out of memory"}};
-    cancel_log_fields(CANCEL_LOG_ERROR, "reportd", "cannot open database", f,
-                      2);
+    CANCEL_LOG(CANCEL_LOG_ERROR, "reportd", "cannot open database",
+               CANCEL_LOG_STR("path", s->cfg.sqlite_path),
+               CANCEL_LOG_STR("error", db != NULL ? sqlite3_errmsg(db)
+                                                  : "out of memory"));
     sqlite3_close(db);
     return -EIO;
   }
@@ -216,10 +216,15 @@ static int pg_run(PGconn *c, const cancel_token *tok, const char *sql,
   PGresult *r = NULL;
   int rc =
       cancel_pq_exec_params(tok, c, sql, nargs, NULL, vals, NULL, NULL, 0, &r);
-  if (rc == -EIO)
-    cancel_log(CANCEL_LOG_ERROR, "reportd", "postgresql",
-               "sql=\"%.40s\" sqlstate=%s", sql,
-               r != NULL ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : "-");
+  if (rc == -EIO) {
+    char head[41];
+    snprintf(head, sizeof head, "%s", sql);
+    const char *state =
+        r != NULL ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
+    CANCEL_LOG(CANCEL_LOG_ERROR, "reportd", "postgresql",
+               CANCEL_LOG_STR("sql", head),
+               CANCEL_LOG_STR("sqlstate", state != NULL ? state : "-"));
+  }
   if (res != NULL && rc == 0)
     *res = r;
   else
@@ -231,10 +236,9 @@ static int pg_open(store *s, PGconn **cp) {
   PGconn *c = NULL;
   int rc = cancel_pq_connect(NULL, s->cfg.pg_conninfo, &c);
   if (rc < 0) {
-    char q[300];
-    cancel_logfmt_quote(q, sizeof q, c != NULL ? PQerrorMessage(c) : "");
-    cancel_log(CANCEL_LOG_ERROR, "reportd", "cannot connect to PostgreSQL",
-               "error=%s", q);
+    CANCEL_LOG(
+        CANCEL_LOG_ERROR, "reportd", "cannot connect to PostgreSQL",
+        CANCEL_LOG_STRN("error", c != NULL ? PQerrorMessage(c) : "", 300));
     PQfinish(c);
     return rc;
   }

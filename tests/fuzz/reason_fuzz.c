@@ -163,6 +163,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   cancel_log(CANCEL_LOG_INFO, "fuzz", part[0], "name=%s %s", q, fields);
   cancel_log_field lf[] = {{"name", part[1]}, {"detail", part[4]}};
   cancel_log_fields(CANCEL_LOG_WARN, part[2], part[3], lf, 2);
+  /* Typed fields: every string a client's, the reason both live and kept
+   * (the sink decodes each line and finds every key once). */
+  CANCEL_LOG(CANCEL_LOG_WARN, part[0], part[1], CANCEL_LOG_STR("name", part[2]),
+             CANCEL_LOG_STRN("short", part[3], 24),
+             CANCEL_LOG_I64("len", (int64_t)size),
+             CANCEL_LOG_MS("dur_ms", (int64_t)size * 1000),
+             CANCEL_LOG_REASON(&r), CANCEL_LOG_STR("detail", part[4]));
+  CANCEL_LOG(CANCEL_LOG_WARN, part[2], part[3], CANCEL_LOG_STR("name", part[4]),
+             CANCEL_LOG_LOGFMT(fields), CANCEL_LOG_BOOL("end", true));
 out:
   for (int i = 3; i >= 0; i--)
     cancel_source_unref(src[i]);
