@@ -11,6 +11,11 @@
 # usage: run.sh BUILD_DIR LIBDIR [CMAKE [CC]]
 #   BUILD_DIR  the configured and built libcancel tree
 #   LIBDIR     CMAKE_INSTALL_LIBDIR of that tree (e.g. lib)
+# With CANCEL_INSTALLED_PREFIX set, nothing is installed: the programs are
+# built against the files already there (tests/package/run.sh unpacks the
+# Debian packages into it; LIBDIR is then theirs), and
+# CANCEL_INSTALLED_ADAPTERS, when set, lists the optional libraries
+# installed there, if not all of the build's.
 set -eu
 
 build=$1
@@ -79,10 +84,18 @@ static_libs() {
   fail "$build/cancel-adapters.txt does not exist: configure the build again"
 adapters=$(grep -v '^$' "$build/cancel-adapters.txt" | tr '\n' ' ')
 adapters=${adapters% }
+# Fewer when the packages of some were not installed (tests/package).
+adapters=${CANCEL_INSTALLED_ADAPTERS-$adapters}
 
-step "cmake --install into $prefix (adapters: ${adapters:-none})"
-"$cmake" --install "$build" --prefix "$prefix" >"$work/install.log" ||
-  { cat "$work/install.log" >&2; exit 1; }
+if [ -n "${CANCEL_INSTALLED_PREFIX:-}" ]; then
+  # tests/package/run.sh: the files come from the Debian packages.
+  prefix=$CANCEL_INSTALLED_PREFIX
+  step "installed in $prefix (adapters: ${adapters:-none})"
+else
+  step "cmake --install into $prefix (adapters: ${adapters:-none})"
+  "$cmake" --install "$build" --prefix "$prefix" >"$work/install.log" ||
+    { cat "$work/install.log" >&2; exit 1; }
+fi
 
 export PKG_CONFIG_PATH="$prefix/$libdir/pkgconfig"
 export LD_LIBRARY_PATH="$prefix/$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
