@@ -43,7 +43,7 @@ fail() {
   exit 1
 }
 
-for tool in dpkg dpkg-deb readelf; do
+for tool in dpkg dpkg-deb dpkg-shlibdeps readelf; do
   command -v "$tool" >/dev/null || { echo "$tool not found: skipped"; exit 77; }
 done
 
