@@ -85,8 +85,9 @@ grep -qE -- "libcancel-host +yes" "$work/auto.log" || fail "summary of libcancel
   fail "cancel-adapters.txt: $(cat "$work/auto/cancel-adapters.txt")"
 "$cmake" --build "$work/auto" -j2 >"$work/auto-build.log" 2>&1 ||
   { cat "$work/auto-build.log" >&2; fail "the build without adapters failed"; }
-[ -e "$work/auto/libcancel.so" ] && [ -e "$work/auto/libcancel-host.so" ] ||
-  fail "libcancel.so or libcancel-host.so was not built"
+for lib in libcancel.so libcancel-host.so; do
+  [ -e "$work/auto/$lib" ] || fail "$lib was not built"
+done
 [ ! -e "$work/auto/libcancel-curl.so" ] || fail "libcancel-curl.so was built"
 echo "built: $(cd "$work/auto" && echo libcancel*.so libcancel*.a)"
 

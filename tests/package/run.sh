@@ -105,7 +105,7 @@ step "3. control fields"
 core=libcancel$soversion
 for p in $core libcancel-dev; do
   extra=$(depends "$p" | grep -vx "libc6\|$core" || true)
-  [ -z "$extra" ] || fail "$p depends on $(echo $extra): the core must bring none"
+  [ -z "$extra" ] || fail "$p depends on $(echo "$extra" | tr '\n' ' '): the core must bring none"
   echo "$p: Depends: $(dpkg-deb -f "$(deb "$p")" Depends)"
 done
 has_dep libcancel-dev "$core"
