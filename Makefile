@@ -10,6 +10,7 @@
 #   make format  clang-format the sources
 #   make clean   remove every build directory
 #   make faults-tests  the tests under random allocation failures (libfiu)
+#   make package the Debian packages (build-package/packages/*.deb), checked
 #
 # Variables worth overriding on the command line:
 #   VALGRIND_SKIP="stress_test foo_test"   tests not run under valgrind
@@ -42,6 +43,9 @@ DEPS_CHECK += spin
 # The manual pages: python3 generates them, mandoc lints them, man-db's
 # man shows them (man_test).
 DEPS_CHECK += python3 mandoc man-db
+# dpkg-dev: dpkg-shlibdeps, for the Depends of the Debian packages (make
+# package, and the package_test of make check).
+DEPS_CHECK += dpkg-dev
 # node may come from outside Debian: only ask for nodejs when none is found.
 DEPS_BENCH := golang-go g++ $(if $(shell command -v node),,nodejs)
 DEPS_FORMAT := clang-format
@@ -66,7 +70,8 @@ endef
 
 .PHONY: all build deps deps-check deps-bench deps-format check \
 	check-normal check-asan check-tsan check-valgrind check-fuzz \
-	check-summary fuzz fuzz-build faults faults-tests bench demo format clean
+	check-summary fuzz fuzz-build faults faults-tests bench demo format clean \
+	package
 
 all: build
 
@@ -276,6 +281,27 @@ demo: deps-check build
 	bash examples/reportd/demo.sh build
 
 # ----------------------------------------------------------------------
+# Debian packages (cmake/packaging.cmake): built in build-package/ with
+# the prefix /usr, so that the libraries go to Debian's multiarch libdir,
+# every adapter required (a package build must not lose one silently),
+# then checked by tests/package/run.sh (make check's package_test does the
+# same with the normal build).
+# ----------------------------------------------------------------------
+
+PACKAGE_CMAKE := -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_INSTALL_PREFIX=/usr \
+	-DCANCEL_BUILD_TESTS=OFF -DCANCEL_BUILD_EXAMPLES=OFF \
+	-DCANCEL_WITH_SQLITE=ON -DCANCEL_WITH_CURL=ON -DCANCEL_WITH_PQ=ON \
+	-DCANCEL_WITH_HTTP=ON -DCANCEL_WITH_HOST=ON
+
+package: deps-check
+	$(CMAKE) -S . -B build-package $(PACKAGE_CMAKE)
+	$(CMAKE) --build build-package -j$(JOBS)
+	rm -rf build-package/packages
+	cd build-package && cpack -G DEB
+	CANCEL_PACKAGE_DIR=build-package/packages sh tests/package/run.sh build-package $(CMAKE)
+	@ls -l build-package/packages/*.deb
+
+# ----------------------------------------------------------------------
 # Housekeeping
 # ----------------------------------------------------------------------
 
@@ -284,4 +310,4 @@ format: deps-format
 	find bench -maxdepth 1 -name '*.c' -print0 | xargs -0 -r clang-format -i
 
 clean:
-	rm -rf build build-asan build-tsan build-bench build-check build-fuzz
+	rm -rf build build-asan build-tsan build-bench build-check build-fuzz build-package

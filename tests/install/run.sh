@@ -11,6 +11,11 @@
 # usage: run.sh BUILD_DIR LIBDIR [CMAKE [CC]]
 #   BUILD_DIR  the configured and built libcancel tree
 #   LIBDIR     CMAKE_INSTALL_LIBDIR of that tree (e.g. lib)
+# With CANCEL_INSTALLED_PREFIX set, nothing is installed: the programs are
+# built against the files already there (tests/package/run.sh unpacks the
+# Debian packages into it; LIBDIR is then theirs), and
+# CANCEL_INSTALLED_ADAPTERS, when set, lists the optional libraries
+# installed there, if not all of the build's.
 set -eu
 
 build=$1
@@ -39,11 +44,16 @@ check_ok() {
   echo "$1: OK"
 }
 
-# needs PROGRAM LIB: fails unless PROGRAM is dynamically linked to LIB
-# (a regular expression on the NEEDED entries, e.g. 'libcancel\.so\.0').
+# needs PROGRAM SONAME: fails unless PROGRAM is dynamically linked to the
+# library of that SONAME (e.g. libcancel.so.0.1).
 needs() {
-  readelf -d "$1" | grep -q "NEEDED.*\[$2\]" ||
+  readelf -d "$1" | grep NEEDED | grep -qF "[$2]" ||
     fail "$1 is not linked to $2"
+}
+
+# soname_of LIBRARY: its SONAME.
+soname_of() {
+  readelf -d "$1" | sed -n 's/.*(SONAME).*\[\(.*\)\]/\1/p'
 }
 
 # needs_not PROGRAM LIB: fails when it is.
@@ -74,19 +84,42 @@ static_libs() {
   fail "$build/cancel-adapters.txt does not exist: configure the build again"
 adapters=$(grep -v '^$' "$build/cancel-adapters.txt" | tr '\n' ' ')
 adapters=${adapters% }
+# Fewer when the packages of some were not installed (tests/package).
+adapters=${CANCEL_INSTALLED_ADAPTERS-$adapters}
 
-step "cmake --install into $prefix (adapters: ${adapters:-none})"
-"$cmake" --install "$build" --prefix "$prefix" >"$work/install.log" ||
-  { cat "$work/install.log" >&2; exit 1; }
+if [ -n "${CANCEL_INSTALLED_PREFIX:-}" ]; then
+  # tests/package/run.sh: the files come from the Debian packages.
+  prefix=$CANCEL_INSTALLED_PREFIX
+  step "installed in $prefix (adapters: ${adapters:-none})"
+else
+  step "cmake --install into $prefix (adapters: ${adapters:-none})"
+  "$cmake" --install "$build" --prefix "$prefix" >"$work/install.log" ||
+    { cat "$work/install.log" >&2; exit 1; }
+fi
 
 export PKG_CONFIG_PATH="$prefix/$libdir/pkgconfig"
 export LD_LIBRARY_PATH="$prefix/$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+# The SONAME follows the ABI policy (docs/abi.md): while 0.x it carries
+# the minor version, since a minor release may break the ABI; from 1.0 the
+# major version alone.
+version=$(pkg-config --modversion cancel)
+major=${version%%.*}
+minor=${version#*.}
+minor=${minor%%.*}
+if [ "$major" = 0 ]; then soversion=0.$minor; else soversion=$major; fi
+for lib in "$prefix/$libdir"/libcancel*.so; do
+  name=$(basename "$lib" .so)
+  [ "$(soname_of "$lib")" = "$name.so.$soversion" ] ||
+    fail "$lib has SONAME '$(soname_of "$lib")', not $name.so.$soversion"
+done
+echo "SONAMEs: *.so.$soversion (version $version)"
 
 step "pkg-config, shared: $(pkg-config --cflags --libs cancel)"
 # shellcheck disable=SC2046 # word splitting of the flags is intended
 "$cc" -o "$work/hello_pc" "$here/hello.c" $(pkg-config --cflags --libs cancel)
 check_ok "$work/hello_pc"
-needs "$work/hello_pc" 'libcancel\.so\.0'
+needs "$work/hello_pc" "libcancel.so.$soversion"
 
 step "pkg-config, static: $(pkg-config --static --cflags --libs cancel)"
 # shellcheck disable=SC2046
@@ -98,25 +131,29 @@ needs_not "$work/hello_pc_static" libcancel
 
 echo 'int main(void) { return 0; }' >"$work/empty.c"
 includedir=$(pkg-config --variable=includedir cancel)
-cmake_modules=""
 for a in $adapters; do
   pc=cancel-$a
   [ -f "$prefix/$libdir/pkgconfig/$pc.pc" ] || fail "$pc.pc was not installed"
   [ -f "$includedir/cancel/$a.h" ] || fail "cancel/$a.h was not installed"
-  # Requires: this very cancel, and the library the adapter adapts (its
-  # header includes that library's, so it is part of the interface).
+  # Requires: this very cancel, and the library the adapter adapts: in
+  # Requires when its header includes that library's and takes its types
+  # (every user calls it: curl, sqlite, pq), in Requires.private when the
+  # header names none of them (http: only a static link needs it).  A
+  # library built on libcancel alone (cancel-host) requires cancel only.
   requires=$(pkg-config --print-requires "$pc")
   echo "$requires" | grep -qx "cancel = $(pkg-config --modversion cancel)" ||
     fail "$pc.pc requires '$requires', not this very cancel"
+  case $a in
+  http) field=--print-requires-private ;;
+  *) field=--print-requires ;;
+  esac
   # The adapted module, e.g. libcurl (a version constraint, if any,
-  # dropped), named in Requires and by the .pc's `adapts` variable.  A
-  # library built on libcancel alone (cancel-host) has neither: it
-  # requires cancel only.
-  module=$(echo "$requires" | grep -v '^cancel ' | head -n 1)
+  # dropped), named there and by the .pc's `adapts` variable.
+  module=$(pkg-config "$field" "$pc" | grep -v '^cancel ' | head -n 1)
   module=${module%% *}
   adapts=$(pkg-config --variable=adapts "$pc")
   [ "$module" = "$adapts" ] ||
-    fail "$pc.pc requires module '$module' but says it adapts '$adapts'"
+    fail "$pc.pc: $field gives module '$module' but it says it adapts '$adapts'"
   if [ ! -f "$here/hello_$a.c" ]; then
     step "$pc: no hello_$a.c, compiling cancel/$a.h only: $(pkg-config --cflags "$pc")"
     printf '#include <cancel/%s.h>\nint main(void) { return 0; }\n' "$a" \
@@ -127,8 +164,6 @@ for a in $adapters; do
     continue
   fi
 
-  cmake_modules="$cmake_modules -DCANCEL_TEST_MODULE_$a=$module"
-
   # The program calls the adapted library itself: the adapter's .pc
   # brings it (public Requires), nothing else is named.
   step "pkg-config, shared: $(pkg-config --cflags --libs "$pc")"
@@ -136,7 +171,7 @@ for a in $adapters; do
   "$cc" -o "$work/hello_${a}_pc" "$here/hello_$a.c" \
     $(pkg-config --cflags --libs "$pc")
   check_ok "$work/hello_${a}_pc"
-  needs "$work/hello_${a}_pc" "libcancel-$a\.so\.0"
+  needs "$work/hello_${a}_pc" "libcancel-$a.so.$soversion"
 
   step "pkg-config, static: $(pkg-config --static --libs "$pc")"
   # shellcheck disable=SC2046
@@ -170,10 +205,10 @@ $(pkg-config --libs "$module")"
 done
 
 step "find_package(cancel COMPONENTS $adapters) with CMAKE_PREFIX_PATH=$prefix"
-# shellcheck disable=SC2086 # cmake_modules is a list of -D arguments
+# shellcheck disable=SC2086 # word splitting of the list is intended
 "$cmake" -S "$here" -B "$work/cmake-build" -DCMAKE_PREFIX_PATH="$prefix" \
   -DCMAKE_C_COMPILER="$cc" -DCANCEL_TEST_ADAPTERS="$(echo $adapters | tr ' ' ';')" \
-  $cmake_modules >"$work/cmake.log" ||
+  >"$work/cmake.log" ||
   { cat "$work/cmake.log" >&2; exit 1; }
 "$cmake" --build "$work/cmake-build" >"$work/build.log" ||
   { cat "$work/build.log" >&2; exit 1; }
@@ -182,7 +217,7 @@ check_ok "$work/cmake-build/hello_static"
 for a in $adapters; do
   [ -f "$here/hello_$a.c" ] || continue
   check_ok "$work/cmake-build/hello_$a"
-  needs "$work/cmake-build/hello_$a" "libcancel-$a\.so\.0"
+  needs "$work/cmake-build/hello_$a" "libcancel-$a.so.$soversion"
   check_ok "$work/cmake-build/hello_${a}_static"
   needs_not "$work/cmake-build/hello_${a}_static" libcancel
 done
