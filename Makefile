@@ -39,6 +39,9 @@ DEPS_CHECK := build-essential cmake pkg-config libcmocka-dev valgrind libuv1-dev
               libjansson-dev jq clang libclang-rt-14-dev fiu-utils libfiu-dev
 # spin: the model check of the registration protocol (tests/model).
 DEPS_CHECK += spin
+# sqlite3: the shell quickstart_test makes its database with (as the
+# README's quick start does).
+DEPS_CHECK += sqlite3
 # node may come from outside Debian: only ask for nodejs when none is found.
 DEPS_BENCH := golang-go g++ $(if $(shell command -v node),,nodejs)
 DEPS_FORMAT := clang-format
@@ -172,7 +175,7 @@ check-valgrind:
 	  echo "0 1 valgrind (build failed)" >> $(TALLY); exit 1; \
 	fi
 	@passed=0; failed=0; \
-	for src in tests/*_test.c examples/patterns/*.c; do \
+	for src in tests/*_test.c examples/patterns/*.c docs/examples/*.c; do \
 	  [ -e "$$src" ] || continue; \
 	  name=$$(basename "$$src" .c); \
 	  case " $(VALGRIND_SKIP) " in *" $$name "*) continue ;; esac; \
