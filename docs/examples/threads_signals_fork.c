@@ -10,6 +10,17 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+/* ThreadSanitizer cannot start threads in the child of a multi-threaded
+ * fork (the child's timer needs the library's thread): that part is
+ * skipped under it. */
+#if defined(__SANITIZE_THREAD__)
+#define UNDER_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define UNDER_TSAN 1
+#endif
+#endif
+
 static int failures;
 #define EXPECT(cond)                                                           \
   do {                                                                         \
@@ -56,6 +67,7 @@ int main(void) {
   cancel_signals_unwatch();
   cancel_source_unref(stopping);
 
+#ifndef UNDER_TSAN
   cancel_source *job;
   cancel_source_new_timeout(&job, "job", NULL, CANCEL_MSEC(500));
   pid_t pid = fork();
@@ -66,6 +78,10 @@ int main(void) {
   EXPECT(pid > 0 && waitpid(pid, &status, 0) == pid);
   EXPECT(WIFEXITED(status) && WEXITSTATUS(status) == 0);
   cancel_source_unref(job);
+#else
+  (void)child_part;
+  printf("fork: skipped under ThreadSanitizer\n");
+#endif
   printf("threads, signals, fork: %s\n", failures ? "FAILED" : "ok");
   return failures ? 1 : 0;
 }
