@@ -102,7 +102,8 @@ int main(int argc, char **argv) {
   cancel_signals_block(); /* first: every thread inherits the mask */
   db_path = argv[2];
   downstream = argv[3];
-  curl_global_init(CURL_GLOBAL_DEFAULT);
+  if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
+    return 1;
   cancel_host_options ho = {.shutdown_timeout_ns = CANCEL_SEC(10)};
   cancel_http_route routes[] = {
       {"GET", "/orders/{customer}", get_orders, NULL, CANCEL_SEC(1)}};
