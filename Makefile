@@ -46,8 +46,11 @@ DEPS_CHECK += python3 mandoc man-db
 # dpkg-dev: dpkg-shlibdeps, for the Depends of the Debian packages (make
 # package, and the package_test of make check).
 DEPS_CHECK += dpkg-dev
+# sqlite3: the shell quickstart_test makes its database with (as the
+# README's quick start does).
+DEPS_CHECK += sqlite3
 # node may come from outside Debian: only ask for nodejs when none is found.
-DEPS_BENCH := golang-go g++ $(if $(shell command -v node),,nodejs)
+DEPS_BENCH := golang-go g++ gnuplot-nox $(if $(shell command -v node),,nodejs)
 DEPS_FORMAT := clang-format
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
@@ -180,7 +183,7 @@ check-valgrind:
 	  echo "0 1 valgrind (build failed)" >> $(TALLY); exit 1; \
 	fi
 	@passed=0; failed=0; \
-	for src in tests/*_test.c examples/patterns/*.c; do \
+	for src in tests/*_test.c examples/patterns/*.c docs/examples/*.c; do \
 	  [ -e "$$src" ] || continue; \
 	  name=$$(basename "$$src" .c); \
 	  case " $(VALGRIND_SKIP) " in *" $$name "*) continue ;; esac; \
