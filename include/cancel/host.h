@@ -37,7 +37,7 @@
  *     return status < 0 ? CANCEL_HOST_EXIT_FAILED : status;
  *   }
  *
- * Every event is one logfmt line through cancel_log() (cancel/log.h),
+ * Every event is one logfmt line through the log API (cancel/log.h),
  * component "host": started, worker started / stopped (with its duration),
  * worker failed, stopping (with the reason's fields), the shutdown report,
  * forced exit, stopped.  Route them with cancel_log_set_sink().

@@ -69,6 +69,16 @@
  * nginx do, and leave the retry to the client). */
 #define KEEPALIVE_GRACE CANCEL_MSEC(250)
 
+/* The longest value, quotes included, of the server's name in a log line
+ * (CANCEL_LOG_STRN); the access line's method, path and route are cut
+ * shorter than the library's own cap too, so that the reason after them
+ * keeps its room. */
+#define SERVER_NAME_MAX 63
+#define METHOD_MAX 63
+#define PATH_MAX_LOGGED 511
+#define ROUTE_MAX 127
+#define ERROR_MAX 139
+
 struct kv {
   const char *k, *v;
 };
@@ -211,8 +221,8 @@ struct cancel_http_server {
   size_t open;         /* requests started (request line read), not ended */
   size_t nconns;       /* connections open */
   int64_t last_active; /* a request started or ended, a connection opened */
-  size_t running;   /* handlers running now */
-  bool closing;     /* pool threads exit */
+  size_t running;      /* handlers running now */
+  bool closing;        /* pool threads exit */
   pthread_t *threads;
   unsigned nthreads;
   enum { SRV_NEW, SRV_RUNNING, SRV_STOPPED, SRV_STUCK } state;
@@ -458,10 +468,12 @@ static int64_t header_budget(cancel_http_request *r, const char **which) {
       continue;
     int64_t ns;
     if (cancel_http_parse_timeout(v, hs[i].grpc, &ns) < 0) {
-      char q[160];
-      cancel_logfmt_quote(q, sizeof q, v);
-      cancel_log(CANCEL_LOG_WARN, "http", "malformed deadline header ignored",
-                 "id=%" PRIu64 " header=%s value=%s", r->id, hs[i].name, q);
+      /* The value is the client's bytes: a typed field, quoted and cut by
+       * the library. */
+      CANCEL_LOG(CANCEL_LOG_WARN, "http", "malformed deadline header ignored",
+                 CANCEL_LOG_U64("id", r->id),
+                 CANCEL_LOG_STR("header", hs[i].name),
+                 CANCEL_LOG_STRN("value", v, 159));
       continue;
     }
     if (ns > s->o.max_deadline_ns)
@@ -520,8 +532,8 @@ static cancel_source *conn_source(cancel_http_request *r) {
      * complete. */
     if (fi == NULL ||
         cancel_watch_hangup_fn(&c->watch, fi->connect_fd, conn_hangup, c) < 0)
-      cancel_log(CANCEL_LOG_WARN, "http", "client hang-up not watched",
-                 "id=%" PRIu64, r->id);
+      CANCEL_LOG(CANCEL_LOG_WARN, "http", "client hang-up not watched",
+                 CANCEL_LOG_U64("id", r->id));
     else
       c->watching = true;
   }
@@ -794,8 +806,6 @@ static size_t on_unescape(void *cls, struct MHD_Connection *conn, char *val) {
 /* Raises the soft RLIMIT_NOFILE to the hard limit when the connection
  * limit needs more descriptors than the soft one allows (see the header). */
 static void raise_nofile(const cancel_http_server *s) {
-  char srv[64];
-  cancel_logfmt_quote(srv, sizeof srv, s->o.name);
   if (s->o.keep_nofile_limit)
     return;
   struct rlimit rl;
@@ -808,21 +818,23 @@ static void raise_nofile(const cancel_http_server *s) {
     /* An unlimited hard limit is still capped by fs.nr_open. */
     rl.rlim_cur = rl.rlim_max == RLIM_INFINITY ? want : rl.rlim_max;
     if (setrlimit(RLIMIT_NOFILE, &rl) == 0)
-      cancel_log(CANCEL_LOG_INFO, "http", "raised descriptor limit",
-                 "server=%s rlimit_nofile_was=%llu rlimit_nofile=%llu "
-                 "max_connections=%u",
-                 srv, (unsigned long long)was,
-                 (unsigned long long)rl.rlim_cur, s->o.max_connections);
+      CANCEL_LOG(CANCEL_LOG_INFO, "http", "raised descriptor limit",
+                 CANCEL_LOG_STRN("server", s->o.name, SERVER_NAME_MAX),
+                 CANCEL_LOG_U64("rlimit_nofile_was", was),
+                 CANCEL_LOG_U64("rlimit_nofile", rl.rlim_cur),
+                 CANCEL_LOG_U64("max_connections", s->o.max_connections));
     else
       rl.rlim_cur = was;
   }
   if (rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < want)
-    cancel_log(CANCEL_LOG_WARN, "http", "descriptor limit below connections",
-               "server=%s rlimit_nofile=%llu needed=%llu max_connections=%u "
-               "hint=\"raise the hard RLIMIT_NOFILE (ulimit -Hn, systemd "
-               "LimitNOFILE=) or lower max_connections\"",
-               srv, (unsigned long long)rl.rlim_cur,
-               (unsigned long long)want, s->o.max_connections);
+    CANCEL_LOG(CANCEL_LOG_WARN, "http", "descriptor limit below connections",
+               CANCEL_LOG_STRN("server", s->o.name, SERVER_NAME_MAX),
+               CANCEL_LOG_U64("rlimit_nofile", rl.rlim_cur),
+               CANCEL_LOG_U64("needed", want),
+               CANCEL_LOG_U64("max_connections", s->o.max_connections),
+               CANCEL_LOG_STR("hint", "raise the hard RLIMIT_NOFILE (ulimit "
+                                      "-Hn, systemd LimitNOFILE=) or lower "
+                                      "max_connections"));
 }
 
 /* ---- Strictness -----------------------------------------------------------
@@ -1455,31 +1467,29 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     }
   }
   if (cancel_log_enabled(r->level)) {
-    /* Method and path are the client's bytes: quoted (a TAB or a quote in
-     * them cannot make fields of its own), and cut inside their quotes so
-     * the line keeps room for the reason after them. */
-    char srv[64], method[64], path[512], route[128];
-    char err[160] = "", after[96] = "";
-    cancel_logfmt_quote(srv, sizeof srv, s->o.name);
-    cancel_logfmt_quote(method, sizeof method, r->method);
-    cancel_logfmt_quote(path, sizeof path, r->url);
-    cancel_logfmt_quote(route, sizeof route,
-                        r->route != NULL ? r->route->pattern : "-");
-    if (r->error[0] != '\0') {
-      char q[140];
-      cancel_logfmt_quote(q, sizeof q, r->error);
-      snprintf(err, sizeof err, " error=%s", q);
+    /* Method and path are the client's bytes: typed fields, which the
+     * library quotes (a TAB or a quote in them cannot make fields of
+     * their own) and cuts inside their quotes, so the line keeps room for
+     * the reason after them.  The reason's fields were written when it
+     * could be read (cancel_logfmt_reason): whole logfmt already. */
+    cancel_log_attr a[12];
+    size_t n = 0;
+    a[n++] = CANCEL_LOG_STRN("server", s->o.name, SERVER_NAME_MAX);
+    a[n++] = CANCEL_LOG_U64("id", r->id);
+    a[n++] = CANCEL_LOG_STRN("method", r->method, METHOD_MAX);
+    a[n++] = CANCEL_LOG_STRN("path", r->url, PATH_MAX_LOGGED);
+    a[n++] = CANCEL_LOG_STRN(
+        "route", r->route != NULL ? r->route->pattern : "-", ROUTE_MAX);
+    a[n++] = CANCEL_LOG_U64("status", r->log_status);
+    a[n++] = CANCEL_LOG_MS("dur_ms", cancel_now() - r->t0);
+    a[n++] = CANCEL_LOG_LOGFMT(r->cancel_fields);
+    if (r->after_cancel_ms >= 0) {
+      a[n++] = CANCEL_LOG_FIXED("after_cancel_ms", r->after_cancel_ms, 3);
+      a[n++] = CANCEL_LOG_I64("handler_end_mono_us", r->t_handler_end / 1000);
     }
-    if (r->after_cancel_ms >= 0)
-      snprintf(after, sizeof after,
-               " after_cancel_ms=%.3f handler_end_mono_us=%" PRId64,
-               r->after_cancel_ms, r->t_handler_end / 1000);
-    cancel_log(r->level, "http", "request",
-               "server=%s id=%" PRIu64
-               " method=%s path=%s route=%s status=%u dur_ms=%.3f%s%s%s%s",
-               srv, r->id, method, path, route, r->log_status,
-               (double)(cancel_now() - r->t0) / 1e6,
-               r->cancel_fields[0] ? " " : "", r->cancel_fields, after, err);
+    if (r->error[0] != '\0')
+      a[n++] = CANCEL_LOG_STRN("error", r->error, ERROR_MAX);
+    cancel_log_attrs(r->level, "http", "request", a, n);
   }
   bool counted = r->dispatched;
   free_request(r);
@@ -1519,13 +1529,14 @@ static void on_connection(void *cls, struct MHD_Connection *conn,
     if (c->listed)
       conn_list_del(s, c);
     if (read_was_cut(c)) {
-      char name[96], srv[64], client[112];
+      /* The address without client_name's "client " prefix. */
+      char name[96];
       client_name(conn, name, sizeof name);
-      cancel_logfmt_quote(srv, sizeof srv, s->o.name);
-      cancel_logfmt_quote(client, sizeof client, name + 7);
-      cancel_log(CANCEL_LOG_INFO, "http", "request read timed out",
-                 "server=%s client=%s phase=\"%s\" waited_ms=%.0f", srv, client,
-                 c->read_phase, (double)(cancel_now() - c->read_since) / 1e6);
+      CANCEL_LOG(CANCEL_LOG_INFO, "http", "request read timed out",
+                 CANCEL_LOG_STRN("server", s->o.name, SERVER_NAME_MAX),
+                 CANCEL_LOG_STRN("client", name + 7, 111),
+                 CANCEL_LOG_STR("phase", c->read_phase),
+                 CANCEL_LOG_MSD("waited_ms", cancel_now() - c->read_since, 0));
     }
     /* Waits for a callback running on the reactor: c is ours after. */
     if (c->watching)
@@ -1592,15 +1603,15 @@ static void on_mhd_log(void *cls, const char *fmt, va_list ap) {
   size_t n = strlen(msg);
   while (n > 0 && (msg[n - 1] == '\n' || msg[n - 1] == '\r'))
     msg[--n] = '\0';
-  char q[300];
-  cancel_logfmt_quote(q, sizeof q, msg);
   int level = CANCEL_LOG_WARN;
   for (size_t i = 0; i < sizeof mhd_levels / sizeof mhd_levels[0]; i++)
     if (strncmp(msg, mhd_levels[i].prefix, strlen(mhd_levels[i].prefix)) == 0) {
       level = mhd_levels[i].level;
       break;
     }
-  cancel_log(level, "http", "libmicrohttpd", "detail=%s", q);
+  /* The message may hold a client's bytes (a header it refused). */
+  CANCEL_LOG(level, "http", "libmicrohttpd",
+             CANCEL_LOG_STRN("detail", msg, 299));
 }
 
 /* ---- The server -------------------------------------------------------------
@@ -1622,14 +1633,14 @@ static int drain_for_host(cancel_http_options *o) {
   }
   if (o->drain_timeout_ns <= max)
     return 0;
-  char srv[64];
-  cancel_logfmt_quote(srv, sizeof srv, o->name);
-  cancel_log(CANCEL_LOG_ERROR, "http", "drain outlasts the host's shutdown",
-             "server=%s drain_ms=%.0f host_shutdown_timeout_ms=%.0f "
-             "margin_ms=%.0f max_drain_ms=%.0f error=\"drain_timeout_ns must "
-             "end the margin before the host's shutdown deadline\"",
-             srv, (double)o->drain_timeout_ns / 1e6, (double)host / 1e6,
-             (double)margin / 1e6, (double)max / 1e6);
+  CANCEL_LOG(CANCEL_LOG_ERROR, "http", "drain outlasts the host's shutdown",
+             CANCEL_LOG_STRN("server", o->name, SERVER_NAME_MAX),
+             CANCEL_LOG_MSD("drain_ms", o->drain_timeout_ns, 0),
+             CANCEL_LOG_MSD("host_shutdown_timeout_ms", host, 0),
+             CANCEL_LOG_MSD("margin_ms", margin, 0),
+             CANCEL_LOG_MSD("max_drain_ms", max, 0),
+             CANCEL_LOG_STR("error", "drain_timeout_ns must end the margin "
+                                     "before the host's shutdown deadline"));
   return -EINVAL;
 }
 
@@ -1821,23 +1832,28 @@ int cancel_http_server_start(cancel_http_server *s,
       MHD_get_daemon_info(s->d, MHD_DAEMON_INFO_BIND_PORT);
   s->port = di != NULL ? di->port : s->o.port;
   s->state = SRV_RUNNING;
-  char srv[64], addr[64];
-  cancel_logfmt_quote(srv, sizeof srv, s->o.name);
-  cancel_logfmt_quote(addr, sizeof addr, s->o.bind_address);
-  cancel_log(
-      CANCEL_LOG_INFO, "http", "listening",
-      "server=%s address=%s port=%u threads=%u header_timeout_ms=%.0f "
-      "body_timeout_ms=%.0f idle_timeout_s=%u max_connections=%u "
-      "max_connections_per_ip=%u",
-      srv, addr, (unsigned)s->port, s->nthreads,
-      s->o.header_timeout_ns == CANCEL_NEVER
-          ? -1.0
-          : (double)s->o.header_timeout_ns / 1e6,
-      s->o.body_timeout_ns == CANCEL_NEVER ? -1.0
-                                           : (double)s->o.body_timeout_ns / 1e6,
-      (unsigned)idle_s, s->o.max_connections,
-      s->o.max_connections_per_ip == UINT_MAX ? 0u
-                                              : s->o.max_connections_per_ip);
+  /* A timeout that is off reads -1. */
+  CANCEL_LOG(CANCEL_LOG_INFO, "http", "listening",
+             CANCEL_LOG_STRN("server", s->o.name, SERVER_NAME_MAX),
+             CANCEL_LOG_STRN("address", s->o.bind_address, 63),
+             CANCEL_LOG_U64("port", s->port),
+             CANCEL_LOG_U64("threads", s->nthreads),
+             CANCEL_LOG_MSD("header_timeout_ms",
+                            s->o.header_timeout_ns == CANCEL_NEVER
+                                ? -CANCEL_MSEC(1)
+                                : s->o.header_timeout_ns,
+                            0),
+             CANCEL_LOG_MSD("body_timeout_ms",
+                            s->o.body_timeout_ns == CANCEL_NEVER
+                                ? -CANCEL_MSEC(1)
+                                : s->o.body_timeout_ns,
+                            0),
+             CANCEL_LOG_I64("idle_timeout_s", idle_s),
+             CANCEL_LOG_U64("max_connections", s->o.max_connections),
+             CANCEL_LOG_U64("max_connections_per_ip",
+                            s->o.max_connections_per_ip == UINT_MAX
+                                ? 0u
+                                : s->o.max_connections_per_ip));
   return 0;
 }
 
@@ -1907,13 +1923,15 @@ int cancel_http_server_stop(cancel_http_server *s, int64_t deadline) {
   size_t at_stop = cancel_http_server_in_flight(s);
   if (!cancel_token_is_cancelled(s->stopping))
     cancel_source_cancel_with(s->drain, CANCEL_SHUTDOWN, "server stop");
-  char srv[64];
-  cancel_logfmt_quote(srv, sizeof srv, s->o.name);
-  cancel_log(CANCEL_LOG_INFO, "http", "stopping",
-             "server=%s in_flight=%zu drain_ms=%.0f", srv, at_stop,
-             cancel_token_is_cancelled(cancel_source_token(s->drain))
-                 ? 0.0
-                 : (double)s->o.drain_timeout_ns / 1e6);
+  CANCEL_LOG(
+      CANCEL_LOG_INFO, "http", "stopping",
+      CANCEL_LOG_STRN("server", s->o.name, SERVER_NAME_MAX),
+      CANCEL_LOG_U64("in_flight", at_stop),
+      CANCEL_LOG_MSD("drain_ms",
+                     cancel_token_is_cancelled(cancel_source_token(s->drain))
+                         ? 0
+                         : s->o.drain_timeout_ns,
+                     0));
 
   /* Wait until every request handed to a handler has been answered, and
    * every connection is closed or quiet.  Each request that comes on an
@@ -1969,16 +1987,19 @@ int cancel_http_server_stop(cancel_http_server *s, int64_t deadline) {
     /* Handlers that ignore their tokens still hold connections: the
      * daemon must stay up for them (see the header). */
     s->state = SRV_STUCK;
-    cancel_log(CANCEL_LOG_ERROR, "http", "stop timed out",
-               "server=%s handlers_running=%zu in_flight=%zu waited_ms=%.0f",
-               srv, running, left, (double)(cancel_now() - t0) / 1e6);
+    CANCEL_LOG(CANCEL_LOG_ERROR, "http", "stop timed out",
+               CANCEL_LOG_STRN("server", s->o.name, SERVER_NAME_MAX),
+               CANCEL_LOG_U64("handlers_running", running),
+               CANCEL_LOG_U64("in_flight", left),
+               CANCEL_LOG_MSD("waited_ms", cancel_now() - t0, 0));
     return -ETIMEDOUT;
   }
   if (left > 0)
     /* Requests still being read (a client too slow to finish sending, or
      * gone unseen): closed by the daemon's stop, logged 503 or 400. */
-    cancel_log(CANCEL_LOG_INFO, "http", "stop closes unfinished requests",
-               "server=%s requests=%zu", srv, left);
+    CANCEL_LOG(CANCEL_LOG_INFO, "http", "stop closes unfinished requests",
+               CANCEL_LOG_STRN("server", s->o.name, SERVER_NAME_MAX),
+               CANCEL_LOG_U64("requests", left));
   pool_stop(s);
   MHD_stop_daemon(s->d);
   s->d = NULL;
@@ -1988,8 +2009,9 @@ int cancel_http_server_stop(cancel_http_server *s, int64_t deadline) {
   s->lfd = MHD_INVALID_SOCKET;
   release_start(s);
   s->state = SRV_STOPPED;
-  cancel_log(CANCEL_LOG_INFO, "http", "stopped", "server=%s waited_ms=%.1f",
-             srv, (double)(cancel_now() - t0) / 1e6);
+  CANCEL_LOG(CANCEL_LOG_INFO, "http", "stopped",
+             CANCEL_LOG_STRN("server", s->o.name, SERVER_NAME_MAX),
+             CANCEL_LOG_MSD("waited_ms", cancel_now() - t0, 1));
   return 0;
 }
 

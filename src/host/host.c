@@ -50,8 +50,9 @@
  * open: the delay a closing shield may add to the exit. */
 #define SHIELD_POLL CANCEL_MSEC(5)
 
-/* Room for a logfmt-quoted name or detail in a log line. */
-#define QUOTED 160
+/* The longest name or detail in a log line, quotes included (the
+ * library quotes and cuts it: CANCEL_LOG_STRN). */
+#define QUOTED 159
 
 enum worker_state {
   W_ADDED,    /* not started (yet, or never: the stop came before run) */
@@ -110,10 +111,6 @@ static int64_t stop_time(const cancel_host *h) {
   return r.time;
 }
 
-static void quote(char *buf, const char *s) {
-  cancel_logfmt_quote(buf, QUOTED, s);
-}
-
 /* ---- sd_notify, spoken directly ---------------------------------------
  * The protocol (sd_notify(3), "Notes"): one datagram of newline-separated
  * VARIABLE=value lines sent to the AF_UNIX SOCK_DGRAM socket named by
@@ -156,17 +153,17 @@ static void notify(const cancel_host *h, const char *msg) {
   if (path == NULL || path[0] == '\0')
     return;
   int rc = notify_send(path, msg);
-  char hq[QUOTED], pq[QUOTED], mq[QUOTED], eq[QUOTED];
-  quote(hq, h->name);
-  quote(pq, path);
-  quote(mq, msg);
   if (rc < 0) {
-    quote(eq, cancel_strerror(rc));
-    cancel_log(CANCEL_LOG_WARN, "host", "sd_notify failed",
-               "host=%s socket=%s state=%s error=%s", hq, pq, mq, eq);
+    CANCEL_LOG(CANCEL_LOG_WARN, "host", "sd_notify failed",
+               CANCEL_LOG_STRN("host", h->name, QUOTED),
+               CANCEL_LOG_STRN("socket", path, QUOTED),
+               CANCEL_LOG_STRN("state", msg, QUOTED),
+               CANCEL_LOG_STRN("error", cancel_strerror(rc), QUOTED));
   } else {
-    cancel_log(CANCEL_LOG_DEBUG, "host", "sd_notify",
-               "host=%s socket=%s state=%s", hq, pq, mq);
+    CANCEL_LOG(CANCEL_LOG_DEBUG, "host", "sd_notify",
+               CANCEL_LOG_STRN("host", h->name, QUOTED),
+               CANCEL_LOG_STRN("socket", path, QUOTED),
+               CANCEL_LOG_STRN("state", msg, QUOTED));
   }
 }
 
@@ -272,17 +269,15 @@ static void stop_for(cancel_host *h, const struct worker *w, const char *what) {
 static void *worker_main(void *arg) {
   struct worker *w = arg;
   cancel_host *h = w->host;
-  char hq[QUOTED], wq[QUOTED];
-  quote(hq, h->name);
-  quote(wq, w->name);
 
   /* The thread's name shows in top, gdb and /proc (15 bytes at most). */
   char tname[16];
   snprintf(tname, sizeof tname, "%s", w->name);
   pthread_setname_np(pthread_self(), tname);
 
-  cancel_log(CANCEL_LOG_INFO, "host", "worker started", "host=%s worker=%s", hq,
-             wq);
+  CANCEL_LOG(CANCEL_LOG_INFO, "host", "worker started",
+             CANCEL_LOG_STRN("host", h->name, QUOTED),
+             CANCEL_LOG_STRN("worker", w->name, QUOTED));
   int rc = w->fn(stop_token(h), w->arg);
   int64_t end = cancel_now();
   int64_t asked = stop_time(h);
@@ -291,20 +286,26 @@ static void *worker_main(void *arg) {
    * worker cancelled by a token of its own while the host runs failed. */
   bool ok = rc >= 0 || (rc == -ECANCELED && asked != CANCEL_NEVER);
 
-  char after[64] = "";
-  if (asked != CANCEL_NEVER)
-    snprintf(after, sizeof after, " asked_ms=%" PRId64 "%s", to_ms(end - asked),
-             end > cancel__add_sat(asked, h->timeout) ? " late=true" : "");
+  cancel_log_attr a[8];
+  size_t n = 0;
+  a[n++] = CANCEL_LOG_STRN("host", h->name, QUOTED);
+  a[n++] = CANCEL_LOG_STRN("worker", w->name, QUOTED);
   if (ok) {
-    cancel_log(CANCEL_LOG_INFO, "host", "worker stopped",
-               "host=%s worker=%s result=%s duration_ms=%" PRId64 "%s", hq, wq,
-               rc == -ECANCELED ? "cancelled" : "done", took, after);
+    a[n++] = CANCEL_LOG_STR("result", rc == -ECANCELED ? "cancelled" : "done");
   } else {
-    char eq[QUOTED];
-    quote(eq, cancel_strerror(rc));
-    cancel_log(CANCEL_LOG_ERROR, "host", "worker failed",
-               "host=%s worker=%s code=%d error=%s duration_ms=%" PRId64 "%s",
-               hq, wq, rc, eq, took, after);
+    a[n++] = CANCEL_LOG_I64("code", rc);
+    a[n++] = CANCEL_LOG_STRN("error", cancel_strerror(rc), QUOTED);
+  }
+  a[n++] = CANCEL_LOG_I64("duration_ms", took);
+  if (asked != CANCEL_NEVER) {
+    a[n++] = CANCEL_LOG_I64("asked_ms", to_ms(end - asked));
+    if (end > cancel__add_sat(asked, h->timeout))
+      a[n++] = CANCEL_LOG_BOOL("late", true);
+  }
+  if (ok) {
+    cancel_log_attrs(CANCEL_LOG_INFO, "host", "worker stopped", a, n);
+  } else {
+    cancel_log_attrs(CANCEL_LOG_ERROR, "host", "worker failed", a, n);
     stop_for(h, w, "failed"); /* before taking mu: see the top */
   }
 
@@ -333,18 +334,19 @@ static void force_exit(int signo, unsigned count, void *arg) {
     used += n > 0 ? (size_t)n : 0;
   }
   pthread_mutex_unlock(&h->mu);
-  char hq[QUOTED], nq[QUOTED];
-  quote(hq, h->name);
-  quote(nq, names);
   int status = CANCEL_HOST_EXIT_FORCED(signo);
   int64_t asked = stop_time(h);
   const char *abbrev = sigabbrev_np(signo);
+  char sig[16];
+  snprintf(sig, sizeof sig, "SIG%s", abbrev != NULL ? abbrev : "?");
   /* The operator's choice, not a failure of ours: a warning. */
-  cancel_log(CANCEL_LOG_WARN, "host", "forced exit",
-             "host=%s signal=SIG%s signals=%u status=%d asked_ms=%" PRId64
-             " workers_running=%s",
-             hq, abbrev != NULL ? abbrev : "?", count, status,
-             asked == CANCEL_NEVER ? 0 : to_ms(cancel_now() - asked), nq);
+  CANCEL_LOG(
+      CANCEL_LOG_WARN, "host", "forced exit",
+      CANCEL_LOG_STRN("host", h->name, QUOTED), CANCEL_LOG_STR("signal", sig),
+      CANCEL_LOG_U64("signals", count), CANCEL_LOG_I64("status", status),
+      CANCEL_LOG_I64("asked_ms",
+                     asked == CANCEL_NEVER ? 0 : to_ms(cancel_now() - asked)),
+      CANCEL_LOG_STRN("workers_running", names, QUOTED));
   _exit(status);
 }
 
@@ -371,12 +373,11 @@ static size_t start_workers(cancel_host *h) {
     h->running--;
     h->failed = true;
     pthread_mutex_unlock(&h->mu);
-    char hq[QUOTED], wq[QUOTED], eq[QUOTED];
-    quote(hq, h->name);
-    quote(wq, w->name);
-    quote(eq, cancel_strerror(rc));
-    cancel_log(CANCEL_LOG_ERROR, "host", "worker did not start",
-               "host=%s worker=%s code=%d error=%s", hq, wq, rc, eq);
+    CANCEL_LOG(CANCEL_LOG_ERROR, "host", "worker did not start",
+               CANCEL_LOG_STRN("host", h->name, QUOTED),
+               CANCEL_LOG_STRN("worker", w->name, QUOTED),
+               CANCEL_LOG_I64("code", rc),
+               CANCEL_LOG_STRN("error", cancel_strerror(rc), QUOTED));
     stop_for(h, w, "did not start");
   }
   return started;
@@ -416,22 +417,22 @@ static bool wait_for_drain(cancel_host *h, int64_t deadline) {
 
 /* The shutdown report: what was still running at the deadline. */
 static void report_overdue(cancel_host *h, size_t running, int64_t asked) {
-  char hq[QUOTED], wq[QUOTED];
-  quote(hq, h->name);
   int64_t now = cancel_now();
-  cancel_log(CANCEL_LOG_ERROR, "host", "shutdown timed out",
-             "host=%s timeout_ms=%" PRId64 " asked_ms=%" PRId64
-             " workers_running=%zu shields_open=%zu",
-             hq, to_ms(h->timeout), to_ms(now - asked), running,
-             cancel_shields_open());
+  CANCEL_LOG(CANCEL_LOG_ERROR, "host", "shutdown timed out",
+             CANCEL_LOG_STRN("host", h->name, QUOTED),
+             CANCEL_LOG_I64("timeout_ms", to_ms(h->timeout)),
+             CANCEL_LOG_I64("asked_ms", to_ms(now - asked)),
+             CANCEL_LOG_U64("workers_running", running),
+             CANCEL_LOG_U64("shields_open", cancel_shields_open()));
   for (struct worker *w = h->workers; w != NULL; w = w->next) {
     if (!w->overdue)
       continue;
-    quote(wq, w->name);
-    cancel_log(CANCEL_LOG_ERROR, "host", "worker did not stop in time",
-               "host=%s worker=%s asked_ms=%" PRId64
-               " state=running running_ms=%" PRId64,
-               hq, wq, to_ms(now - asked), to_ms(now - w->started));
+    CANCEL_LOG(CANCEL_LOG_ERROR, "host", "worker did not stop in time",
+               CANCEL_LOG_STRN("host", h->name, QUOTED),
+               CANCEL_LOG_STRN("worker", w->name, QUOTED),
+               CANCEL_LOG_I64("asked_ms", to_ms(now - asked)),
+               CANCEL_LOG_STR("state", "running"),
+               CANCEL_LOG_I64("running_ms", to_ms(now - w->started)));
   }
 }
 
@@ -472,14 +473,12 @@ int cancel_host_run(cancel_host *h) {
   h->state = H_RUNNING;
   pthread_mutex_unlock(&h->mu);
 
-  char hq[QUOTED];
-  quote(hq, h->name);
   int rc = watch_signals(h);
   if (rc < 0) {
-    char eq[QUOTED];
-    quote(eq, cancel_strerror(rc));
-    cancel_log(CANCEL_LOG_ERROR, "host", "cannot watch signals",
-               "host=%s code=%d error=%s", hq, rc, eq);
+    CANCEL_LOG(CANCEL_LOG_ERROR, "host", "cannot watch signals",
+               CANCEL_LOG_STRN("host", h->name, QUOTED),
+               CANCEL_LOG_I64("code", rc),
+               CANCEL_LOG_STRN("error", cancel_strerror(rc), QUOTED));
     pthread_mutex_lock(&h->mu);
     h->state = H_NEW;
     pthread_mutex_unlock(&h->mu);
@@ -493,10 +492,11 @@ int cancel_host_run(cancel_host *h) {
   if (!cancel_token_is_cancelled(stop)) {
     size_t started = start_workers(h);
     notify(h, "READY=1\nSTATUS=running");
-    cancel_log(CANCEL_LOG_INFO, "host", "started",
-               "host=%s workers=%zu shutdown_timeout_ms=%" PRId64 " signals=%s",
-               hq, started, to_ms(h->timeout),
-               h->no_signals ? "off" : "watched");
+    CANCEL_LOG(CANCEL_LOG_INFO, "host", "started",
+               CANCEL_LOG_STRN("host", h->name, QUOTED),
+               CANCEL_LOG_U64("workers", started),
+               CANCEL_LOG_I64("shutdown_timeout_ms", to_ms(h->timeout)),
+               CANCEL_LOG_STR("signals", h->no_signals ? "off" : "watched"));
   }
 
   pthread_mutex_lock(&h->mu);
@@ -514,13 +514,13 @@ int cancel_host_run(cancel_host *h) {
   snprintf(status_msg, sizeof status_msg, "STOPPING=1\nSTATUS=stopping: %s",
            reason);
   notify(h, status_msg);
-  cancel_logfmt_reason(reason, sizeof reason, &why);
   pthread_mutex_lock(&h->mu);
   size_t running = h->running;
   pthread_mutex_unlock(&h->mu);
-  cancel_log(CANCEL_LOG_INFO, "host", "stopping",
-             "host=%s %s timeout_ms=%" PRId64 " workers_running=%zu", hq,
-             reason, to_ms(h->timeout), running);
+  CANCEL_LOG(CANCEL_LOG_INFO, "host", "stopping",
+             CANCEL_LOG_STRN("host", h->name, QUOTED), CANCEL_LOG_REASON(&why),
+             CANCEL_LOG_I64("timeout_ms", to_ms(h->timeout)),
+             CANCEL_LOG_U64("workers_running", running));
 
   pthread_mutex_lock(&h->mu);
   bool timed_out = wait_for_drain(h, deadline);
@@ -548,10 +548,11 @@ int cancel_host_run(cancel_host *h) {
   int status = timed_out ? CANCEL_HOST_EXIT_TIMEOUT
                : failed  ? CANCEL_HOST_EXIT_FAILED
                          : CANCEL_HOST_EXIT_OK;
-  cancel_log(status == CANCEL_HOST_EXIT_OK ? CANCEL_LOG_INFO : CANCEL_LOG_WARN,
-             "host", "stopped",
-             "host=%s status=%d stop_ms=%" PRId64 " workers_running=%zu", hq,
-             status, to_ms(cancel_now() - why.time), running);
+  CANCEL_LOG(status == CANCEL_HOST_EXIT_OK ? CANCEL_LOG_INFO : CANCEL_LOG_WARN,
+             "host", "stopped", CANCEL_LOG_STRN("host", h->name, QUOTED),
+             CANCEL_LOG_I64("status", status),
+             CANCEL_LOG_I64("stop_ms", to_ms(cancel_now() - why.time)),
+             CANCEL_LOG_U64("workers_running", running));
   pthread_mutex_lock(&h->mu);
   h->state = H_RAN;
   pthread_mutex_unlock(&h->mu);
