@@ -129,10 +129,12 @@ static int wait_readable(const cancel_token *tok, int fd) {
 }
 
 static void cleanup_and_settle(void) {
+  /* Whether the callback ran before the cleanup unregistered it is the
+   * timer thread's race (the sleep's own wake-up may come first): either
+   * way it is not running once the function has returned. */
   int woken = 0, fds[2];
-  EXPECT(fetch_auto(NULL, &woken) == -ECANCELED && woken == 1);
-  woken = 0;
-  EXPECT(fetch_plain(NULL, &woken) == -ECANCELED && woken == 1);
+  EXPECT(fetch_auto(NULL, &woken) == -ECANCELED);
+  EXPECT(fetch_plain(NULL, &woken) == -ECANCELED);
   cancel_source *budget;
   if (pipe(fds) < 0 || cancel_source_new_timeout(&budget, "read budget", NULL,
                                                  CANCEL_MSEC(30)) < 0)
