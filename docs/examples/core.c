@@ -4,6 +4,7 @@
 
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 static int failures;
 #define EXPECT(cond)                                                           \
@@ -82,10 +83,76 @@ static void a_shield_for_the_commit(void) {
   cancel_source_unref(request);
 }
 
+/* Cleanup at scope exit (GCC, Clang): the registration goes first, then
+ * the source, on every way out of the function. */
+static int fetch_auto(const cancel_token *request, int *woken) {
+  CANCEL_AUTO_SOURCE cancel_source *call = NULL;
+  int rc = cancel_source_new_timeout(&call, "downstream call", request,
+                                     CANCEL_MSEC(20));
+  if (rc < 0)
+    return rc;
+  CANCEL_AUTO_REG cancel_reg reg = CANCEL_REG_INIT;
+  cancel_register(&reg, cancel_source_token(call), note_cancel, woken);
+  return cancel_sleep(cancel_source_token(call), CANCEL_SEC(10)); /* "call" */
+}
+
+/* The same in plain C: one exit label, starting values safe to release. */
+static int fetch_plain(const cancel_token *request, int *woken) {
+  cancel_source *call = NULL;
+  cancel_reg reg = CANCEL_REG_INIT;
+  int rc = cancel_source_new_timeout(&call, "downstream call", request,
+                                     CANCEL_MSEC(20));
+  if (rc < 0)
+    goto out;
+  cancel_register(&reg, cancel_source_token(call), note_cancel, woken);
+  rc = cancel_sleep(cancel_source_token(call), CANCEL_SEC(10));
+out:
+  cancel_unregister(&reg);   /* -EINVAL when never registered: harmless */
+  cancel_source_unref(call); /* NULL: a no-op */
+  return rc;
+}
+
+/* Code of your own that turns the token's deadline into a timeout of its
+ * own (poll(2)'s whole milliseconds here) can see it pass a moment before
+ * the library's timer fires the token: settle first, so that the
+ * -ECANCELED it returns comes with a readable reason, as libcancel's do. */
+static int wait_readable(const cancel_token *tok, int fd) {
+  int64_t left = cancel_token_remaining(tok);
+  struct pollfd p = {.fd = fd, .events = POLLIN};
+  int n = poll(&p, 1, left == CANCEL_NEVER ? -1 : (int)(left / CANCEL_MSEC(1)));
+  if (n < 0)
+    return -errno;
+  if (n > 0)
+    return 0;
+  int rc = cancel_token_settle(tok, CANCEL_MSEC(1)); /* poll rounds down */
+  return rc == 0 ? -ETIMEDOUT : rc; /* 0: the timeout was not the token's */
+}
+
+static void cleanup_and_settle(void) {
+  /* Whether the callback ran before the cleanup unregistered it is the
+   * timer thread's race (the sleep's own wake-up may come first): either
+   * way it is not running once the function has returned. */
+  int woken = 0, fds[2];
+  EXPECT(fetch_auto(NULL, &woken) == -ECANCELED);
+  EXPECT(fetch_plain(NULL, &woken) == -ECANCELED);
+  cancel_source *budget;
+  if (pipe(fds) < 0 || cancel_source_new_timeout(&budget, "read budget", NULL,
+                                                 CANCEL_MSEC(30)) < 0)
+    return;
+  cancel_reason why;
+  EXPECT(wait_readable(cancel_source_token(budget), fds[0]) == -ECANCELED);
+  EXPECT(cancel_token_reason(cancel_source_token(budget), &why) == 1 &&
+         why.kind == CANCEL_TIMEOUT);
+  cancel_source_unref(budget);
+  close(fds[0]);
+  close(fds[1]);
+}
+
 int main(void) {
   sources_and_callbacks();
   linked_with_a_timeout();
   a_shield_for_the_commit();
+  cleanup_and_settle();
   EXPECT(cancel_shields_open() == 0);
   printf("core: %s\n", failures ? "FAILED" : "ok");
   return failures ? 1 : 0;

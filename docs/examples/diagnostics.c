@@ -35,14 +35,14 @@ static int aggregate(const cancel_token *tok, long rows) {
   return 0;
 }
 
-static void log_cancelled(const char *path, const cancel_token *tok) {
+static void log_cancelled(const char *path, int64_t t0,
+                          const cancel_token *tok) {
   cancel_reason why;
-  char quoted[256], fields[512];
   cancel_token_reason(tok, &why);
-  cancel_logfmt_quote(quoted, sizeof quoted, path); /* the client's bytes */
-  cancel_logfmt_reason(fields, sizeof fields, &why); /* quoted already */
-  cancel_log(CANCEL_LOG_INFO, "orders", "request cancelled", "path=%s %s",
-             quoted, fields);
+  CANCEL_LOG(CANCEL_LOG_INFO, "orders", "request cancelled",
+             CANCEL_LOG_STR("path", path), /* the client's bytes: quoted */
+             CANCEL_LOG_MS("dur_ms", cancel_now() - t0),
+             CANCEL_LOG_ERRNO("error", -ECANCELED), CANCEL_LOG_REASON(&why));
 }
 
 int main(void) {
@@ -51,18 +51,22 @@ int main(void) {
   cancel_metrics_get(&before);
 
   cancel_source *req;
+  int64_t t0 = cancel_now();
   cancel_source_new(&req, "client 10.0.0.7:5123");
   cancel_source_cancel_with(req, CANCEL_CLIENT_GONE, "peer closed");
   EXPECT(aggregate(cancel_source_token(req), 1L << 20) == -ECANCELED);
-  log_cancelled("/orders/7 \"x=1\"", cancel_source_token(req));
+  log_cancelled("/orders/7 \"x=1\"", t0, cancel_source_token(req));
   cancel_source_unref(req);
 
   cancel_metrics_get(&after);
   EXPECT(after.cancellations[CANCEL_CLIENT_GONE] ==
          before.cancellations[CANCEL_CLIENT_GONE] + 1);
   EXPECT(after.overruns == before.overruns + 1); /* the scope ended late */
-  EXPECT(strstr(last, "msg=\"request cancelled\" path=\"/orders/7 \\\"x=1\\\"\"") !=
-         NULL);
+  EXPECT(strstr(last, "msg=\"request cancelled\" path=\"/orders/7 \\\"x=1\\\"\" "
+                     "dur_ms=") != NULL);
+  EXPECT(strstr(last, " error=ECANCELED cancel_kind=\"client gone\" "
+                     "cancel_origin=\"client 10.0.0.7:5123\" "
+                     "cancel_detail=\"peer closed\"") != NULL);
   cancel_log_set_sink(NULL, NULL, CANCEL_LOG_INFO); /* back to stderr */
   cancel_metrics_write_prometheus(stdout);
   printf("diagnostics: %s\n", failures ? "FAILED" : "ok");

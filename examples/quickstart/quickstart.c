@@ -1,10 +1,4 @@
-/* quickstart: a whole service on libcancel (the README quotes it).
- * usage: quickstart PORT DATABASE DOWNSTREAM-URL   (PORT 0: any free port)
- * GET /orders/{customer}: counts the customer's orders in SQLite, asks the
- * downstream for its stock over curl, then does CPU work; every step takes
- * the request's token (client gone, the route's 1 s, or shutdown).  A worker
- * tallies all orders every second.  SIGTERM: graceful stop, exit 0. */
-#include <cancel.h>
+/* quickstart: the README's service.  usage: quickstart PORT DB STOCK-URL */
 #include <cancel/curl.h>
 #include <cancel/host.h>
 #include <cancel/http.h>
@@ -14,114 +8,99 @@
 
 #include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
 
-static const char *db_path, *downstream; /* from argv, read-only after */
+#define COUNT_SQL "SELECT count(*) FROM orders WHERE ?1 < 0 OR customer = ?1"
 
-/* One connection per call: the adapter owns its progress handler meanwhile. */
-static int count_orders(const cancel_token *tok, int64_t customer, long *n) {
+/* A connection per call: the adapter takes its progress handler meanwhile. */
+static int count_orders(const cancel_token *tok, const char *path,
+                        int64_t customer, long *n) {
   sqlite3 *db;
   sqlite3_stmt *st = NULL;
-  int rc = sqlite3_open_v2(db_path, &db, SQLITE_OPEN_READONLY, NULL) == 0
-               ? cancel_sqlite_prepare(tok, db, "SELECT count(*) FROM orders"
-                                       " WHERE ?1 < 0 OR customer = ?1",
-                                       -1, &st, NULL)
-               : -EIO;
-  if (rc == 0 && sqlite3_bind_int64(st, 1, customer) == 0 &&
-      (rc = cancel_sqlite_step(tok, st)) == 1) {
+  int rc = sqlite3_open_v2(path, &db, SQLITE_OPEN_READONLY, NULL) ? -EIO : 0;
+  if (rc == 0 &&
+      (rc = cancel_sqlite_prepare(tok, db, COUNT_SQL, -1, &st, NULL)) == 0 &&
+      (rc = sqlite3_bind_int64(st, 1, customer) ? -EIO : 0) == 0 &&
+      (rc = cancel_sqlite_step(tok, st)) == 1)
     *n = (long)sqlite3_column_int64(st, 0);
-    rc = 0;
-  }
   sqlite3_finalize(st);
   sqlite3_close(db);
-  return rc; /* 0, -ECANCELED, -EIO... */
-}
-
-static size_t keep(char *p, size_t size, size_t n, void *buf) {
-  size_t len = strlen(buf), add = size * n;
-  if (len + add >= 32)
-    return 0; /* too long: fails the transfer */
-  memcpy((char *)buf + len, p, add);
-  ((char *)buf)[len + add] = '\0';
-  return add;
+  return rc < 0 ? rc : 0; /* or -ECANCELED (the token fired), -EIO... */
 }
 
 static int get_orders(cancel_http_request *req, const cancel_token *tok,
                       void *arg) {
+  char **argv = arg; /* the route's arg: main()'s */
+  char url[256], stock[32] = "", body[128];
   uint64_t id;
   long orders = 0;
-  char url[256], stock[32] = "";
-  (void)arg;
   if (cancel_http_request_param_u64(req, "customer", 1000000, &id) < 0)
     return cancel_http_respond(req, 400, "text/plain", "bad customer\n", 13);
-  int rc = count_orders(tok, (int64_t)id, &orders);
+  int rc = count_orders(tok, argv[2], (int64_t)id, &orders);
   if (rc < 0)
     return rc; /* -ECANCELED: the edge answers by the reason (499/504/503) */
+  snprintf(url, sizeof url, "%s/stock/%llu", argv[3], (unsigned long long)id);
   CURL *easy = curl_easy_init();
-  if (easy == NULL)
-    return -ENOMEM;
-  snprintf(url, sizeof url, "%s/stock/%llu", downstream, (unsigned long long)id);
-  curl_easy_setopt(easy, CURLOPT_URL, url);
-  curl_easy_setopt(easy, CURLOPT_WRITEFUNCTION, keep);
-  curl_easy_setopt(easy, CURLOPT_WRITEDATA, stock);
-  rc = cancel_curl_perform(tok, easy); /* sends grpc-timeout: the budget */
+  FILE *out = fmemopen(stock, sizeof stock - 1, "w"); /* curl fwrite()s to it */
+  rc = -ENOMEM;
+  if (easy != NULL && out != NULL) {
+    curl_easy_setopt(easy, CURLOPT_URL, url);
+    curl_easy_setopt(easy, CURLOPT_WRITEDATA, out);
+    rc = cancel_curl_perform(tok, easy); /* sends the budget: grpc-timeout */
+  }
+  if (out != NULL)
+    fclose(out);
   curl_easy_cleanup(easy);
+  uint64_t h = id; /* CPU work: a look at the token every 4096 rounds */
+  for (long i = 1; rc == 0 && i <= (1L << 24); i++) {
+    h = h * 6364136223846793005u + 1442695040888963407u;
+    rc = (i & 4095) ? 0 : cancel_token_check(tok);
+  }
   if (rc < 0)
     return rc;
-  uint64_t h = id; /* CPU work: a look at the token every 4096 rounds */
-  for (long i = 0; i < (1L << 24); i++) {
-    if ((i & 4095) == 0 && cancel_token_is_cancelled(tok))
-      return -ECANCELED;
-    h = h * 6364136223846793005u + 1442695040888963407u;
-  }
-  char body[128];
-  int len = snprintf(body, sizeof body, "{\"orders\":%ld,\"stock\":%ld,"
-                     "\"hash\":%llu}\n", orders, strtol(stock, NULL, 10),
-                     (unsigned long long)(h >> 40));
+  int len = snprintf(body, sizeof body,
+                     "{\"orders\":%ld,\"stock\":%ld,\"hash\":%llu}\n", orders,
+                     strtol(stock, NULL, 10), (unsigned long long)(h >> 40));
   return cancel_http_respond(req, 200, "application/json", body, (size_t)len);
 }
 
+/* The background worker: every second, all orders counted within 500 ms.
+ * CANCEL_AUTO_SOURCE unrefs `round` at its '}', as Go's `defer cancel()`. */
 static int tally(const cancel_token *stopping, void *arg) {
-  long n = 0;
-  (void)arg;
-  for (;;) {
-    int rc = cancel_sleep(stopping, CANCEL_SEC(1));
+  while (cancel_sleep(stopping, CANCEL_SEC(1)) == 0) {
+    CANCEL_AUTO_SOURCE cancel_source *round = NULL;
+    long n = 0;
+    int rc =
+        cancel_source_new_timeout(&round, "tally", stopping, CANCEL_MSEC(500));
     if (rc == 0)
-      rc = count_orders(stopping, -1, &n);
-    if (rc < 0)
-      return rc; /* -ECANCELED: the host is stopping, a normal end */
-    cancel_log(CANCEL_LOG_INFO, "quickstart", "tally", "orders=%ld", n);
+      rc = count_orders(cancel_source_token(round), arg, -1, &n);
+    CANCEL_LOG(CANCEL_LOG_INFO, "quickstart", "tally",
+               CANCEL_LOG_I64("orders", n), CANCEL_LOG_ERRNO("error", rc));
   }
+  return -ECANCELED; /* the host is stopping: a normal end */
 }
 
 int main(int argc, char **argv) {
-  if (argc != 4) {
-    fprintf(stderr, "usage: quickstart PORT DATABASE DOWNSTREAM-URL\n");
-    return 2;
-  }
   cancel_signals_block(); /* first: every thread inherits the mask */
-  db_path = argv[2];
-  downstream = argv[3];
-  if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
-    return 1;
-  cancel_host_options ho = {.shutdown_timeout_ns = CANCEL_SEC(10)};
-  cancel_http_route routes[] = {
-      {"GET", "/orders/{customer}", get_orders, NULL, CANCEL_SEC(1)}};
-  cancel_http_options so = {.name = "quickstart",
-                            .port = (uint16_t)atoi(argv[1]),
-                            .drain_timeout_ns = CANCEL_SEC(5)};
+  if (argc != 4 || curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
+    return 2; /* usage: quickstart PORT DATABASE STOCK-URL */
   cancel_host *host = NULL;
   cancel_http_server *srv = NULL;
+  cancel_host_options ho = {.shutdown_timeout_ns = CANCEL_SEC(10)};
   int rc = cancel_host_new(&host, "quickstart", &ho);
+  cancel_http_route routes[] = {
+      {"GET", "/orders/{customer}", get_orders, argv, CANCEL_SEC(1)}};
+  cancel_http_options so = {.name = "quickstart", .port = atoi(argv[1])};
+  /* The drain follows the host: its 10 s less CANCEL_HTTP_DRAIN_MARGIN. */
+  so.host_shutdown_timeout_ns = cancel_host_shutdown_timeout(host);
   if (rc == 0 && (rc = cancel_http_server_new(&srv, &so, routes, 1)) == 0 &&
       (rc = cancel_host_add_worker(host, "http", cancel_http_server_run,
                                    srv)) == 0)
-    rc = cancel_host_add_worker(host, "tally", tally, NULL);
-  int status = rc < 0 ? rc : cancel_host_run(host); /* SIGTERM, drain */
+    rc = cancel_host_add_worker(host, "tally", tally, argv[2]);
+  int status = rc < 0 ? rc : cancel_host_run(host); /* until SIGTERM */
   if (status < 0)
     fprintf(stderr, "quickstart: %s\n", cancel_strerror(status));
-  /* Teardown, users first: the host joins its workers, the server's free
-   * ends its handler threads (and their curl handles), then curl itself. */
+  /* Users first: the host joins its workers, the server's free ends its
+   * handler threads (and their curl handles), then curl goes. */
   if (cancel_host_free(host) == -EBUSY)
     return status; /* a worker ignored the stop: exit without it */
   cancel_http_server_free(srv);
