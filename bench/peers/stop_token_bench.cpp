@@ -367,29 +367,32 @@ int main() {
 
   // 2 threads, one shared live token, n pairs each; reported per pair of
   // one thread: wall time (first start to last end) / n.
-  run("register_unregister_contended", [&](uint64_t n) {
-    std::barrier start(2);
-    std::atomic<int64_t> first{INT64_MAX}, last{0};
-    auto body = [&] {
-      start.arrive_and_wait();
-      int64_t t0 = now_ns();
-      for (uint64_t i = 0; i < n; i++) {
-        std::stop_callback cb(tok, Noop{});
-        escape(&cb);
-      }
-      int64_t t1 = now_ns();
-      int64_t cur = first.load(std::memory_order_relaxed);
-      while (t0 < cur && !first.compare_exchange_weak(cur, t0))
-        ;
-      cur = last.load(std::memory_order_relaxed);
-      while (t1 > cur && !last.compare_exchange_weak(cur, t1))
-        ;
-    };
-    std::thread a(body), b(body);
-    a.join();
-    b.join();
-    return last.load() - first.load();
-  }, 1, 2);
+  run(
+      "register_unregister_contended",
+      [&](uint64_t n) {
+        std::barrier start(2);
+        std::atomic<int64_t> first{INT64_MAX}, last{0};
+        auto body = [&] {
+          start.arrive_and_wait();
+          int64_t t0 = now_ns();
+          for (uint64_t i = 0; i < n; i++) {
+            std::stop_callback cb(tok, Noop{});
+            escape(&cb);
+          }
+          int64_t t1 = now_ns();
+          int64_t cur = first.load(std::memory_order_relaxed);
+          while (t0 < cur && !first.compare_exchange_weak(cur, t0))
+            ;
+          cur = last.load(std::memory_order_relaxed);
+          while (t1 > cur && !last.compare_exchange_weak(cur, t1))
+            ;
+        };
+        std::thread a(body), b(body);
+        a.join();
+        b.join();
+        return last.load() - first.load();
+      },
+      1, 2);
 
   // wake_latency_cond is measured inside wait_bench (peers/condvar_any.cpp),
   // interleaved with libcancel's samples in one process.
