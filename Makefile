@@ -51,6 +51,8 @@ DEPS_CHECK += dpkg-dev
 DEPS_CHECK += sqlite3
 # node may come from outside Debian: only ask for nodejs when none is found.
 DEPS_BENCH := golang-go g++ gnuplot-nox $(if $(shell command -v node),,nodejs)
+# The GLib and .NET (Mono) peers; valgrind for the instruction counts.
+DEPS_BENCH += libglib2.0-dev mono-complete valgrind
 DEPS_FORMAT := clang-format
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)

@@ -19,6 +19,20 @@
  *
  * Output: one line per scenario, `scenario<TAB>impl<TAB>value<TAB>unit`,
  * value "n/a" when an implementation has no such feature.
+ *
+ * Instruction counts (BENCH_INSTR=<units>, run under valgrind
+ * --tool=callgrind --collect-atstart=no by bench/run.sh): instead of timing,
+ * bench_instr() runs each scenario's batch twice with enough operations for
+ * about <units> units, the first as a warm-up (lazy binding, first
+ * allocations, a library's lazy start), the second with callgrind counting
+ * exactly the part the batch times: bench_now() switches the calling
+ * thread's collection on after it reads the clock at the start of a timed
+ * part and off before it reads it at the end.  Then it dumps the counts
+ * under the scenario's name (CALLGRIND_DUMP_STATS_AT) and prints
+ * `<scenario>_instr<TAB>impl<TAB><units run><TAB>units`; run.sh divides the
+ * dump's total by that.  Callgrind counts per thread: work a timed call
+ * hands to another thread (a timer thread) is not counted, as it is not
+ * timed either.
  */
 #ifndef CANCEL_BENCH_H
 #define CANCEL_BENCH_H
@@ -30,13 +44,42 @@
 #include <string.h>
 #include <time.h>
 
+#if defined(__has_include)
+#if __has_include(<valgrind/callgrind.h>)
+#include <valgrind/callgrind.h>
+#define BENCH_HAVE_CALLGRIND 1
+#endif
+#endif
+
 #define BENCH_REPS 7
 
 /* Runs n operations, returns the nanoseconds spent in the measured part. */
 typedef int64_t bench_batch_fn(void *ctx, uint64_t n);
 
+/* Set while bench_instr() runs its counted batch; per thread, whether the
+ * thread is inside a timed part (bench_now() calls come in pairs there). */
+static int bench_instr_armed;
+#ifdef BENCH_HAVE_CALLGRIND
+static __thread int bench_instr_inside;
+#endif
+
 static inline int64_t bench_now(void) {
   struct timespec ts;
+#ifdef BENCH_HAVE_CALLGRIND
+  if (__builtin_expect(__atomic_load_n(&bench_instr_armed, __ATOMIC_RELAXED),
+                       0)) {
+    if (!bench_instr_inside) {
+      clock_gettime(CLOCK_MONOTONIC, &ts);
+      bench_instr_inside = 1;
+      CALLGRIND_TOGGLE_COLLECT;
+    } else {
+      CALLGRIND_TOGGLE_COLLECT;
+      bench_instr_inside = 0;
+      clock_gettime(CLOCK_MONOTONIC, &ts);
+    }
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+  }
+#endif
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
@@ -90,6 +133,31 @@ static inline double bench_measure(bench_batch_fn *fn, void *ctx,
     per[i] = (double)fn(ctx, n) / ((double)n * units);
   qsort(per, BENCH_REPS, sizeof per[0], bench_cmp_double);
   return per[BENCH_REPS / 2];
+}
+
+/* The units BENCH_INSTR asks for, or 0 when the program times as usual. */
+static inline double bench_instr_units(void) {
+  const char *v = getenv("BENCH_INSTR");
+  double u = v != NULL ? strtod(v, NULL) : 0;
+  return u > 0 ? u : 0;
+}
+
+/* Runs fn for callgrind (see the top of this file) and prints the row
+ * `<scenario>_instr<TAB>impl<TAB><units run><TAB>units`. */
+static inline void bench_instr(const char *scenario, const char *impl,
+                               bench_batch_fn *fn, void *ctx, double units) {
+  uint64_t n = (uint64_t)(bench_instr_units() / units);
+  if (n < 1)
+    n = 1;
+  fn(ctx, n); /* warm-up, not counted */
+  __atomic_store_n(&bench_instr_armed, 1, __ATOMIC_SEQ_CST);
+  fn(ctx, n);
+  __atomic_store_n(&bench_instr_armed, 0, __ATOMIC_SEQ_CST);
+#ifdef BENCH_HAVE_CALLGRIND
+  CALLGRIND_DUMP_STATS_AT(scenario);
+#endif
+  printf("%s_instr\t%s\t%.0f\tunits\n", scenario, impl, (double)n * units);
+  fflush(stdout);
 }
 
 /* The one number format of results.tsv: 2 decimals below 10, 1 below 1000,

@@ -7,7 +7,8 @@
  * direct equivalent.
  *
  * Environment: BENCH_QUICK=1 makes batches ~10x smaller (smoke tests);
- * BENCH_ONLY=check,chain_100 runs only the named scenarios.
+ * BENCH_ONLY=check,chain_100 runs only the named scenarios; BENCH_INSTR=
+ * <units> counts instructions under callgrind instead of timing (bench.h).
  */
 #define _GNU_SOURCE
 #include "bench.h"
@@ -401,13 +402,29 @@ static int64_t b_contended(void *ctx, uint64_t n) {
 
 static void run(const char *scenario, bench_batch_fn *fn, void *ctx,
                 double units) {
-  if (bench_wanted(scenario))
+  if (!bench_wanted(scenario))
+    return;
+  if (bench_instr_units() > 0)
+    bench_instr(scenario, IMPL, fn, ctx, units);
+  else
     bench_row(scenario, IMPL, bench_measure(fn, ctx, units), "ns");
+}
+
+/* The contended row: per pair of one thread in time (wall time, the two
+ * threads side by side), per pair of either thread in instructions (the
+ * two threads' counts added). */
+static void run_contended(const char *scenario, const cancel_token *tok) {
+  if (!bench_wanted(scenario))
+    return;
+  if (bench_instr_units() > 0)
+    bench_instr(scenario, IMPL, b_contended, (void *)tok, 2);
+  else
+    bench_row(scenario, IMPL, bench_measure(b_contended, (void *)tok, 1), "ns");
 }
 
 /* Bytes allocated per register/unregister pair, after a warm-up. */
 static void run_allocs(const char *scenario, const cancel_token *tok) {
-  if (!bench_wanted(scenario))
+  if (!bench_wanted(scenario) || bench_instr_units() > 0)
     return;
 #ifdef BENCH_COUNT_ALLOCS
   const uint64_t pairs = 10000;
@@ -464,7 +481,7 @@ int main(void) {
     run("deadline_rearm_chain_100", b_deadline_rearm, chain, 1);
     deadline_chain(chain, false);
   }
-  run("register_unregister_contended", b_contended, (void *)tok, 1);
+  run_contended("register_unregister_contended", tok);
   run("scope_begin_end", b_scope, (void *)tok, 1);
 
   if (cancel_token_is_cancelled(tok) || cancel_token_is_cancelled(parents[0]) ||

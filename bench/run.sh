@@ -19,9 +19,18 @@
 # for a throughput against its baseline the round of the median ratio),
 # BENCH_ONLY=check,chain_100 (run only those scenarios), BENCH_TIMEOUT
 # (seconds allowed per program, default 300), CXX (for the C++ fallback),
-# BENCH_RESULTS_COPY (where the copy goes instead of build/bench/results.tsv).
+# BENCH_RESULTS_COPY (where the copy goes instead of build/bench/results.tsv),
+# BENCH_INSTR (units per counted batch in the instruction counts below,
+# default 10000; 0 skips them).
 #
-# Needs bash and awk only.
+# Instruction counts: after the timed rounds, each program of INSTR_PROGRAMS
+# runs once more under valgrind --tool=callgrind (with BENCH_INSTR set, see
+# bench/bench.h; address randomisation off, so that runs agree to the
+# instruction), and each of its core rows gets a row `<row>_instr` in unit
+# instr: the instructions its timed part executes per unit, on the calling
+# threads.  Skipped with a warning when valgrind is missing.
+#
+# Needs bash and awk only (and valgrind for the instruction counts).
 
 set -u
 
@@ -31,6 +40,8 @@ set -u
 #              here from source with ${CXX:-g++} -O2 -std=c++20 -pthread
 #   kind go:   source is a Go main package, built here to BUILD_DIR/bench/<name>
 #   kind node: source is an ES module run with node
+#   kind mono: source is a C# program, compiled here with mcs (or csc) to
+#              BUILD_DIR/bench/<name>.exe and run with mono
 #   need:      required (failure fails the run) or optional (skipped on error)
 PROGRAMS='
 core_bench        exe   required  bench/core_bench.c
@@ -40,6 +51,8 @@ curl_bench        exe   optional  bench/curl_bench.c
 pq_bench          exe   optional  bench/pq_bench.c
 reportd_bench     exe   optional  bench/reportd_bench.c
 stop_token_bench  cxx   optional  bench/peers/stop_token_bench.cpp
+glib_bench        exe   optional  bench/peers/glib_bench.c
+dotnet_bench      mono  optional  bench/peers/dotnet_bench.cs
 ctxbench          go    optional  bench/peers/go
 abort_bench       node  optional  bench/peers/abort_bench.mjs
 '
@@ -49,6 +62,10 @@ abort_bench       node  optional  bench/peers/abort_bench.mjs
 # Baselines get their own columns, after the peers, and their own ratio
 # column (`base`).
 REF_IMPL=libcancel
+
+# The programs counted under callgrind (the C and C++ ones: a JIT's or a
+# runtime's instructions would not compare).
+INSTR_PROGRAMS='core_bench stop_token_bench glib_bench'
 BASELINE_IMPLS='futex_floor plain'
 
 # Units whose values are better when higher (space-separated).  For them
@@ -129,6 +146,27 @@ prepare() {
     fi
     printf '%s\n%s\n' node "$ROOT/$src"
     ;;
+  mono)
+    local csc
+    if ! command -v mono >/dev/null 2>&1; then
+      warn "$name: mono not found, skipped"
+      return 1
+    fi
+    if command -v mcs >/dev/null 2>&1; then
+      csc=mcs
+    elif command -v csc >/dev/null 2>&1; then
+      csc=csc
+    else
+      warn "$name: no C# compiler (mcs, csc), skipped"
+      return 1
+    fi
+    note "building $name with $csc"
+    if ! "$csc" -nologo -optimize+ -out:"$exe.exe" "$ROOT/$src" >&2; then
+      warn "$name: $csc failed, skipped"
+      return 1
+    fi
+    printf '%s\n%s\n' mono "$exe.exe"
+    ;;
   *)
     warn "$name: unknown kind $kind"
     return 1
@@ -184,6 +222,63 @@ for ((round = 1; round <= ROUNDS; round++)); do
     fi
   done
 done
+
+# Instruction counts: one run per program under callgrind, with collection
+# off except in the timed parts of each scenario's counted batch; the
+# program dumps the counts under the scenario's name and prints
+# `<row>_instr impl <units run> units` (or n/a); the dump's total over the
+# units is the row.  Instruction counts do not vary between rounds: one run.
+instr_units=${BENCH_INSTR:-10000}
+if [ "$instr_units" != 0 ]; then
+  if ! command -v valgrind >/dev/null 2>&1; then
+    warn "valgrind not found: no instruction counts"
+  else
+    norand=()
+    if command -v setarch >/dev/null 2>&1 &&
+      setarch "$(uname -m)" -R true 2>/dev/null; then
+      norand=(setarch "$(uname -m)" -R)
+    fi
+    for k in "${!names[@]}"; do
+      name=${names[$k]} need=optional
+      case " $INSTR_PROGRAMS " in *" $name "*) ;; *) continue ;; esac
+      mapfile -t argv <<<"${cmds[$k]}"
+      cg=$OUT_DIR/callgrind/$name
+      rm -rf "$cg" && mkdir -p "$cg" || continue
+      note "counting instructions of $name under callgrind"
+      BENCH_INSTR=$instr_units run_limited "${norand[@]}" valgrind \
+        --tool=callgrind --collect-atstart=no --callgrind-out-file="$cg/out" \
+        --log-file="$cg/valgrind.log" "${argv[@]}" </dev/null >"$cg/rows"
+      rc=$?
+      # FILENAME order does not matter: the dumps are matched by name.
+      awk -F'\t' -v OFS='\t' -v prog="$name" '
+        FNR == 1 { dump = "" }
+        FILENAME != rows && /^desc: Trigger: Client Request: / {
+          dump = substr($0, length("desc: Trigger: Client Request: ") + 1)
+        }
+        FILENAME != rows && /^totals: / && dump != "" {
+          split($0, f, " "); total[dump] = f[2]
+        }
+        FILENAME == rows && NF == 4 { line[++n] = $0 }
+        END {
+          for (r = 1; r <= n; r++) {
+            split(line[r], c, "\t")
+            s = c[1]; sub(/_instr$/, "", s)
+            if (c[3] == "n/a") { print c[1], c[2], "n/a", "instr", 1; continue }
+            if (!(s in total) || c[3] + 0 <= 0) {
+              printf "bench: warning: %s: no callgrind dump for %s\n", prog, s > "/dev/stderr"
+              continue
+            }
+            v = total[s] / c[3]
+            print c[1], c[2], sprintf(v < 10 ? "%.2f" : v < 1000 ? "%.1f" : "%.0f", v), "instr", 1
+          }
+        }
+      ' rows="$cg/rows" "$cg/rows" "$cg"/out.* >>"$ROWS"
+      if [ "$rc" -ne 0 ]; then
+        warn "$name under callgrind exited with status $rc (see $cg/valgrind.log)"
+      fi
+    done
+  fi
+fi
 
 # One row per (scenario, impl): the best round, in order of first appearance.
 # Except for a throughput (a unit in HIGHER_IS_BETTER) measured against a

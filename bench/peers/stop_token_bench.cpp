@@ -16,6 +16,10 @@
 //
 // wake_latency_cond is measured in bench/wait_bench.c (peers/condvar_any.cpp
 // is linked into it), interleaved with libcancel's samples.
+//
+// BENCH_INSTR=<units>: instruction counts under callgrind instead of times,
+// as in bench/bench.h (now_ns() switches the thread's collection on and off
+// around each timed part of the counted batch; one dump per scenario).
 #include <algorithm>
 #include <atomic>
 #include <barrier>
@@ -36,6 +40,11 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#if __has_include(<valgrind/callgrind.h>)
+#include <valgrind/callgrind.h>
+#define BENCH_HAVE_CALLGRIND 1
+#endif
+
 namespace {
 
 // ---------------------------------------------------------------------
@@ -45,10 +54,36 @@ namespace {
 constexpr int kReps = 7;
 constexpr const char *kImpl = "cpp_stop_token";
 
-inline int64_t now_ns() {
+inline int64_t clock_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
              std::chrono::steady_clock::now().time_since_epoch())
       .count();
+}
+
+// BENCH_INSTR: set while the counted batch runs; per thread, whether the
+// thread is inside a timed part (see bench/bench.h).
+std::atomic<bool> instr_armed{false};
+#ifdef BENCH_HAVE_CALLGRIND
+thread_local bool instr_inside = false;
+#endif
+
+inline int64_t now_ns() {
+#ifdef BENCH_HAVE_CALLGRIND
+  if (__builtin_expect(instr_armed.load(std::memory_order_relaxed), 0)) {
+    int64_t t;
+    if (!instr_inside) {
+      t = clock_ns();
+      instr_inside = true;
+      CALLGRIND_TOGGLE_COLLECT;
+    } else {
+      CALLGRIND_TOGGLE_COLLECT;
+      instr_inside = false;
+      t = clock_ns();
+    }
+    return t;
+  }
+#endif
+  return clock_ns();
 }
 
 // No instruction; tells the compiler memory may have changed or been read.
@@ -109,8 +144,16 @@ void row(const char *scenario, double v, const char *unit = "ns") {
   std::fflush(stdout);
 }
 
+bool instr_mode() {
+  const char *v = std::getenv("BENCH_INSTR");
+  return v != nullptr && std::strtod(v, nullptr) > 0;
+}
+
 void row_na(const char *scenario, const char *unit = "ns") {
-  std::printf("%s\t%s\tn/a\t%s\n", scenario, kImpl, unit);
+  if (instr_mode())
+    std::printf("%s_instr\t%s\tn/a\tinstr\n", scenario, kImpl);
+  else
+    std::printf("%s\t%s\tn/a\t%s\n", scenario, kImpl, unit);
   std::fflush(stdout);
 }
 
@@ -127,8 +170,38 @@ bool wanted(const char *scenario) {
   std::exit(1);
 }
 
-template <class Fn> void run(const char *scenario, Fn &&fn, double units = 1) {
-  if (wanted(scenario))
+double instr_units() {
+  const char *v = std::getenv("BENCH_INSTR");
+  double u = v != nullptr ? std::strtod(v, nullptr) : 0;
+  return u > 0 ? u : 0;
+}
+
+// BENCH_INSTR: a warm-up batch, then one counted batch of about that many
+// units, dumped under the scenario's name; prints the units run.
+template <class Fn> void instr(const char *scenario, Fn &&fn, double units) {
+  uint64_t n = std::max<uint64_t>(1, uint64_t(instr_units() / units));
+  fn(n);
+  instr_armed.store(true);
+  fn(n);
+  instr_armed.store(false);
+#ifdef BENCH_HAVE_CALLGRIND
+  CALLGRIND_DUMP_STATS_AT(scenario);
+#endif
+  std::printf("%s_instr\t%s\t%.0f\tunits\n", scenario, kImpl,
+              double(n) * units);
+  std::fflush(stdout);
+}
+
+// instr_units_per_op: what one operation counts in instructions, when it
+// differs from `units` (the contended row: one pair in each thread).
+template <class Fn>
+void run(const char *scenario, Fn &&fn, double units = 1,
+         double instr_units_per_op = 0) {
+  if (!wanted(scenario))
+    return;
+  if (instr_units() > 0)
+    instr(scenario, fn, instr_units_per_op > 0 ? instr_units_per_op : units);
+  else
     row(scenario, measure(fn, units));
 }
 
@@ -294,29 +367,32 @@ int main() {
 
   // 2 threads, one shared live token, n pairs each; reported per pair of
   // one thread: wall time (first start to last end) / n.
-  run("register_unregister_contended", [&](uint64_t n) {
-    std::barrier start(2);
-    std::atomic<int64_t> first{INT64_MAX}, last{0};
-    auto body = [&] {
-      start.arrive_and_wait();
-      int64_t t0 = now_ns();
-      for (uint64_t i = 0; i < n; i++) {
-        std::stop_callback cb(tok, Noop{});
-        escape(&cb);
-      }
-      int64_t t1 = now_ns();
-      int64_t cur = first.load(std::memory_order_relaxed);
-      while (t0 < cur && !first.compare_exchange_weak(cur, t0))
-        ;
-      cur = last.load(std::memory_order_relaxed);
-      while (t1 > cur && !last.compare_exchange_weak(cur, t1))
-        ;
-    };
-    std::thread a(body), b(body);
-    a.join();
-    b.join();
-    return last.load() - first.load();
-  });
+  run(
+      "register_unregister_contended",
+      [&](uint64_t n) {
+        std::barrier start(2);
+        std::atomic<int64_t> first{INT64_MAX}, last{0};
+        auto body = [&] {
+          start.arrive_and_wait();
+          int64_t t0 = now_ns();
+          for (uint64_t i = 0; i < n; i++) {
+            std::stop_callback cb(tok, Noop{});
+            escape(&cb);
+          }
+          int64_t t1 = now_ns();
+          int64_t cur = first.load(std::memory_order_relaxed);
+          while (t0 < cur && !first.compare_exchange_weak(cur, t0))
+            ;
+          cur = last.load(std::memory_order_relaxed);
+          while (t1 > cur && !last.compare_exchange_weak(cur, t1))
+            ;
+        };
+        std::thread a(body), b(body);
+        a.join();
+        b.join();
+        return last.load() - first.load();
+      },
+      1, 2);
 
   // wake_latency_cond is measured inside wait_bench (peers/condvar_any.cpp),
   // interleaved with libcancel's samples in one process.
