@@ -87,8 +87,7 @@ static void test_cond_signalled(void **state) {
     cancel_source *s = new_src("cond");
     struct cw cw = {&cv, k & 1 ? NULL : TOK(s), CANCEL_NEVER, 0, -1};
     struct test_waiter w;
-    test_waiter_start(&w, do_cond_wait, &cw);
-    assert_true(test_wait_blocked(w.tid, CANCEL_SEC(5)));
+    test_waiter_block(&w, do_cond_wait, &cw);
     int64_t t0 = cancel_now();
     cv_signal(&cv, k & 1);
     test_waiter_end(&w, test_tol(CANCEL_SEC(2)), NULL, NULL);
@@ -138,8 +137,7 @@ static void test_cond_cancelled_from_thread(void **state) {
   cancel_source *s = new_src("thread");
   struct cw cw = {&cv, TOK(s), CANCEL_NEVER, 0, -1};
   struct test_waiter w;
-  test_waiter_start(&w, do_cond_wait, &cw);
-  assert_true(test_wait_blocked(w.tid, CANCEL_SEC(5)));
+  test_waiter_block(&w, do_cond_wait, &cw);
   int64_t t_cancel = cancel_now();
   assert_int_equal(cancel_source_cancel(s), 1);
   test_waiter_end(&w, test_tol(CANCEL_SEC(2)), NULL, NULL);
@@ -154,8 +152,7 @@ static void test_cond_cancelled_from_thread(void **state) {
   cancel_source *child = NULL;
   assert_int_equal(cancel_source_new_linked(&child, "child", &ptok, 1), 0);
   cw.tok = TOK(child);
-  test_waiter_start(&w, do_cond_wait, &cw);
-  assert_true(test_wait_blocked(w.tid, CANCEL_SEC(5)));
+  test_waiter_block(&w, do_cond_wait, &cw);
   t_cancel = cancel_now();
   assert_int_equal(cancel_source_cancel(parent), 1);
   test_waiter_end(&w, test_tol(CANCEL_SEC(2)), NULL, NULL);
@@ -249,9 +246,9 @@ static void test_cond_cancel_is_per_token(void **state) {
   test_waiter_start(&wa, do_cond_wait, &ca);
   test_waiter_start(&wb, do_cond_wait, &cb);
   test_waiter_start(&wn, do_cond_wait, &cn);
-  assert_true(test_wait_blocked(wa.tid, CANCEL_SEC(5)));
-  assert_true(test_wait_blocked(wb.tid, CANCEL_SEC(5)));
-  assert_true(test_wait_blocked(wn.tid, CANCEL_SEC(5)));
+  test_waiter_blocked(&wa);
+  test_waiter_blocked(&wb);
+  test_waiter_blocked(&wn);
   assert_int_equal(cancel_source_cancel(a), 1);
   test_waiter_end(&wa, test_tol(CANCEL_SEC(2)), NULL, NULL);
   assert_i64_eq(wa.result, -ECANCELED);
@@ -286,7 +283,7 @@ static void test_cond_shared_token_wakes_all(void **state) {
     test_waiter_start(&w[i], do_cond_wait, &cw[i]);
   }
   for (int i = 0; i < COND_SHARERS; i++)
-    assert_true(test_wait_blocked(w[i].tid, CANCEL_SEC(5)));
+    test_waiter_blocked(&w[i]);
   int64_t t_cancel = cancel_now();
   assert_int_equal(cancel_source_cancel(s), 1);
   for (int i = 0; i < COND_SHARERS; i++) {
@@ -335,8 +332,7 @@ static void test_cond_canceller_holds_mutex(void **state) {
     sem_init(&h->done, 0, 0);
     *cw = (struct cw){cv, TOK(h->src), CANCEL_NEVER, 0, -1};
     struct test_waiter w;
-    test_waiter_start(&w, do_cond_wait, cw);
-    assert_true(test_wait_blocked(w.tid, CANCEL_SEC(5)));
+    test_waiter_block(&w, do_cond_wait, cw);
     pthread_t t = test_thread_start(cancel_holding_mutex, h);
     if (test_sem_wait_ns(&h->done, test_tol(CANCEL_SEC(2))) != 0) {
       print_error("mutex type %d: the canceller holding the mutex "

@@ -652,8 +652,7 @@ static void sc_wakes(void **state) {
   cancel_source *s = new_src("wakes");
   struct run run = {x, TOK(s), CANCEL_NEVER};
   struct test_waiter w;
-  test_waiter_start(&w, run_wait, &run);
-  assert_true(test_wait_blocked(w.tid, CANCEL_SEC(5)));
+  test_waiter_block(&w, run_wait, &run);
   int64_t t0 = cancel_now();
   make_ready(x, false);
   test_waiter_end(&w, test_tol(CANCEL_SEC(2)), test_rescue_cancel, s);
@@ -685,13 +684,8 @@ static void sc_cancel_thread(void **state) {
   cancel_source *s = new_src("thread");
   struct run run = {x, TOK(s), cancel_now() + CANCEL_SEC(60)};
   struct test_waiter w;
-  test_waiter_start(&w, run_wait, &run);
-  assert_true(test_wait_blocked(w.tid, CANCEL_SEC(5)));
-  int64_t t_cancel = cancel_now();
-  assert_int_equal(cancel_source_cancel(s), 1);
-  test_waiter_end(&w, test_tol(CANCEL_SEC(2)), NULL, NULL);
-  assert_i64_eq(w.result, -ECANCELED);
-  assert_i64_lt(w.t_end - t_cancel, test_tol(LATE));
+  test_waiter_block(&w, run_wait, &run);
+  test_waiter_cancel(&w, s, LATE);
   check_err(x);
   make_ready(x, true);
   check_untouched(x);
@@ -1118,7 +1112,7 @@ static void test_write_full_partial(void **state) {
         /* Take N bytes, checking them, then stop reading. */
         assert_int_equal(read_exact(rfd, got, WF_N, 5000), WF_N);
         assert_int_equal(check_pat(got, 0, WF_N), WF_N);
-        assert_true(test_wait_blocked(w.tid, CANCEL_SEC(5)));
+        test_waiter_blocked(&w);
         if (how == 0)
           assert_int_equal(cancel_source_cancel(s), 1);
         struct drainer dr = {rfd, &w};
@@ -1289,11 +1283,11 @@ static void test_read_full_partial(void **state) {
         test_waiter_start(&w, do_read_full, &rf);
         /* N bytes in chunks, each once the reader blocks again. */
         for (int i = 0; i < RF_CHUNKS; i++) {
-          assert_true(test_wait_blocked(w.tid, CANCEL_SEC(5)));
+          test_waiter_blocked(&w);
           fill_pat(chunk, (size_t)i * RF_CHUNK, RF_CHUNK);
           write_all(wfd, chunk, RF_CHUNK);
         }
-        assert_true(test_wait_blocked(w.tid, CANCEL_SEC(5)));
+        test_waiter_blocked(&w);
         if (how == 0)
           assert_int_equal(cancel_source_cancel(s), 1);
         test_waiter_end(&w, test_tol(CANCEL_SEC(2)), test_rescue_cancel, s);
@@ -1505,7 +1499,7 @@ static void test_accept_herd(void **state) {
         test_waiter_stop_with(&w[i], test_rescue_cancel, s);
       }
       for (int i = 0; i < HERD; i++)
-        assert_true(test_wait_blocked(w[i].tid, CANCEL_SEC(5)));
+        test_waiter_blocked(&w[i]);
       struct herd_rescue hr = {&l, {-1, -1, -1, -1, -1, -1}, 0};
       hr.clients[hr.n++] = client_connect(&l, 0);
       /* Exactly one takes it. */
@@ -1602,8 +1596,7 @@ static void test_fifo_big_write_cancellable(void **state) {
     cancel_source *s = new_src("bigwrite");
     struct bigw b = {TOK(s), p[1], data, LEN};
     struct test_waiter w;
-    test_waiter_start(&w, do_big_write, &b);
-    assert_true(test_wait_blocked(w.tid, CANCEL_SEC(5)));
+    test_waiter_block(&w, do_big_write, &b);
     unsigned char *tmp = malloc(fill);
     assert_non_null(tmp);
     assert_int_equal(read_exact(p[0], tmp, fill, 2000), fill);
@@ -1676,8 +1669,8 @@ static void test_readers_race_for_one_byte(void **state) {
     struct test_waiter wa, wb;
     test_waiter_start(&wa, do_read1, &ra);
     test_waiter_start(&wb, do_read1, &rb);
-    assert_true(test_wait_blocked(wa.tid, CANCEL_SEC(5)));
-    assert_true(test_wait_blocked(wb.tid, CANCEL_SEC(5)));
+    test_waiter_blocked(&wa);
+    test_waiter_blocked(&wb);
     write_all(p[1], "x", 1);
     /* One of them gets it... */
     int64_t end = cancel_now() + test_tol(CANCEL_SEC(2));
@@ -1886,13 +1879,8 @@ static void test_connect_hanging(void **state) {
       fd = new_socket(fams[i], nb);
       cw = (struct cw){TOK(s), fd, &f, cancel_now() + CANCEL_SEC(60)};
       struct test_waiter w;
-      test_waiter_start(&w, do_connect, &cw);
-      assert_true(test_wait_blocked(w.tid, CANCEL_SEC(5)));
-      int64_t t_cancel = cancel_now();
-      assert_int_equal(cancel_source_cancel(s), 1);
-      test_waiter_end(&w, test_tol(CANCEL_SEC(2)), NULL, NULL);
-      assert_i64_eq(w.result, -ECANCELED);
-      assert_i64_lt(w.t_end - t_cancel, test_tol(LATE));
+      test_waiter_block(&w, do_connect, &cw);
+      test_waiter_cancel(&w, s, LATE);
       assert_int_equal(is_nonblock(fd), nb);
       close(fd);
       cancel_source_unref(s);

@@ -104,8 +104,7 @@ static void test_sem_posted_while_blocked(void **state) {
     struct sw sw = {k ? NULL : TOK(s), &sem,
                     k ? cancel_now() + CANCEL_SEC(30) : CANCEL_NEVER};
     struct test_waiter w;
-    test_waiter_start(&w, do_sem_wait, &sw);
-    assert_true(test_wait_blocked(w.tid, CANCEL_SEC(5)));
+    test_waiter_block(&w, do_sem_wait, &sw);
     int64_t t0 = cancel_now();
     assert_int_equal(cancel_sem_post(&sem), 0);
     test_waiter_end(&w, test_tol(CANCEL_SEC(2)), NULL, NULL);
@@ -133,13 +132,8 @@ static void test_sem_cancelled_while_blocked(void **state) {
   s = new_src("thread");
   struct sw sw = {TOK(s), &sem, cancel_now() + CANCEL_SEC(30)};
   struct test_waiter w;
-  test_waiter_start(&w, do_sem_wait, &sw);
-  assert_true(test_wait_blocked(w.tid, CANCEL_SEC(5)));
-  int64_t t_cancel = cancel_now();
-  assert_int_equal(cancel_source_cancel(s), 1);
-  test_waiter_end(&w, test_tol(CANCEL_SEC(2)), NULL, NULL);
-  assert_i64_eq(w.result, -ECANCELED);
-  assert_i64_lt(w.t_end - t_cancel, test_tol(LATE));
+  test_waiter_block(&w, do_sem_wait, &sw);
+  test_waiter_cancel(&w, s, LATE);
   cancel_source_unref(s);
 
   /* The cancelled waits took nothing: a post is still there to take. */
@@ -203,8 +197,8 @@ static void test_sem_post_wakes_one(void **state) {
   struct test_waiter wa, wb;
   test_waiter_start(&wa, do_sem_wait, &sa);
   test_waiter_start(&wb, do_sem_wait, &sb);
-  assert_true(test_wait_blocked(wa.tid, CANCEL_SEC(5)));
-  assert_true(test_wait_blocked(wb.tid, CANCEL_SEC(5)));
+  test_waiter_blocked(&wa);
+  test_waiter_blocked(&wb);
   assert_int_equal(cancel_sem_post(&sem), 0);
   /* Whichever took it returns 0 soon. */
   int64_t end = cancel_now() + test_tol(CANCEL_SEC(2));

@@ -126,12 +126,8 @@ static void test_sleep_cancelled_from_thread(void **state) {
     struct test_waiter w;
     test_waiter_start(&w, do_sleep, &sl);
     test_waiter_stop_with(&w, test_rescue_cancel, s);
-    assert_true(test_wait_blocked(w.tid, CANCEL_SEC(5)));
-    int64_t t_cancel = cancel_now();
-    assert_int_equal(cancel_source_cancel(s), 1);
-    test_waiter_end(&w, test_tol(CANCEL_SEC(2)), NULL, NULL);
-    assert_i64_eq(w.result, -ECANCELED);
-    assert_i64_lt(w.t_end - t_cancel, test_tol(LATE));
+    test_waiter_blocked(&w);
+    test_waiter_cancel(&w, s, LATE);
     cancel_source_unref(s);
   }
 }
@@ -148,12 +144,8 @@ static void test_sleep_linked_and_timeout_source(void **state) {
   struct test_waiter w;
   test_waiter_start(&w, do_sleep, &sl);
   test_waiter_stop_with(&w, test_rescue_cancel, child);
-  assert_true(test_wait_blocked(w.tid, CANCEL_SEC(5)));
-  int64_t t_cancel = cancel_now();
-  assert_int_equal(cancel_source_cancel(parent), 1);
-  test_waiter_end(&w, test_tol(CANCEL_SEC(2)), NULL, NULL);
-  assert_i64_eq(w.result, -ECANCELED);
-  assert_i64_lt(w.t_end - t_cancel, test_tol(LATE));
+  test_waiter_blocked(&w);
+  test_waiter_cancel(&w, parent, LATE);
   cancel_source_unref(child);
   cancel_source_unref(parent);
 
@@ -281,7 +273,7 @@ static void test_sleep_shared_token_wakes_all(void **state) {
     test_waiter_stop_with(&w[i], test_rescue_cancel, s);
   }
   for (int i = 0; i < SLEEPERS; i++)
-    assert_true(test_wait_blocked(w[i].tid, CANCEL_SEC(5)));
+    test_waiter_blocked(&w[i]);
   int64_t t_cancel = cancel_now();
   assert_int_equal(cancel_source_cancel(s), 1);
   for (int i = 0; i < SLEEPERS; i++) {
@@ -303,8 +295,8 @@ static void test_sleep_cancel_wakes_only_its_sleeper(void **state) {
   test_waiter_stop_with(&wa, test_rescue_cancel, a);
   test_waiter_start(&wb, do_sleep, &sb);
   test_waiter_stop_with(&wb, test_rescue_cancel, b);
-  assert_true(test_wait_blocked(wa.tid, CANCEL_SEC(5)));
-  assert_true(test_wait_blocked(wb.tid, CANCEL_SEC(5)));
+  test_waiter_blocked(&wa);
+  test_waiter_blocked(&wb);
   assert_int_equal(cancel_source_cancel(a), 1);
   test_waiter_end(&wa, test_tol(CANCEL_SEC(2)), NULL, NULL);
   assert_i64_eq(wa.result, -ECANCELED);
@@ -681,20 +673,14 @@ static void test_poll_over_64_entries(void **state) {
 
   /* Cancelled while blocked. */
   struct test_waiter w;
-  test_waiter_start(&w, do_bigpoll, b);
-  assert_true(test_wait_blocked(w.tid, CANCEL_SEC(5)));
-  int64_t t_cancel = cancel_now();
-  assert_int_equal(cancel_source_cancel(s), 1);
-  test_waiter_end(&w, test_tol(CANCEL_SEC(2)), NULL, NULL);
-  assert_i64_eq(w.result, -ECANCELED);
-  assert_i64_lt(w.t_end - t_cancel, test_tol(LATE));
+  test_waiter_block(&w, do_bigpoll, b);
+  test_waiter_cancel(&w, s, LATE);
   cancel_source_unref(s);
 
   /* Woken by the last entry. */
   s = new_src("big2");
   b->tok = TOK(s);
-  test_waiter_start(&w, do_bigpoll, b);
-  assert_true(test_wait_blocked(w.tid, CANCEL_SEC(5)));
+  test_waiter_block(&w, do_bigpoll, b);
   write_all(a[1], "z", 1);
   test_waiter_end(&w, test_tol(CANCEL_SEC(2)), test_rescue_cancel, s);
   assert_i64_eq(w.result, 1);
