@@ -51,8 +51,10 @@ static int64_t storm_window(void) {
   return test_tol(CANCEL_MSEC(40));
 }
 
-/* Everything one wait uses.  In test_shared() memory: a waiter that a
- * failed assertion leaves behind may still use it. */
+/* Everything one wait uses.  Allocated by ctx_new() and freed by
+ * ctx_free(): a test that fails in between leaks it on purpose, since the
+ * waiter, the joined thread or the child it holds may still use it (the
+ * teardown stops the waiter; nothing may then reuse its memory). */
 struct wctx {
   const struct waitop *op;
   const cancel_token *tok;
@@ -528,7 +530,8 @@ struct entry {
 
 static struct wctx *ctx_new(void **state, cancel_source **src) {
   const struct waitop *op = ((struct entry *)*state)->op;
-  struct wctx *x = test_shared(sizeof *x);
+  struct wctx *x = calloc(1, sizeof *x);
+  assert_non_null(x);
   x->op = op;
   x->fd[0] = x->fd[1] = x->lfd = x->cfd = x->queued = -1;
   x->deadline = CANCEL_NEVER;
@@ -544,6 +547,7 @@ static void ctx_free(struct wctx *x, cancel_source *src) {
   if (x->op->teardown != NULL)
     x->op->teardown(x);
   cancel_source_unref(src);
+  free(x);
 }
 
 static void row_completes(void **state) {
