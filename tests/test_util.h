@@ -643,7 +643,7 @@ static inline double test_stress_scale(void) {
  *
  *   struct test_waiter w;
  *   test_waiter_start(&w, my_wait, &ctx);   // returns once it runs
- *   assert_true(test_wait_blocked(w.tid, ...));
+ *   test_waiter_blocked(&w);                // seen asleep in the kernel
  *   ... cancel or complete ...
  *   test_waiter_end(&w, test_tol(CANCEL_SEC(2)), rescue, &ctx);
  *   assert_i64_eq(w.result, -ECANCELED);
