@@ -31,14 +31,14 @@
  * Every scenario also checks that the descriptor's O_NONBLOCK mode is as
  * it was.
  *
- * The second part tests what the table cannot: hang-ups and end of file; partial progress of the
- * *_full calls (cancelled or timed out mid-transfer, *done equal to what
- * the other side really got); accept's flags and address, accept on what
- * is not a listener, several threads accepting on one listener; named
- * pipes (FIFOs take no RWF_NOWAIT) with big writes and racing readers;
- * connect's success, refusal, a hanging connect (a TCP listener with a
- * full backlog: no traffic leaves loopback) and its completion; bad input;
- * no descriptor leak per thread.
+ * The second part tests what the table cannot: hang-ups and end of file;
+ * partial progress of the *_full calls (cancelled or timed out
+ * mid-transfer, *done equal to what the other side really got); accept's flags
+ * and address, accept on what is not a listener, several threads accepting on
+ * one listener; named pipes (FIFOs take no RWF_NOWAIT) with big writes and
+ * racing readers; connect's success, refusal, a hanging connect (a TCP listener
+ * with a full backlog: no traffic leaves loopback) and its completion; bad
+ * input; no descriptor leak per thread.
  *
  * CANCEL_TEST_FILTER / CANCEL_TEST_SKIP (cmocka globs on the test names)
  * run or skip a subset, e.g. CANCEL_TEST_SKIP='*past'.

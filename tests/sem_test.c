@@ -15,7 +15,6 @@ static unsigned rnd(unsigned *seed) {
   return (*seed >> 16) & 0x7fff;
 }
 
-
 /* How long a wait lasts under a signal storm: long enough, on a slow or
  * loaded machine too (the time scale), for the storm's thread to land a
  * few signals in it. */
