@@ -28,7 +28,7 @@
  * sem_test, thread_test, process_test.
  *
  * CANCEL_TEST_FILTER / CANCEL_TEST_SKIP (cmocka globs on the test names)
- * run or skip a subset, e.g. CANCEL_TEST_FILTER='connect/ *' (no space).
+ * run or skip a subset, e.g. CANCEL_TEST_SKIP='connect*'.
  */
 #include "test_util.h"
 
