@@ -584,7 +584,7 @@ int main(void) {
       cmocka_unit_test(test_deep_chain_cancel_from_timeout),
       cmocka_unit_test(test_deep_zombie_chain_timeout),
   };
-  /* Subsets by name (cmocka globs), as in fd_test: CANCEL_TEST_FILTER runs
+  /* Subsets by name (cmocka globs), as in io_test: CANCEL_TEST_FILTER runs
    * only the tests that match, CANCEL_TEST_SKIP skips those that match. */
   if (getenv("CANCEL_TEST_FILTER") != NULL)
     cmocka_set_test_filter(getenv("CANCEL_TEST_FILTER"));

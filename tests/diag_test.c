@@ -397,7 +397,7 @@ static void test_wait_scope_is_not_an_overrun(void **state) {
   struct test_waiter tw;
   test_waiter_start(&tw, waiter_sleep, (void *)TOK(s));
   test_waiter_stop_with(&tw, test_rescue_cancel, s);
-  assert_true(test_wait_blocked(tw.tid, test_tol(CANCEL_SEC(5))));
+  test_waiter_blocked(&tw);
   cancel_source_cancel(s);
   test_waiter_end(&tw, test_tol(CANCEL_SEC(5)), NULL, NULL);
   assert_i64_eq(tw.result, -ECANCELED);
@@ -627,7 +627,7 @@ static void test_metrics_prometheus(void **state) {
   struct test_waiter tw;
   test_waiter_start(&tw, waiter_sleep, (void *)TOK(w));
   test_waiter_stop_with(&tw, test_rescue_cancel, w);
-  assert_true(test_wait_blocked(tw.tid, test_tol(CANCEL_SEC(5))));
+  test_waiter_blocked(&tw);
   cancel_source_cancel(w);
   test_waiter_end(&tw, test_tol(CANCEL_SEC(5)), NULL, NULL);
   assert_i64_eq(tw.result, -ECANCELED);

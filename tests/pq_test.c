@@ -678,8 +678,7 @@ static void test_notify_wakes_listener(void **state) {
   cancel_source *s = new_src("worker");
   struct listener l = {.conn = lc, .tok = TOK(s), .deadline = CANCEL_NEVER};
   struct test_waiter w;
-  test_waiter_start(&w, listen_wait, &l);
-  assert_true(test_wait_blocked(w.tid, test_tol(CANCEL_SEC(5))));
+  test_waiter_block(&w, listen_wait, &l);
   int64_t t0 = cancel_now();
   exec_ok(nc, "NOTIFY jobs, 'job 17'");
   test_waiter_end(&w, test_tol(CANCEL_SEC(5)), test_rescue_cancel, s);
@@ -712,8 +711,7 @@ static void test_notify_wait_cancelled_and_deadline(void **state) {
   cancel_source *s = new_src("shutdown");
   struct listener l = {.conn = lc, .tok = TOK(s), .deadline = CANCEL_NEVER};
   struct test_waiter w;
-  test_waiter_start(&w, listen_wait, &l);
-  assert_true(test_wait_blocked(w.tid, test_tol(CANCEL_SEC(5))));
+  test_waiter_block(&w, listen_wait, &l);
   int64_t t0 = cancel_now();
   cancel_source_cancel_with(s, CANCEL_SHUTDOWN, "test");
   test_waiter_end(&w, test_tol(CANCEL_SEC(5)), NULL, NULL);

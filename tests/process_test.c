@@ -758,21 +758,13 @@ static void test_bad_arguments(void **state) {
 struct waiter {
   cancel_child *c;
   const cancel_token *tok;
-  int rc;
   int status;
 };
 
-static void *wait_thread(void *arg) {
+static int64_t wait_child(void *arg) {
   struct waiter *w = arg;
-  w->rc =
-      cancel_child_wait(w->tok, w->c, CANCEL_SEC(5), CANCEL_NEVER, &w->status);
-  return NULL;
-}
-
-/* A waiter's stop: cancel the token it waits with (a failed test's
- * teardown; the source outlives the test's frame). */
-static void stop_waiter(void *arg) {
-  cancel_source_cancel((cancel_source *)((struct waiter *)arg)->tok);
+  return cancel_child_wait(w->tok, w->c, CANCEL_SEC(5), CANCEL_NEVER,
+                           &w->status);
 }
 
 static bool handle_busy(void *arg) {
@@ -787,8 +779,10 @@ static void test_second_thread_is_busy(void **state) {
   cancel_child *c = test_shared(sizeof *c);
   spawn_sleep30(c);
   struct waiter *w = test_shared(sizeof *w);
-  *w = (struct waiter){.c = c, .tok = TOK(s), .rc = 1, .status = -1};
-  pthread_t th = test_helper_start(wait_thread, w, stop_waiter);
+  *w = (struct waiter){.c = c, .tok = TOK(s), .status = -1};
+  struct test_waiter tw;
+  test_waiter_start(&tw, wait_child, w);
+  test_waiter_stop_with(&tw, test_rescue_cancel, s);
   /* No signal exists for "the other thread is inside the call". */
   assert_true(test_wait_until(handle_busy, c, test_tol(CANCEL_SEC(5))));
   int status;
@@ -797,8 +791,8 @@ static void test_second_thread_is_busy(void **state) {
   assert_int_equal(cancel_child_signal(c, SIGKILL), -EBUSY);
   /* The way to stop it from here: cancel the waiter's token. */
   cancel_source_cancel(s);
-  test_helper_join(th);
-  assert_int_equal(w->rc, -ECANCELED);
+  test_waiter_end(&tw, test_tol(CANCEL_SEC(5)), NULL, NULL);
+  assert_i64_eq(tw.result, -ECANCELED);
   assert_signalled(w->status, SIGTERM);
   cancel_source_unref(s);
   assert_no_children();

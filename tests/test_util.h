@@ -643,7 +643,7 @@ static inline double test_stress_scale(void) {
  *
  *   struct test_waiter w;
  *   test_waiter_start(&w, my_wait, &ctx);   // returns once it runs
- *   assert_true(test_wait_blocked(w.tid, ...));
+ *   test_waiter_blocked(&w);                // seen asleep in the kernel
  *   ... cancel or complete ...
  *   test_waiter_end(&w, test_tol(CANCEL_SEC(2)), rescue, &ctx);
  *   assert_i64_eq(w.result, -ECANCELED);
@@ -773,6 +773,51 @@ static inline void test_waiter_end(struct test_waiter *w, int64_t timeout_ns,
 /* A rescue for test_waiter_end(): cancels the source arg points to. */
 static inline void test_rescue_cancel(void *src) {
   cancel_source_cancel((cancel_source *)src);
+}
+
+/* ---- The blocked waiter ------------------------------------------------- *
+ * Most tests of a wait have the same shape: a waiter thread enters the
+ * wait, the test waits until it is seen blocked in the kernel, then makes
+ * the wait's condition true or cancels its token and checks how and how
+ * soon it returned:
+ *
+ *   struct test_waiter w;
+ *   test_waiter_block(&w, my_wait, &ctx);
+ *   test_waiter_cancel(&w, src, LATE);   // or: make ready, test_waiter_end
+ *
+ * Cancelling or completing before the waiter blocks would test the fast
+ * path instead of the wake-up, and pass for the wrong reason. */
+
+/* Fails the test unless the waiter w is seen blocked in the kernel within
+ * test_tol(5 s).  A waiter that returned already counts as a failure too:
+ * it did not block. */
+static inline void test_waiter_blocked(struct test_waiter *w) {
+  if (!test_wait_blocked(w->tid, test_tol(CANCEL_SEC(5)))) {
+    int done = 0;
+    sem_getvalue(w->finished, &done);
+    print_error("the waiter %s\n", done ? "returned instead of blocking"
+                                        : "was not seen blocked within 5 s");
+    fail();
+  }
+}
+
+/* test_waiter_start(), then test_waiter_blocked(). */
+static inline void test_waiter_block(struct test_waiter *w, test_wait_fn *fn,
+                                     void *arg) {
+  test_waiter_start(w, fn, arg);
+  test_waiter_blocked(w);
+}
+
+/* Cancels src under the blocked waiter w (src must not have been cancelled
+ * before) and ends w: its wait MUST return -ECANCELED within test_tol(late)
+ * of the cancel.  w.result and w.t_end are set as by test_waiter_end(). */
+static inline void test_waiter_cancel(struct test_waiter *w, cancel_source *src,
+                                      int64_t late) {
+  int64_t t_cancel = cancel_now();
+  assert_int_equal(cancel_source_cancel(src), 1);
+  test_waiter_end(w, test_tol(CANCEL_SEC(2)), NULL, NULL);
+  assert_i64_eq(w->result, -ECANCELED);
+  assert_i64_lt(w->t_end - t_cancel, test_tol(late));
 }
 
 /* Waits until every other thread of the process has been seen asleep in

@@ -163,8 +163,7 @@ static void test_blocked_poller_woken(void **state) {
     struct test_waiter w;
     int64_t t_cancel;
     if (k == 0) {
-      test_waiter_start(&w, do_epoll_wait, &e);
-      assert_true(test_wait_blocked(w.tid, CANCEL_SEC(5)));
+      test_waiter_block(&w, do_epoll_wait, &e);
       t_cancel = cancel_now();
       assert_int_equal(cancel_source_cancel(s), 1);
     } else {

@@ -1,7 +1,9 @@
 /*
- * Descriptor waits: cancel_poll, cancel_wait_fd, cancel_read, cancel_write,
+ * The descriptor I/O of src/io.c: cancel_read, cancel_write,
  * cancel_read_full, cancel_write_full, cancel_recv, cancel_send,
- * cancel_accept and cancel_connect, over real pipes and real loopback
+ * cancel_accept and cancel_connect, beside the readiness waits they are
+ * built on (src/wait.c's cancel_poll and cancel_wait_fd, whose own tests
+ * are in wait_test.c), over real pipes and real loopback
  * sockets (Unix socketpair, Unix path, TCP over 127.0.0.1 and ::1; IPv6
  * tests skip when the machine has no ::1), blocking and O_NONBLOCK.
  *
@@ -29,15 +31,14 @@
  * Every scenario also checks that the descriptor's O_NONBLOCK mode is as
  * it was.
  *
- * The second part tests what the table cannot: poll with many entries,
- * POLLNVAL, nfds 0; hang-ups and end of file; partial progress of the
- * *_full calls (cancelled or timed out mid-transfer, *done equal to what
- * the other side really got); accept's flags and address, accept on what
- * is not a listener, several threads accepting on one listener; named
- * pipes (FIFOs take no RWF_NOWAIT) with big writes and racing readers;
- * connect's success, refusal, a hanging connect (a TCP listener with a
- * full backlog: no traffic leaves loopback) and its completion; bad input;
- * no descriptor leak per thread.
+ * The second part tests what the table cannot: hang-ups and end of file;
+ * partial progress of the *_full calls (cancelled or timed out
+ * mid-transfer, *done equal to what the other side really got); accept's flags
+ * and address, accept on what is not a listener, several threads accepting on
+ * one listener; named pipes (FIFOs take no RWF_NOWAIT) with big writes and
+ * racing readers; connect's success, refusal, a hanging connect (a TCP listener
+ * with a full backlog: no traffic leaves loopback) and its completion; bad
+ * input; no descriptor leak per thread.
  *
  * CANCEL_TEST_FILTER / CANCEL_TEST_SKIP (cmocka globs on the test names)
  * run or skip a subset, e.g. CANCEL_TEST_SKIP='*past'.
@@ -651,8 +652,7 @@ static void sc_wakes(void **state) {
   cancel_source *s = new_src("wakes");
   struct run run = {x, TOK(s), CANCEL_NEVER};
   struct test_waiter w;
-  test_waiter_start(&w, run_wait, &run);
-  assert_true(test_wait_blocked(w.tid, CANCEL_SEC(5)));
+  test_waiter_block(&w, run_wait, &run);
   int64_t t0 = cancel_now();
   make_ready(x, false);
   test_waiter_end(&w, test_tol(CANCEL_SEC(2)), test_rescue_cancel, s);
@@ -684,13 +684,8 @@ static void sc_cancel_thread(void **state) {
   cancel_source *s = new_src("thread");
   struct run run = {x, TOK(s), cancel_now() + CANCEL_SEC(60)};
   struct test_waiter w;
-  test_waiter_start(&w, run_wait, &run);
-  assert_true(test_wait_blocked(w.tid, CANCEL_SEC(5)));
-  int64_t t_cancel = cancel_now();
-  assert_int_equal(cancel_source_cancel(s), 1);
-  test_waiter_end(&w, test_tol(CANCEL_SEC(2)), NULL, NULL);
-  assert_i64_eq(w.result, -ECANCELED);
-  assert_i64_lt(w.t_end - t_cancel, test_tol(LATE));
+  test_waiter_block(&w, run_wait, &run);
+  test_waiter_cancel(&w, s, LATE);
   check_err(x);
   make_ready(x, true);
   check_untouched(x);
@@ -910,146 +905,6 @@ static void make_pipe(int p[2], bool rd_nb, bool wr_nb) {
     set_nonblock(p[1], true);
 }
 
-/* ---- cancel_poll ------------------------------------------------------ */
-
-static void test_poll_many_entries(void **state) {
-  (void)state;
-  int a[2], b[2];
-  make_pipe(a, false, false);
-  make_pipe(b, false, false);
-  cancel_source *s = new_src("poll");
-  struct pollfd p[4] = {{a[0], POLLIN, 0x7f},
-                        {-1, POLLIN, 0x7f}, /* ignored, as in poll(2) */
-                        {b[0], POLLIN, 0x7f},
-                        {-5, POLLOUT, 0x7f}};
-  assert_int_equal(cancel_poll(TOK(s), p, 4, cancel_now() - 1), -ETIMEDOUT);
-
-  write_all(b[1], "x", 1);
-  assert_int_equal(cancel_poll(TOK(s), p, 4, CANCEL_NEVER), 1);
-  assert_int_equal(p[0].revents, 0);
-  assert_int_equal(p[1].revents, 0);
-  assert_true(p[2].revents & POLLIN);
-  assert_int_equal(p[3].revents, 0);
-
-  write_all(a[1], "y", 1);
-  assert_int_equal(cancel_poll(TOK(s), p, 4, CANCEL_NEVER), 2);
-  assert_true(p[0].revents & POLLIN);
-  assert_true(p[2].revents & POLLIN);
-
-  /* A hang-up is reported without being asked for. */
-  char c;
-  assert_int_equal(read(a[0], &c, 1), 1);
-  assert_int_equal(read(b[0], &c, 1), 1);
-  close(a[1]);
-  struct pollfd q = {a[0], POLLIN, 0};
-  assert_int_equal(cancel_poll(TOK(s), &q, 1, CANCEL_NEVER), 1);
-  assert_true(q.revents & POLLHUP);
-  q.events = 0;
-  assert_int_equal(cancel_poll(TOK(s), &q, 1, CANCEL_NEVER), 1);
-  assert_true(q.revents & POLLHUP);
-
-  close(a[0]);
-  close(b[0]);
-  close(b[1]);
-  cancel_source_unref(s);
-}
-
-static void test_poll_nval_counts(void **state) {
-  (void)state;
-  int a[2];
-  make_pipe(a, false, false);
-  int closed[2];
-  make_pipe(closed, false, false);
-  close(closed[0]);
-  close(closed[1]);
-  cancel_source *s = new_src("nval");
-  struct pollfd p[3] = {
-      {a[0], POLLIN, 0}, {closed[0], POLLIN, 0}, {99999, POLLIN, 0}};
-  int64_t t0 = cancel_now();
-  assert_int_equal(cancel_poll(TOK(s), p, 3, CANCEL_NEVER), 2);
-  assert_i64_lt(test_since(t0), test_tol(AT_ONCE));
-  assert_int_equal(p[0].revents, 0);
-  assert_true(p[1].revents & POLLNVAL);
-  assert_true(p[2].revents & POLLNVAL);
-  close(a[0]);
-  close(a[1]);
-  cancel_source_unref(s);
-}
-
-static void test_poll_no_entries(void **state) {
-  (void)state;
-  /* nfds 0 (fds may be NULL): a cancellable sleep until the deadline. */
-  cancel_source *s = new_src("empty");
-  struct pollfd dummy;
-  for (int k = 0; k < 2; k++) {
-    int64_t d = cancel_now() + CANCEL_MSEC(20);
-    assert_int_equal(cancel_poll(TOK(s), k ? &dummy : NULL, 0, d), -ETIMEDOUT);
-    assert_i64_ge(cancel_now(), d);
-    assert_i64_lt(cancel_now(), d + test_tol(LATE));
-  }
-  int64_t t0 = cancel_now();
-  assert_int_equal(cancel_source_cancel_after(s, CANCEL_MSEC(20)), 0);
-  assert_int_equal(cancel_poll(TOK(s), NULL, 0, CANCEL_NEVER), -ECANCELED);
-  assert_elapsed_within(test_since(t0), CANCEL_MSEC(20), LATE);
-  cancel_source_unref(s);
-
-  /* fds NULL with entries: -EINVAL. */
-  assert_int_equal(cancel_poll(NULL, NULL, 1, CANCEL_NEVER), -EINVAL);
-  assert_int_equal(cancel_poll(NULL, NULL, 100, cancel_now() - 1), -EINVAL);
-}
-
-/* More entries than fit beside the wake descriptor on the stack. */
-enum { BIG = 100 };
-
-struct bigpoll {
-  struct pollfd p[BIG];
-  const cancel_token *tok;
-};
-
-static int64_t do_bigpoll(void *arg) {
-  struct bigpoll *b = arg;
-  return cancel_poll(b->tok, b->p, BIG, CANCEL_NEVER);
-}
-
-static void test_poll_over_64_entries(void **state) {
-  (void)state;
-  int a[2];
-  make_pipe(a, false, false);
-  struct bigpoll *b = calloc(1, sizeof *b);
-  assert_non_null(b);
-  for (int i = 0; i < BIG; i++)
-    b->p[i] = (struct pollfd){i == BIG - 1 ? a[0] : -1, POLLIN, 0};
-  cancel_source *s = new_src("big");
-  b->tok = TOK(s);
-
-  /* Cancelled while blocked. */
-  struct test_waiter w;
-  test_waiter_start(&w, do_bigpoll, b);
-  assert_true(test_wait_blocked(w.tid, CANCEL_SEC(5)));
-  int64_t t_cancel = cancel_now();
-  assert_int_equal(cancel_source_cancel(s), 1);
-  test_waiter_end(&w, test_tol(CANCEL_SEC(2)), NULL, NULL);
-  assert_i64_eq(w.result, -ECANCELED);
-  assert_i64_lt(w.t_end - t_cancel, test_tol(LATE));
-  cancel_source_unref(s);
-
-  /* Woken by the last entry. */
-  s = new_src("big2");
-  b->tok = TOK(s);
-  test_waiter_start(&w, do_bigpoll, b);
-  assert_true(test_wait_blocked(w.tid, CANCEL_SEC(5)));
-  write_all(a[1], "z", 1);
-  test_waiter_end(&w, test_tol(CANCEL_SEC(2)), test_rescue_cancel, s);
-  assert_i64_eq(w.result, 1);
-  assert_true(b->p[BIG - 1].revents & POLLIN);
-  for (int i = 0; i < BIG - 1; i++)
-    assert_int_equal(b->p[i].revents, 0);
-  cancel_source_unref(s);
-  close(a[0]);
-  close(a[1]);
-  free(b);
-}
-
 /* ---- cancel_wait_fd, end of file, broken pipes ------------------------ */
 
 static void test_hangup_and_eof(void **state) {
@@ -1257,7 +1112,7 @@ static void test_write_full_partial(void **state) {
         /* Take N bytes, checking them, then stop reading. */
         assert_int_equal(read_exact(rfd, got, WF_N, 5000), WF_N);
         assert_int_equal(check_pat(got, 0, WF_N), WF_N);
-        assert_true(test_wait_blocked(w.tid, CANCEL_SEC(5)));
+        test_waiter_blocked(&w);
         if (how == 0)
           assert_int_equal(cancel_source_cancel(s), 1);
         struct drainer dr = {rfd, &w};
@@ -1428,11 +1283,11 @@ static void test_read_full_partial(void **state) {
         test_waiter_start(&w, do_read_full, &rf);
         /* N bytes in chunks, each once the reader blocks again. */
         for (int i = 0; i < RF_CHUNKS; i++) {
-          assert_true(test_wait_blocked(w.tid, CANCEL_SEC(5)));
+          test_waiter_blocked(&w);
           fill_pat(chunk, (size_t)i * RF_CHUNK, RF_CHUNK);
           write_all(wfd, chunk, RF_CHUNK);
         }
-        assert_true(test_wait_blocked(w.tid, CANCEL_SEC(5)));
+        test_waiter_blocked(&w);
         if (how == 0)
           assert_int_equal(cancel_source_cancel(s), 1);
         test_waiter_end(&w, test_tol(CANCEL_SEC(2)), test_rescue_cancel, s);
@@ -1644,7 +1499,7 @@ static void test_accept_herd(void **state) {
         test_waiter_stop_with(&w[i], test_rescue_cancel, s);
       }
       for (int i = 0; i < HERD; i++)
-        assert_true(test_wait_blocked(w[i].tid, CANCEL_SEC(5)));
+        test_waiter_blocked(&w[i]);
       struct herd_rescue hr = {&l, {-1, -1, -1, -1, -1, -1}, 0};
       hr.clients[hr.n++] = client_connect(&l, 0);
       /* Exactly one takes it. */
@@ -1741,8 +1596,7 @@ static void test_fifo_big_write_cancellable(void **state) {
     cancel_source *s = new_src("bigwrite");
     struct bigw b = {TOK(s), p[1], data, LEN};
     struct test_waiter w;
-    test_waiter_start(&w, do_big_write, &b);
-    assert_true(test_wait_blocked(w.tid, CANCEL_SEC(5)));
+    test_waiter_block(&w, do_big_write, &b);
     unsigned char *tmp = malloc(fill);
     assert_non_null(tmp);
     assert_int_equal(read_exact(p[0], tmp, fill, 2000), fill);
@@ -1815,8 +1669,8 @@ static void test_readers_race_for_one_byte(void **state) {
     struct test_waiter wa, wb;
     test_waiter_start(&wa, do_read1, &ra);
     test_waiter_start(&wb, do_read1, &rb);
-    assert_true(test_wait_blocked(wa.tid, CANCEL_SEC(5)));
-    assert_true(test_wait_blocked(wb.tid, CANCEL_SEC(5)));
+    test_waiter_blocked(&wa);
+    test_waiter_blocked(&wb);
     write_all(p[1], "x", 1);
     /* One of them gets it... */
     int64_t end = cancel_now() + test_tol(CANCEL_SEC(2));
@@ -2025,13 +1879,8 @@ static void test_connect_hanging(void **state) {
       fd = new_socket(fams[i], nb);
       cw = (struct cw){TOK(s), fd, &f, cancel_now() + CANCEL_SEC(60)};
       struct test_waiter w;
-      test_waiter_start(&w, do_connect, &cw);
-      assert_true(test_wait_blocked(w.tid, CANCEL_SEC(5)));
-      int64_t t_cancel = cancel_now();
-      assert_int_equal(cancel_source_cancel(s), 1);
-      test_waiter_end(&w, test_tol(CANCEL_SEC(2)), NULL, NULL);
-      assert_i64_eq(w.result, -ECANCELED);
-      assert_i64_lt(w.t_end - t_cancel, test_tol(LATE));
+      test_waiter_block(&w, do_connect, &cw);
+      test_waiter_cancel(&w, s, LATE);
       assert_int_equal(is_nonblock(fd), nb);
       close(fd);
       cancel_source_unref(s);
@@ -2386,14 +2235,10 @@ int main(void) {
   signal(SIGPIPE, SIG_IGN);
   have_ipv6 = probe_ipv6();
   if (!have_ipv6)
-    fprintf(stderr, "fd_test: no IPv6 loopback: tcp6 cases are skipped\n");
+    fprintf(stderr, "io_test: no IPv6 loopback: tcp6 cases are skipped\n");
   fill_pat(payload, 0, PAYLOAD);
 
   static const struct CMUnitTest fixed[] = {
-      cmocka_unit_test(test_poll_many_entries),
-      cmocka_unit_test(test_poll_nval_counts),
-      cmocka_unit_test(test_poll_no_entries),
-      cmocka_unit_test(test_poll_over_64_entries),
       cmocka_unit_test(test_hangup_and_eof),
       cmocka_unit_test(test_recv_flags_pass_through),
       cmocka_unit_test(test_write_full_partial),
@@ -2443,7 +2288,7 @@ int main(void) {
     cmocka_set_test_filter(getenv("CANCEL_TEST_FILTER"));
   if (getenv("CANCEL_TEST_SKIP") != NULL)
     cmocka_set_skip_filter(getenv("CANCEL_TEST_SKIP"));
-  int rc = _cmocka_run_group_tests("fd_test", tests, n, NULL, NULL);
+  int rc = _cmocka_run_group_tests("io_test", tests, n, NULL, NULL);
   free(tests);
   free(entries);
   return rc;

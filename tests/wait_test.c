@@ -1,14 +1,24 @@
 /*
+ * The waits of src/wait.c (cancel_token_settle has settle_test.c; the
+ * descriptor table of io_test.c runs cancel_poll and cancel_wait_fd
+ * through its scenarios too).
+ *
  * cancel_sleep and cancel_sleep_until: the time is up (0, never early),
  * cancelled while asleep (from a timer and from another thread, promptly),
  * cancelled before (at once, whatever the duration), past and far
  * deadlines, bad input, signals during the sleep (EINTR never ends it), a
  * shared token waking many sleepers (ten thousand of them in linear time),
  * and no stale wake-up left behind for the thread's next sleep.
+ *
+ * cancel_poll: many entries (negative ones ignored, hang-ups reported
+ * unasked), POLLNVAL counted, nfds 0 as a cancellable sleep, more entries
+ * than fit on the stack beside the wake descriptor.
  */
 #include "test_util.h"
 
+#include <fcntl.h>
 #include <linux/futex.h>
+#include <poll.h>
 #include <stdint.h>
 
 /* How late a wake-up may be: cancel (or deadline) to return. */
@@ -116,12 +126,8 @@ static void test_sleep_cancelled_from_thread(void **state) {
     struct test_waiter w;
     test_waiter_start(&w, do_sleep, &sl);
     test_waiter_stop_with(&w, test_rescue_cancel, s);
-    assert_true(test_wait_blocked(w.tid, CANCEL_SEC(5)));
-    int64_t t_cancel = cancel_now();
-    assert_int_equal(cancel_source_cancel(s), 1);
-    test_waiter_end(&w, test_tol(CANCEL_SEC(2)), NULL, NULL);
-    assert_i64_eq(w.result, -ECANCELED);
-    assert_i64_lt(w.t_end - t_cancel, test_tol(LATE));
+    test_waiter_blocked(&w);
+    test_waiter_cancel(&w, s, LATE);
     cancel_source_unref(s);
   }
 }
@@ -138,12 +144,8 @@ static void test_sleep_linked_and_timeout_source(void **state) {
   struct test_waiter w;
   test_waiter_start(&w, do_sleep, &sl);
   test_waiter_stop_with(&w, test_rescue_cancel, child);
-  assert_true(test_wait_blocked(w.tid, CANCEL_SEC(5)));
-  int64_t t_cancel = cancel_now();
-  assert_int_equal(cancel_source_cancel(parent), 1);
-  test_waiter_end(&w, test_tol(CANCEL_SEC(2)), NULL, NULL);
-  assert_i64_eq(w.result, -ECANCELED);
-  assert_i64_lt(w.t_end - t_cancel, test_tol(LATE));
+  test_waiter_blocked(&w);
+  test_waiter_cancel(&w, parent, LATE);
   cancel_source_unref(child);
   cancel_source_unref(parent);
 
@@ -271,7 +273,7 @@ static void test_sleep_shared_token_wakes_all(void **state) {
     test_waiter_stop_with(&w[i], test_rescue_cancel, s);
   }
   for (int i = 0; i < SLEEPERS; i++)
-    assert_true(test_wait_blocked(w[i].tid, CANCEL_SEC(5)));
+    test_waiter_blocked(&w[i]);
   int64_t t_cancel = cancel_now();
   assert_int_equal(cancel_source_cancel(s), 1);
   for (int i = 0; i < SLEEPERS; i++) {
@@ -293,8 +295,8 @@ static void test_sleep_cancel_wakes_only_its_sleeper(void **state) {
   test_waiter_stop_with(&wa, test_rescue_cancel, a);
   test_waiter_start(&wb, do_sleep, &sb);
   test_waiter_stop_with(&wb, test_rescue_cancel, b);
-  assert_true(test_wait_blocked(wa.tid, CANCEL_SEC(5)));
-  assert_true(test_wait_blocked(wb.tid, CANCEL_SEC(5)));
+  test_waiter_blocked(&wa);
+  test_waiter_blocked(&wb);
   assert_int_equal(cancel_source_cancel(a), 1);
   test_waiter_end(&wa, test_tol(CANCEL_SEC(2)), NULL, NULL);
   assert_i64_eq(wa.result, -ECANCELED);
@@ -528,6 +530,169 @@ static void test_sleep_ten_thousand_sleepers(void **state) {
   }
 }
 
+/* ---- Descriptors for the cancel_poll tests --------------------------- */
+
+static void set_nonblock(int fd, bool on) {
+  int fl = fcntl(fd, F_GETFL);
+  assert_true(fl >= 0);
+  fl = on ? fl | O_NONBLOCK : fl & ~O_NONBLOCK;
+  assert_int_equal(fcntl(fd, F_SETFL, fl), 0);
+}
+
+static void make_pipe(int p[2], bool rd_nb, bool wr_nb) {
+  assert_int_equal(pipe2(p, O_CLOEXEC), 0);
+  if (rd_nb)
+    set_nonblock(p[0], true);
+  if (wr_nb)
+    set_nonblock(p[1], true);
+}
+
+/* The tests write a byte or two into an empty pipe: it never blocks. */
+static void write_all(int fd, const void *buf, size_t len) {
+  size_t put = 0;
+  while (put < len) {
+    ssize_t r = write(fd, (const char *)buf + put, len - put);
+    if (r < 0 && errno == EINTR)
+      continue;
+    assert_true(r > 0);
+    put += (size_t)r;
+  }
+}
+
+/* ---- cancel_poll ------------------------------------------------------ */
+
+static void test_poll_many_entries(void **state) {
+  (void)state;
+  int a[2], b[2];
+  make_pipe(a, false, false);
+  make_pipe(b, false, false);
+  cancel_source *s = new_src("poll");
+  struct pollfd p[4] = {{a[0], POLLIN, 0x7f},
+                        {-1, POLLIN, 0x7f}, /* ignored, as in poll(2) */
+                        {b[0], POLLIN, 0x7f},
+                        {-5, POLLOUT, 0x7f}};
+  assert_int_equal(cancel_poll(TOK(s), p, 4, cancel_now() - 1), -ETIMEDOUT);
+
+  write_all(b[1], "x", 1);
+  assert_int_equal(cancel_poll(TOK(s), p, 4, CANCEL_NEVER), 1);
+  assert_int_equal(p[0].revents, 0);
+  assert_int_equal(p[1].revents, 0);
+  assert_true(p[2].revents & POLLIN);
+  assert_int_equal(p[3].revents, 0);
+
+  write_all(a[1], "y", 1);
+  assert_int_equal(cancel_poll(TOK(s), p, 4, CANCEL_NEVER), 2);
+  assert_true(p[0].revents & POLLIN);
+  assert_true(p[2].revents & POLLIN);
+
+  /* A hang-up is reported without being asked for. */
+  char c;
+  assert_int_equal(read(a[0], &c, 1), 1);
+  assert_int_equal(read(b[0], &c, 1), 1);
+  close(a[1]);
+  struct pollfd q = {a[0], POLLIN, 0};
+  assert_int_equal(cancel_poll(TOK(s), &q, 1, CANCEL_NEVER), 1);
+  assert_true(q.revents & POLLHUP);
+  q.events = 0;
+  assert_int_equal(cancel_poll(TOK(s), &q, 1, CANCEL_NEVER), 1);
+  assert_true(q.revents & POLLHUP);
+
+  close(a[0]);
+  close(b[0]);
+  close(b[1]);
+  cancel_source_unref(s);
+}
+
+static void test_poll_nval_counts(void **state) {
+  (void)state;
+  int a[2];
+  make_pipe(a, false, false);
+  int closed[2];
+  make_pipe(closed, false, false);
+  close(closed[0]);
+  close(closed[1]);
+  cancel_source *s = new_src("nval");
+  struct pollfd p[3] = {
+      {a[0], POLLIN, 0}, {closed[0], POLLIN, 0}, {99999, POLLIN, 0}};
+  int64_t t0 = cancel_now();
+  assert_int_equal(cancel_poll(TOK(s), p, 3, CANCEL_NEVER), 2);
+  assert_i64_lt(test_since(t0), test_tol(AT_ONCE));
+  assert_int_equal(p[0].revents, 0);
+  assert_true(p[1].revents & POLLNVAL);
+  assert_true(p[2].revents & POLLNVAL);
+  close(a[0]);
+  close(a[1]);
+  cancel_source_unref(s);
+}
+
+static void test_poll_no_entries(void **state) {
+  (void)state;
+  /* nfds 0 (fds may be NULL): a cancellable sleep until the deadline. */
+  cancel_source *s = new_src("empty");
+  struct pollfd dummy;
+  for (int k = 0; k < 2; k++) {
+    int64_t d = cancel_now() + CANCEL_MSEC(20);
+    assert_int_equal(cancel_poll(TOK(s), k ? &dummy : NULL, 0, d), -ETIMEDOUT);
+    assert_i64_ge(cancel_now(), d);
+    assert_i64_lt(cancel_now(), d + test_tol(LATE));
+  }
+  int64_t t0 = cancel_now();
+  assert_int_equal(cancel_source_cancel_after(s, CANCEL_MSEC(20)), 0);
+  assert_int_equal(cancel_poll(TOK(s), NULL, 0, CANCEL_NEVER), -ECANCELED);
+  assert_elapsed_within(test_since(t0), CANCEL_MSEC(20), LATE);
+  cancel_source_unref(s);
+
+  /* fds NULL with entries: -EINVAL. */
+  assert_int_equal(cancel_poll(NULL, NULL, 1, CANCEL_NEVER), -EINVAL);
+  assert_int_equal(cancel_poll(NULL, NULL, 100, cancel_now() - 1), -EINVAL);
+}
+
+/* More entries than fit beside the wake descriptor on the stack. */
+enum { BIG = 100 };
+
+struct bigpoll {
+  struct pollfd p[BIG];
+  const cancel_token *tok;
+};
+
+static int64_t do_bigpoll(void *arg) {
+  struct bigpoll *b = arg;
+  return cancel_poll(b->tok, b->p, BIG, CANCEL_NEVER);
+}
+
+static void test_poll_over_64_entries(void **state) {
+  (void)state;
+  int a[2];
+  make_pipe(a, false, false);
+  struct bigpoll *b = calloc(1, sizeof *b);
+  assert_non_null(b);
+  for (int i = 0; i < BIG; i++)
+    b->p[i] = (struct pollfd){i == BIG - 1 ? a[0] : -1, POLLIN, 0};
+  cancel_source *s = new_src("big");
+  b->tok = TOK(s);
+
+  /* Cancelled while blocked. */
+  struct test_waiter w;
+  test_waiter_block(&w, do_bigpoll, b);
+  test_waiter_cancel(&w, s, LATE);
+  cancel_source_unref(s);
+
+  /* Woken by the last entry. */
+  s = new_src("big2");
+  b->tok = TOK(s);
+  test_waiter_block(&w, do_bigpoll, b);
+  write_all(a[1], "z", 1);
+  test_waiter_end(&w, test_tol(CANCEL_SEC(2)), test_rescue_cancel, s);
+  assert_i64_eq(w.result, 1);
+  assert_true(b->p[BIG - 1].revents & POLLIN);
+  for (int i = 0; i < BIG - 1; i++)
+    assert_int_equal(b->p[i].revents, 0);
+  cancel_source_unref(s);
+  close(a[0]);
+  close(a[1]);
+  free(b);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_sleep_completes),
@@ -544,6 +709,10 @@ int main(void) {
       cmocka_unit_test(test_sleep_cancel_wakes_only_its_sleeper),
       cmocka_unit_test(test_sleep_no_stale_wakeup),
       cmocka_unit_test(test_sleep_ten_thousand_sleepers),
+      cmocka_unit_test(test_poll_many_entries),
+      cmocka_unit_test(test_poll_nval_counts),
+      cmocka_unit_test(test_poll_no_entries),
+      cmocka_unit_test(test_poll_over_64_entries),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
