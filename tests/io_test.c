@@ -56,7 +56,11 @@
 #include <sys/types.h>
 #include <sys/un.h>
 
-#define LATE CANCEL_MSEC(50)
+/* How late a wake-up may be.  Generous on purpose: on a loaded shared
+ * machine (parallel ctest on two cores) a timer thread waits 100-200 ms
+ * for a CPU.  What is asserted is that the wait ended by the right cause,
+ * not how fast: precision is measured by make bench. */
+#define LATE CANCEL_MSEC(200)
 #define AT_ONCE CANCEL_MSEC(20)
 
 /* ---- Data ------------------------------------------------------------- */
@@ -799,7 +803,7 @@ static void sc_signals(void **state) {
   /* How long each wait lasts under the storm: long enough, on a slow or
    * loaded machine too (the time scale), for the storm's thread to land
    * a few signals in it. */
-  const int64_t window = test_tol(CANCEL_MSEC(20));
+  const int64_t window = test_tol(CANCEL_MSEC(50));
 
   /* Cancelled after the window of storm. */
   cancel_source *c = new_src("storm-cancel");

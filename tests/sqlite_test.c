@@ -444,7 +444,9 @@ static void test_transaction_cancelled_before_commit(void **state) {
   int urc = cancel_unregister(&reg);
   assert_int_equal(arc, 0);
   assert_int_equal(trc, -ECANCELED);
-  assert_i64_lt(since_fire, test_tol(CANCEL_LATENCY));
+  /* One shot, so a loaded machine's scheduling shows: the loose bound;
+   * the latency loop above asserts the median against CANCEL_LATENCY. */
+  assert_i64_lt(since_fire, test_tol(CANCEL_MSEC(200)));
   assert_int_equal(urc, 0);
   assert_int_equal(sqlite3_get_autocommit(db), 1);
   assert_i64_eq(committed_rows("txcancel.db"), 0);

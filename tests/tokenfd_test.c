@@ -11,7 +11,11 @@
 #include <poll.h>
 #include <sys/epoll.h>
 
-#define LATE CANCEL_MSEC(50)
+/* How late a wake-up may be.  Generous on purpose: on a loaded shared
+ * machine (parallel ctest on two cores) a timer thread waits 100-200 ms
+ * for a CPU.  What is asserted is that the wait ended by the right cause,
+ * not how fast: precision is measured by make bench. */
+#define LATE CANCEL_MSEC(200)
 
 /* poll(fd, POLLIN) with a timeout in ms: revents, 0 when not readable. */
 static int readable(int fd, int ms) {

@@ -39,7 +39,11 @@
 
 #include "cancel/process.h"
 
-#define LATE CANCEL_MSEC(50)
+/* How late a wake-up may be.  Generous on purpose: on a loaded shared
+ * machine (parallel ctest on two cores) a timer thread waits 100-200 ms
+ * for a CPU.  What is asserted is that the wait ended by the right cause,
+ * not how fast: precision is measured by make bench. */
+#define LATE CANCEL_MSEC(200)
 #define AT_ONCE CANCEL_MSEC(20)
 /* A connect made ready (its listener's queue freed) completes when the
  * kernel retries its SYN: 1 s after the first. */

@@ -22,7 +22,11 @@
 #include <stdint.h>
 
 /* How late a wake-up may be: cancel (or deadline) to return. */
-#define LATE CANCEL_MSEC(50)
+/* How late a wake-up may be.  Generous on purpose: on a loaded shared
+ * machine (parallel ctest on two cores) a timer thread waits 100-200 ms
+ * for a CPU.  What is asserted is that the wait ended by the right cause,
+ * not how fast: precision is measured by make bench. */
+#define LATE CANCEL_MSEC(200)
 /* How long "at once" may take. */
 #define AT_ONCE CANCEL_MSEC(20)
 
