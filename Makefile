@@ -177,31 +177,26 @@ check-tsan:
 	$(call check_build,build-tsan,tsan,$(TSAN_CMAKE),$(SLOW_ENV) $(TSAN_LAUNCHER))
 
 # Every test and example program of the normal build under valgrind,
-# except those named in VALGRIND_SKIP.
+# except those named in VALGRIND_SKIP, JOBS at a time.
 check-valgrind:
 	@mkdir -p $(dir $(TALLY))
 	@echo "== valgrind: programs of build/ (skipping: $(VALGRIND_SKIP))"
 	@if ! $(CMAKE) --build build -j$(JOBS) >/dev/null 2>&1; then \
 	  echo "0 1 valgrind (build failed)" >> $(TALLY); exit 1; \
 	fi
-	@passed=0; failed=0; \
+	@srcs=; \
 	for src in tests/*_test.c examples/patterns/*.c docs/examples/*.c; do \
 	  [ -e "$$src" ] || continue; \
-	  name=$$(basename "$$src" .c); \
-	  case " $(VALGRIND_SKIP) " in *" $$name "*) continue ;; esac; \
-	  exe=build/$${src%.c}; \
-	  [ -x "$$exe" ] || { echo "valgrind $$name: not built, skipped"; continue; }; \
-	  log=build/valgrind-$$name.log; \
-	  if CANCEL_TEST_TIME_SCALE=$(VALGRIND_SCALE) timeout $(VALGRIND_TIMEOUT) \
-	       $(VALGRIND) --log-file=$$log $$exe > $$log.out 2>&1; then \
-	    echo "valgrind $$name: passed"; passed=$$((passed + 1)); \
-	  else \
-	    echo "valgrind $$name: FAILED"; cat $$log.out $$log 2>/dev/null || true; \
-	    failed=$$((failed + 1)); \
-	  fi; \
+	  case " $(VALGRIND_SKIP) " in *" $$(basename "$$src" .c) "*) continue ;; esac; \
+	  srcs="$$srcs $$src"; \
 	done; \
-	echo "$$passed $$failed valgrind" >> $(TALLY); \
-	[ $$failed -eq 0 ]
+	VALGRIND="$(VALGRIND)" CANCEL_TEST_TIME_SCALE=$(VALGRIND_SCALE) \
+	  sh tests/valgrind/run.sh build $(JOBS) $(VALGRIND_TIMEOUT) $$srcs \
+	  > build/valgrind.txt; rc=$$?; \
+	sed '$$d' build/valgrind.txt; \
+	set -- $$(tail -n 1 build/valgrind.txt) 0 1; \
+	echo "$$1 $$2 valgrind" >> $(TALLY); \
+	[ $$rc -eq 0 ] && [ $$2 -eq 0 ]
 
 # ----------------------------------------------------------------------
 # Fuzzing: clang's libFuzzer, every object instrumented and under

@@ -607,6 +607,21 @@ static inline long test_sigstorm_stop(struct test_sigstorm *s) {
          s->hits_before;
 }
 
+/* Waits until the storm has hit n times (handler runs since start) or
+ * `until` (cancel_now() time) has come; returns the hits.  For a test
+ * whose wait is still blocked: on a loaded machine the storm's thread may
+ * get the CPU only a few times a window, and what must be shown is that
+ * signals landed during the wait, not how many a millisecond. */
+static inline long test_sigstorm_await(struct test_sigstorm *s, long n,
+                                       int64_t until) {
+  long hits;
+  while ((hits = __atomic_load_n(test_sigstorm_hits(), __ATOMIC_RELAXED) -
+                 s->hits_before) < n &&
+         cancel_now() < until)
+    test_sleep_ns(CANCEL_MSEC(1));
+  return hits;
+}
+
 /* ---- Measured waits ---------------------------------------------------- */
 
 /* The elapsed time since t0 (cancel_now() units). */

@@ -24,7 +24,7 @@ static int aggregate(const cancel_token *tok, long rows, long *sum) {
 static int serve(const cancel_token *request, long rows) {
   CANCEL_AUTO_SOURCE cancel_source *scope = NULL;
   int rc = cancel_source_new_timeout(&scope, "GET /reports/42", request,
-                                     CANCEL_MSEC(20));
+                                     CANCEL_MSEC(200));
   if (rc < 0)
     return rc;
   long sum = 0;
