@@ -480,9 +480,10 @@ static void put_double(char *out, size_t len, double x, int decimals) {
 }
 
 /* The symbolic name of an errno value, or NULL.  glibc has the table
- * (strerrorname_np, 2.32); another C library gets the number. */
+ * (strerrorname_np, 2.32); without it the log line carries the number
+ * alone (cancel.h: Platform). */
 static const char *errno_name(int e) {
-#if defined(__GLIBC__) && (__GLIBC__ > 2 || __GLIBC_MINOR__ >= 32)
+#ifdef CANCEL_HAVE_STRERRORNAME_NP
   return strerrorname_np(e);
 #else
   (void)e;
