@@ -25,8 +25,9 @@
 #include <stddef.h>
 
 static struct cancel__waiter *job_waiter(struct cancel__rjob *job) {
-  return (struct cancel__waiter *)(void *)((char *)job -
-                                           offsetof(struct cancel__waiter, job));
+  return (
+      struct cancel__waiter *)(void *)((char *)job -
+                                       offsetof(struct cancel__waiter, job));
 }
 
 /* On the reactor thread, under its lock: never block. */

@@ -2,12 +2,13 @@
  * The reactor: the library's one internal thread.  It sleeps in epoll_wait
  * on a timerfd set to the earliest timer, an eventfd for wake-ups and the
  * descriptors being watched; it fires due timers, runs the watches'
- * callbacks and the jobs posted to it (cancel__reactor_post).  It starts on first use, blocks every signal (signals belong
- * to the application's threads, or to a signalfd it watches), exits after
- * it has been idle for a while (no timer and no watch), and is joined at
- * process exit so that a clean exit leaves no thread behind.  After fork()
- * the child starts afresh: its first timer or watch starts a new thread
- * with new descriptors, and the parent's watches are not carried over.
+ * callbacks and the jobs posted to it (cancel__reactor_post).  It starts
+ * on first use, blocks every signal (signals belong to the application's
+ * threads, or to a signalfd it watches), exits after it has been idle for
+ * a while (no timer, no watch and no job), and is joined at process exit
+ * so that a clean exit leaves no thread behind.  After fork() the child
+ * starts afresh: its first timer or watch starts a new thread with new
+ * descriptors, and the parent's watches are not carried over.
  *
  * Watches are named in the epoll set by an id, not by a pointer: a slot in
  * a table and the slot's generation.  epoll_wait hands events out before

@@ -147,8 +147,8 @@ int main(void) {
   cancel_log_set_sink(NULL, NULL, CANCEL_LOG_INFO);
   pthread_mutex_lock(&seen_mu);
   bool stack_ok = has_stacks ? named_caller : no_stack && !named_caller;
-  bool ok = after_bad == 1 && named_wait && stack_ok &&
-            reports == after_bad && bad > 50 && good >= 0 && good < 50;
+  bool ok = after_bad == 1 && named_wait && stack_ok && reports == after_bad &&
+            bad > 50 && good >= 0 && good < 50;
   printf("\n%s: the dropped token was %sreported%s%s; the fixed version "
          "was %sreported\n",
          ok ? "ok" : "FAILED", after_bad == 1 ? "" : "not ",
