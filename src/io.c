@@ -29,8 +29,9 @@
 
 /* preadv2/pwritev2 at the current position with RWF_NOWAIT (Linux 4.14).
  * glibc (2.26) has the wrappers; musl 1.2.3 has not, and gets the system
- * call itself, whose offset comes as two words: -1 in the low one is "the
- * current position" on a 64-bit kernel (cancel.h: Platform). */
+ * call itself, whose offset comes as two words (the high one ignored by a
+ * 64-bit kernel): -1 in both is -1, "the current position" (cancel.h:
+ * Platform). */
 #ifdef CANCEL_HAVE_PREADV2
 static ssize_t nowait_rw(long nr, int fd, struct iovec *iov) {
   return nr == SYS_preadv2 ? preadv2(fd, iov, 1, -1, RWF_NOWAIT)
@@ -38,7 +39,7 @@ static ssize_t nowait_rw(long nr, int fd, struct iovec *iov) {
 }
 #else
 static ssize_t nowait_rw(long nr, int fd, struct iovec *iov) {
-  return syscall(nr, fd, iov, 1, -1L, 0L, RWF_NOWAIT);
+  return syscall(nr, fd, iov, 1, -1L, -1L, RWF_NOWAIT);
 }
 #endif
 
@@ -97,8 +98,10 @@ static ssize_t transfer(const cancel_token *tok, int fd, void *buf, size_t len,
         return n;
       if (errno == EINTR)
         continue;
-      if (errno == EOPNOTSUPP && nowait) {
-        nowait = false; /* no RWF_NOWAIT here: readiness first */
+      if ((errno == EOPNOTSUPP || errno == ENOSYS) && nowait) {
+        /* No RWF_NOWAIT for this file, or no preadv2 at all (Linux before
+         * 4.6): readiness first. */
+        nowait = false;
       } else if (errno != EAGAIN && errno != EWOULDBLOCK) {
         return -errno;
       }
