@@ -2,7 +2,8 @@
 #
 #   make deps    install the Debian packages everything below needs
 #   make         configure and build (RelWithDebInfo) into build/
-#   make check   tests in three builds (normal, ASan+UBSan, TSan) + valgrind
+#   make check   tests in three builds (normal, ASan+UBSan, TSan) + valgrind,
+#                the core's unit tests built with clang and with musl-gcc
 #   make fuzz    the libFuzzer harnesses, FUZZ_SECONDS (300) each
 #   make faults  fail every faultable call of the core, one at a time (ASan)
 #   make bench   build (Release) and run the benchmarks
@@ -49,6 +50,9 @@ DEPS_CHECK += dpkg-dev
 # sqlite3: the shell quickstart_test makes its database with (as the
 # README's quick start does).
 DEPS_CHECK += sqlite3
+# musl-tools: musl-gcc, for make check-musl (the core on musl); the kernel
+# headers it is pointed at are linux-libc-dev's (build-essential's).
+DEPS_CHECK += musl-tools linux-libc-dev
 # node may come from outside Debian: only ask for nodejs when none is found.
 DEPS_BENCH := golang-go g++ gnuplot-nox $(if $(shell command -v node),,nodejs)
 # The GLib and .NET (Mono) peers; valgrind for the instruction counts.
@@ -75,6 +79,7 @@ endef
 
 .PHONY: all build deps deps-check deps-bench deps-format check \
 	check-normal check-asan check-tsan check-valgrind check-fuzz \
+	check-clang check-musl musl-kernel-include \
 	check-summary fuzz fuzz-build faults faults-tests bench demo format clean \
 	package
 
@@ -156,7 +161,8 @@ endef
 check: deps-check
 	@rm -f $(TALLY)
 	@rc=0; \
-	for step in check-normal check-asan check-tsan check-valgrind check-fuzz; do \
+	for step in check-normal check-asan check-tsan check-valgrind check-fuzz \
+	            check-clang check-musl; do \
 	  $(MAKE) --no-print-directory $$step || rc=1; \
 	done; \
 	$(MAKE) --no-print-directory check-summary || rc=1; \
@@ -175,6 +181,38 @@ check-asan:
 
 check-tsan:
 	$(call check_build,build-tsan,tsan,$(TSAN_CMAKE),$(SLOW_ENV) $(TSAN_LAUNCHER))
+
+# The core (no adapter, no host: their libraries are glibc's) built with
+# clang, warnings as errors, and its unit tests (include/cancel.h:
+# Platform says what each compiler and C library gets).
+CORE_CMAKE := -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCANCEL_WERROR=ON \
+	-DCANCEL_WITH_SQLITE=OFF -DCANCEL_WITH_CURL=OFF -DCANCEL_WITH_PQ=OFF \
+	-DCANCEL_WITH_HTTP=OFF -DCANCEL_WITH_HOST=OFF
+CLANG_CMAKE := -DCMAKE_C_COMPILER=clang $(CORE_CMAKE)
+
+check-clang: CTEST_FLAGS += -L unit
+check-clang:
+	$(call check_build,build-clang,clang,$(CLANG_CMAKE),CANCEL_TEST_TIME_SCALE=$(NORMAL_SCALE))
+
+# The same with musl (musl-gcc, Debian musl-tools): no pkg-config, whose
+# libraries are glibc's, and so the tests on tests/harness/cmocka.h, not
+# libcmocka.  musl-gcc searches no glibc header; the kernel's (linux/,
+# asm/, asm-generic/) come from a directory of links to linux-libc-dev's,
+# as a musl distribution's kernel-headers package would install them.
+MUSL_KERNEL_INCLUDE := build-musl/kernel-include
+MUSL_CMAKE := -DCMAKE_C_COMPILER=musl-gcc $(CORE_CMAKE) \
+	-DCMAKE_DISABLE_FIND_PACKAGE_PkgConfig=ON -DCANCEL_TESTS_WITHOUT_CMOCKA=ON \
+	"-DCMAKE_C_FLAGS=-idirafter $(CURDIR)/$(MUSL_KERNEL_INCLUDE)"
+
+musl-kernel-include:
+	@mkdir -p $(MUSL_KERNEL_INCLUDE)
+	@ln -sfn /usr/include/linux $(MUSL_KERNEL_INCLUDE)/linux
+	@ln -sfn /usr/include/asm-generic $(MUSL_KERNEL_INCLUDE)/asm-generic
+	@ln -sfn /usr/include/$$(gcc -print-multiarch)/asm $(MUSL_KERNEL_INCLUDE)/asm
+
+check-musl: CTEST_FLAGS += -L 'unit|example'
+check-musl: musl-kernel-include
+	$(call check_build,build-musl,musl,$(MUSL_CMAKE),CANCEL_TEST_TIME_SCALE=$(NORMAL_SCALE))
 
 # Every test and example program of the normal build under valgrind,
 # except those named in VALGRIND_SKIP, JOBS at a time.
@@ -310,4 +348,5 @@ format: deps-format
 	find bench -maxdepth 1 -name '*.c' -print0 | xargs -0 -r clang-format -i
 
 clean:
-	rm -rf build build-asan build-tsan build-bench build-check build-fuzz build-package
+	rm -rf build build-asan build-tsan build-bench build-check build-fuzz build-package \
+	  build-clang build-musl

@@ -70,6 +70,59 @@ extern "C" {
 CANCEL_API const char *cancel_version(void);
 
 /* ======================================================================
+ * Platform
+ *
+ * Linux only: 2.6.28 or later has every required feature below, and the
+ * later ones have fallbacks; the kernel headers must be installed
+ * (Debian: linux-libc-dev).  The C library is glibc or musl (tested:
+ * glibc 2.36 and musl 1.2.3, Debian 12's); the compiler gcc or clang
+ * (tested: gcc 12, clang 14), in C11 with GNU extensions.  make check
+ * builds and tests the core with each of gcc, clang and musl-gcc.  CMake checks all of this when it configures
+ * (cmake/platform.cmake): what is required stops it with what is
+ * missing, and its summary names the fallbacks the build uses.
+ *
+ * Kernel features, all required unless a fallback is named:
+ *   futex(2) FUTEX_WAIT_BITSET on CLOCK_MONOTONIC (2.6.25): every wait.
+ *   eventfd(2) with flags (2.6.27): descriptor waits, token descriptors.
+ *   epoll_create1, timerfd (2.6.27): the library's thread (timers and
+ *     descriptor watches); EPOLLRDHUP (2.6.17): hang-up watches.
+ *   signalfd(2) (2.6.27): cancel_signals_watch; accept4 (2.6.28), dup3,
+ *     ppoll: the I/O calls.
+ *   preadv2/pwritev2 with RWF_NOWAIT (4.14): one system call for a ready
+ *     descriptor.  Fallback, per descriptor: poll, then read, or write at
+ *     most PIPE_BUF bytes (see cancel_read).
+ *   membarrier(2) private expedited (4.14): scopes end with a compiler
+ *     barrier.  Fallback (also under seccomp): a full fence per scope end.
+ *   pidfd_open(2) (5.3): cancel/process.h waits poll the child's pidfd.
+ *     Fallback: waitid(WNOHANG) between cancellable sleeps of 1 ms
+ *     growing to 20 ms (an exit is seen up to that late; a cancel at once).
+ *
+ * C library functions beyond POSIX, each with its fallback (musl 1.2.3
+ * has none of them; make check-musl tests every fallback):
+ *   pthread_cond_clockwait (glibc 2.30): cancel_cond_wait's deadline.
+ *     Fallback: pthread_cond_timedwait, first with the deadline as a
+ *     CLOCK_MONOTONIC time, which is right for a condition on that clock;
+ *     on CLOCK_REALTIME (the default) it is long past and times out at
+ *     once, which says so, and the wait goes on with the deadline
+ *     converted to the wall clock (re-converted if the clock is set).
+ *   preadv2/pwritev2 wrappers (glibc 2.26): called as system calls.
+ *   strerrordesc_np (glibc 2.32): cancel_strerror's text.  Fallback:
+ *     strerror(), which is thread-safe in musl.
+ *   strerrorname_np (glibc 2.32): errno names in log fields (ECANCELED).
+ *     Fallback: a table of the errors libcancel returns; others are
+ *     logged as their number.
+ *   backtrace(3) (glibc): the watchdog's stacks (cancel/diag.h).
+ *     Fallback: none possible; the report says "stack unavailable" where
+ *     the frames would be.
+ * The optional libraries (cancel/curl.h, sqlite.h, pq.h, http.h, host.h)
+ * are built and tested with glibc only: Debian builds the libraries they
+ * adapt for glibc.  The host uses sigabbrev_np (glibc 2.32).
+ *
+ * No internal field of a C library type is read: pthread types are used
+ * through their functions only.
+ * ====================================================================== */
+
+/* ======================================================================
  * Time
  * ====================================================================== */
 
@@ -577,9 +630,16 @@ CANCEL_API int cancel_connect(const cancel_token *tok, int fd,
  * locked by the caller; it is locked again on every return.  Returns 0 when
  * woken (spurious wake-ups happen, as with pthread: re-check your
  * predicate), -ETIMEDOUT, -ECANCELED.  There is no lost wake-up between
- * the token check and the wait: the cancelling thread takes the mutex
- * briefly before it broadcasts (unless it holds it itself), so do not
- * cancel while holding a lock that a holder of this mutex waits for.
+ * the token check and the wait: the broadcast that ends the wait comes
+ * after a pass through the mutex.  The cancelling thread tries the mutex;
+ * if it is busy (POSIX cannot say by whom: the cancelling thread may hold
+ * it itself, which is allowed, with a mutex of any type), it broadcasts
+ * at once and the library's thread passes through the mutex, retrying it
+ * every millisecond, and broadcasts again.  Only if that thread cannot be
+ * started (no threads left) does the cancelling thread wait for the
+ * mutex itself: then a canceller holding a normal mutex deadlocks.  The
+ * condition may use CLOCK_MONOTONIC or CLOCK_REALTIME (see Platform for
+ * a C library without pthread_cond_clockwait).
  *
  * Why there is no cancel_mutex_lock: a mutex guards a short critical
  * section and waiting for it is not a wait that should observe

@@ -30,8 +30,14 @@ const char *cancel_strerror(int err) {
   default:
     break;
   }
-  /* glibc's description table: static strings, thread-safe. */
+#ifdef CANCEL_HAVE_STRERRORDESC_NP
+  /* glibc's description table (2.32): static strings, thread-safe. */
   const char *s = strerrordesc_np(err);
+#else
+  /* musl's strerror() returns the same kind of string, from a constant
+   * table, and is thread-safe there (cancel.h: Platform). */
+  const char *s = strerror(err);
+#endif
   return s != NULL ? s : "unknown error";
 }
 

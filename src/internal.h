@@ -258,6 +258,25 @@ int cancel__reactor_watch_mod(struct cancel__fdwatch *w, uint32_t events);
  * registered (never, already removed, or registered before fork()). */
 int cancel__reactor_watch_del(struct cancel__fdwatch *w);
 
+/* A job for the reactor thread: fn(job) runs there, reactor lock held, so
+ * it MUST NOT block (a trylock, never a lock); it returns true when the
+ * job is done (it is then off the list and the reactor never touches it
+ * again), false to be run again about a millisecond later.  The record is
+ * caller storage.  cancel_cond_wait uses it to pass through a mutex that
+ * the cancelling thread may hold itself (cond.c). */
+struct cancel__rjob {
+  struct cancel__rjob *next, *prev;
+  bool (*fn)(struct cancel__rjob *job);
+  bool queued; /* reactor lock */
+};
+/* Queues job, starting the reactor if needed.  Returns 0, or -EAGAIN when
+ * the reactor cannot start (out of threads or descriptors, or the process
+ * is exiting): the job is then not queued. */
+int cancel__reactor_post(struct cancel__rjob *job);
+/* Takes job off the list if it is still there: once it returns, fn is not
+ * running and will not run again.  Not from fn itself. */
+void cancel__reactor_unpost(struct cancel__rjob *job);
+
 /* ---- Waiting (wait.c) ------------------------------------------------ */
 
 /* The calling thread's wake primitive.  A wait registers `reg` (in the
@@ -278,6 +297,7 @@ struct cancel__waiter {
   cancel_reg reg;     /* the wait's registration */
   void *obj;          /* what the callback wakes (a cond, a sem...) */
   void *obj2;         /* and its mutex, for a condition */
+  struct cancel__rjob job; /* cond.c: the pass through a busy mutex */
   struct pollfd *big; /* cancel_poll's set beyond 64 descriptors */
   nfds_t big_cap;
   cancel_scope scope; /* the wait, for the watchdog (cancel/diag.h) */

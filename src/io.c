@@ -20,8 +20,28 @@
 
 #include <fcntl.h>
 #include <limits.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
+#ifndef CANCEL_HAVE_PREADV2
+#include <linux/fs.h> /* RWF_NOWAIT, without the C library's preadv2 */
+#endif
 #include <unistd.h>
+
+/* preadv2/pwritev2 at the current position with RWF_NOWAIT (Linux 4.14).
+ * glibc (2.26) has the wrappers; musl 1.2.3 has not, and gets the system
+ * call itself, whose offset comes as two words (the high one ignored by a
+ * 64-bit kernel): -1 in both is -1, "the current position" (cancel.h:
+ * Platform). */
+#ifdef CANCEL_HAVE_PREADV2
+static ssize_t nowait_rw(long nr, int fd, struct iovec *iov) {
+  return nr == SYS_preadv2 ? preadv2(fd, iov, 1, -1, RWF_NOWAIT)
+                           : pwritev2(fd, iov, 1, -1, RWF_NOWAIT);
+}
+#else
+static ssize_t nowait_rw(long nr, int fd, struct iovec *iov) {
+  return syscall(nr, fd, iov, 1, -1L, -1L, RWF_NOWAIT);
+}
+#endif
 
 typedef ssize_t attempt_fn(int fd, void *buf, size_t len, int flags,
                            bool nowait);
@@ -31,7 +51,7 @@ static ssize_t try_read(int fd, void *buf, size_t len, int flags, bool nowait) {
   if (!nowait)
     return read(fd, buf, len);
   struct iovec iov = {.iov_base = buf, .iov_len = len};
-  return preadv2(fd, &iov, 1, -1, RWF_NOWAIT);
+  return nowait_rw(SYS_preadv2, fd, &iov);
 }
 
 static ssize_t try_write(int fd, void *buf, size_t len, int flags,
@@ -43,7 +63,7 @@ static ssize_t try_write(int fd, void *buf, size_t len, int flags,
   if (!nowait)
     return write(fd, buf, len < PIPE_BUF ? len : PIPE_BUF);
   struct iovec iov = {.iov_base = buf, .iov_len = len};
-  return pwritev2(fd, &iov, 1, -1, RWF_NOWAIT);
+  return nowait_rw(SYS_pwritev2, fd, &iov);
 }
 
 static ssize_t try_recv(int fd, void *buf, size_t len, int flags, bool nowait) {
@@ -78,8 +98,10 @@ static ssize_t transfer(const cancel_token *tok, int fd, void *buf, size_t len,
         return n;
       if (errno == EINTR)
         continue;
-      if (errno == EOPNOTSUPP && nowait) {
-        nowait = false; /* no RWF_NOWAIT here: readiness first */
+      if ((errno == EOPNOTSUPP || errno == ENOSYS) && nowait) {
+        /* No RWF_NOWAIT for this file, or no preadv2 at all (Linux before
+         * 4.6): readiness first. */
+        nowait = false;
       } else if (errno != EAGAIN && errno != EWOULDBLOCK) {
         return -errno;
       }

@@ -480,13 +480,32 @@ static void put_double(char *out, size_t len, double x, int decimals) {
 }
 
 /* The symbolic name of an errno value, or NULL.  glibc has the table
- * (strerrorname_np, 2.32); another C library gets the number. */
+ * (strerrorname_np, 2.32); without it (musl) a table of our own names the
+ * errors libcancel returns, and others are logged as their number
+ * (cancel.h: Platform). */
 static const char *errno_name(int e) {
-#if defined(__GLIBC__) && (__GLIBC__ > 2 || __GLIBC_MINOR__ >= 32)
+#ifdef CANCEL_HAVE_STRERRORNAME_NP
   return strerrorname_np(e);
 #else
-  (void)e;
-  return NULL;
+  /* The errors libcancel and the calls it wraps return; the others are
+   * logged as their number. */
+  switch (e) {
+#define NAME(x)                                                                \
+  case x:                                                                      \
+    return #x
+    NAME(EPERM); NAME(ENOENT); NAME(ESRCH); NAME(EINTR); NAME(EIO);
+    NAME(EBADF); NAME(ECHILD); NAME(EAGAIN); NAME(ENOMEM); NAME(EACCES);
+    NAME(EFAULT); NAME(EBUSY); NAME(EEXIST); NAME(EINVAL); NAME(ENFILE);
+    NAME(EMFILE); NAME(ENOSPC); NAME(EPIPE); NAME(ERANGE); NAME(EDEADLK);
+    NAME(ENOSYS); NAME(EOVERFLOW); NAME(ENOTSOCK); NAME(EMSGSIZE);
+    NAME(EOPNOTSUPP); NAME(EADDRINUSE); NAME(ENETUNREACH); NAME(ECONNABORTED);
+    NAME(ECONNRESET); NAME(ENOBUFS); NAME(ENOTCONN); NAME(ETIMEDOUT);
+    NAME(ECONNREFUSED); NAME(EHOSTUNREACH); NAME(EALREADY); NAME(EINPROGRESS);
+    NAME(EPROTO); NAME(ECANCELED);
+#undef NAME
+  default:
+    return NULL;
+  }
 #endif
 }
 

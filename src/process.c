@@ -99,6 +99,15 @@ static int send_sig(cancel_child *c, int sig) {
 
 /* ---- Reaping ---------------------------------------------------------- */
 
+/* The status word's layout on Linux, which <sys/wait.h>'s W* macros
+ * decode: glibc names the encoders, musl only the decoders. */
+#ifndef W_EXITCODE
+#define W_EXITCODE(ret, sig) ((ret) << 8 | (sig))
+#endif
+#ifndef WCOREFLAG
+#define WCOREFLAG 0x80
+#endif
+
 /* A waitid() result as the status word of waitpid(), so that WIFEXITED,
  * WEXITSTATUS, WIFSIGNALED, WTERMSIG and WCOREDUMP work on it. */
 static int status_of(const siginfo_t *info) {

@@ -1,13 +1,14 @@
 /*
  * The reactor: the library's one internal thread.  It sleeps in epoll_wait
  * on a timerfd set to the earliest timer, an eventfd for wake-ups and the
- * descriptors being watched; it fires due timers and runs the watches'
- * callbacks.  It starts on first use, blocks every signal (signals belong
- * to the application's threads, or to a signalfd it watches), exits after
- * it has been idle for a while (no timer and no watch), and is joined at
- * process exit so that a clean exit leaves no thread behind.  After fork()
- * the child starts afresh: its first timer or watch starts a new thread
- * with new descriptors, and the parent's watches are not carried over.
+ * descriptors being watched; it fires due timers, runs the watches'
+ * callbacks and the jobs posted to it (cancel__reactor_post).  It starts
+ * on first use, blocks every signal (signals belong to the application's
+ * threads, or to a signalfd it watches), exits after it has been idle for
+ * a while (no timer, no watch and no job), and is joined at process exit
+ * so that a clean exit leaves no thread behind.  After fork() the child
+ * starts afresh: its first timer or watch starts a new thread with new
+ * descriptors, and the parent's watches are not carried over.
  *
  * Watches are named in the epoll set by an id, not by a pointer: a slot in
  * a table and the slot's generation.  epoll_wait hands events out before
@@ -74,6 +75,45 @@ static struct {
   struct cancel__fdwatch *firing; /* whose callback is running right now */
   unsigned waiters;               /* threads waiting for `firing` to change */
 } W = {NULL, 0, 0, NO_SLOT, NULL, 0};
+
+/* The jobs (cancel__reactor_post).  Under the reactor lock. */
+static struct cancel__rjob *jobs;
+
+static void job_link_locked(struct cancel__rjob *j) {
+  j->prev = NULL;
+  j->next = jobs;
+  if (jobs != NULL)
+    jobs->prev = j;
+  jobs = j;
+  j->queued = true;
+}
+
+static void job_unlink_locked(struct cancel__rjob *j) {
+  if (j->prev != NULL)
+    j->prev->next = j->next;
+  else
+    jobs = j->next;
+  if (j->next != NULL)
+    j->next->prev = j->prev;
+  j->queued = false;
+}
+
+/* Runs every queued job once; returns true if some are left to retry.
+ * A job is unlinked before it runs: the last step of one that succeeds
+ * may let its owner return and reuse the record, or exit the thread whose
+ * storage it is. */
+static bool run_jobs_locked(void) {
+  struct cancel__rjob *j = jobs;
+  jobs = NULL;
+  while (j != NULL) {
+    struct cancel__rjob *next = j->next;
+    j->queued = false;
+    if (!j->fn(j))
+      job_link_locked(j);
+    j = next;
+  }
+  return jobs != NULL;
+}
 
 /* What the reactor's own descriptors carry in epoll_event.data: the fd
  * itself, with a zero generation (a watch's generation is never 0). */
@@ -180,10 +220,11 @@ static void *reactor_main(void *arg) {
     int64_t next = cancel__timer_run_locked();
     if (R.quit)
       break;
+    bool retry = run_jobs_locked();
     if (!R.tfd_ok || next != R.programmed)
       set_timerfd(next); /* after a failure: try again every round */
     int timeout_ms = -1;
-    if (next == CANCEL_NEVER && W.count == 0) {
+    if (next == CANCEL_NEVER && W.count == 0 && !retry) {
       int64_t now = cancel_now();
       if (idle_since == CANCEL_NEVER)
         idle_since = now;
@@ -202,6 +243,8 @@ static void *reactor_main(void *arg) {
         timeout_ms = (int)cancel__ns_to_ms_ceil(
             cancel__time_left(next, cancel_now()), INT32_MAX);
     }
+    if (retry && (timeout_ms < 0 || timeout_ms > 1))
+      timeout_ms = 1; /* a job waits for a mutex: look again soon */
     cancel__reactor_unlock();
     struct epoll_event ev[32];
     int n = epoll_wait(R.epfd, ev, 32, timeout_ms);
@@ -289,6 +332,9 @@ static void atfork_child(void) {
   W.count = 0;
   W.firing = NULL;
   W.waiters = 0;
+  /* A job belongs to a waiting thread, and only the forking thread came
+   * along (it is not waiting: it forked). */
+  jobs = NULL;
 }
 
 static void setup_once(void) {
@@ -461,4 +507,26 @@ int cancel__reactor_watch_del(struct cancel__fdwatch *w) {
   }
   cancel__reactor_unlock();
   return rc;
+}
+
+/* ---------------------------------------------------------------------
+ * Jobs
+ * --------------------------------------------------------------------- */
+
+int cancel__reactor_post(struct cancel__rjob *job) {
+  cancel__reactor_lock();
+  int rc = cancel__reactor_ensure_locked();
+  if (rc == 0) {
+    job_link_locked(job);
+    kick_locked();
+  }
+  cancel__reactor_unlock();
+  return rc < 0 ? -EAGAIN : 0;
+}
+
+void cancel__reactor_unpost(struct cancel__rjob *job) {
+  cancel__reactor_lock();
+  if (job->queued)
+    job_unlink_locked(job);
+  cancel__reactor_unlock();
 }

@@ -10,7 +10,6 @@
 #include "cancel/log.h"
 
 #include <errno.h>
-#include <execinfo.h>
 #include <linux/futex.h>
 #include <pthread.h>
 #include <signal.h>
@@ -19,6 +18,30 @@
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+
+/* The stack of a thread, from its signal handler: backtrace(3), which
+ * glibc has.  musl has none: the report then says "stack unavailable"
+ * where the frames would be (cancel.h: Platform). */
+#ifdef CANCEL_HAVE_BACKTRACE
+#include <execinfo.h>
+static int frames_of(void **frames, int max) {
+  return backtrace(frames, max);
+}
+static char **symbols_of(void *const *frames, int n) {
+  return backtrace_symbols(frames, n);
+}
+#else
+static int frames_of(void **frames, int max) {
+  (void)frames;
+  (void)max;
+  return 0;
+}
+static char **symbols_of(void *const *frames, int n) {
+  (void)frames;
+  (void)n;
+  return NULL;
+}
+#endif
 
 #define MAX_FRAMES 64
 #define MAX_REPORTS 16 /* per look; the rest wait for the next */
@@ -50,7 +73,7 @@ static void on_stack_signal(int sig, siginfo_t *si, void *uc) {
   if (__atomic_compare_exchange_n(&cap.tid, &want, 0, false, __ATOMIC_ACQ_REL,
                                   __ATOMIC_ACQUIRE)) {
     int max = opt.max_frames < MAX_FRAMES ? opt.max_frames : MAX_FRAMES;
-    cap.n = backtrace(cap.frames, max);
+    cap.n = frames_of(cap.frames, max);
     __atomic_store_n(&cap.done, 1, __ATOMIC_RELEASE);
     cancel__futex_wake_all(&cap.done); /* a syscall: safe here */
   }
@@ -137,7 +160,7 @@ static void log_report(const struct report *r) {
   }
   /* Frames 0 and 1 are the handler and the signal trampoline. */
   int skip = n > 2 ? 2 : 0;
-  char **sym = backtrace_symbols(cap.frames + skip, n - skip);
+  char **sym = symbols_of(cap.frames + skip, n - skip);
   for (int i = 0; i < n - skip; i++) {
     char raw[32];
     snprintf(raw, sizeof raw, "%p", cap.frames[skip + i]);
@@ -264,7 +287,7 @@ int cancel_watchdog_start(const cancel_watchdog_options *o) {
     /* The first backtrace() loads libgcc's unwinder (it allocates): do it
      * here, not in a signal handler. */
     void *warm[2];
-    (void)backtrace(warm, 2);
+    (void)frames_of(warm, 2);
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_sigaction = on_stack_signal;
