@@ -60,9 +60,13 @@ static inline cancel_source *new_src(const char *name) {
 /* CANCEL_TEST_TIME_SCALE from the environment, default 1.0.  Values that do
  * not parse as a positive number are ignored. */
 static inline double test_time_scale(void) {
-  static double scale; /* 0 until read; benign if two threads race here */
-  if (scale == 0.0) {
-    double s = 1.0;
+  /* 0 until read.  Threads may race to read it first: each computes the
+   * same value, and the relaxed atomics keep that race defined (TSan). */
+  static double scale;
+  double s;
+  __atomic_load(&scale, &s, __ATOMIC_RELAXED);
+  if (s == 0.0) {
+    s = 1.0;
     const char *env = getenv("CANCEL_TEST_TIME_SCALE");
     if (env != NULL && *env != '\0') {
       char *end = NULL;
@@ -70,9 +74,9 @@ static inline double test_time_scale(void) {
       if (end != env && v > 0.0)
         s = v;
     }
-    scale = s;
+    __atomic_store(&scale, &s, __ATOMIC_RELAXED);
   }
-  return scale;
+  return s;
 }
 
 /* A tolerance of `ns` nanoseconds, widened by the time scale. */
