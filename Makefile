@@ -132,6 +132,8 @@ SLOW_SCALE = $(or $(CANCEL_TEST_TIME_SCALE),4)
 VALGRIND_SCALE = $(or $(CANCEL_TEST_TIME_SCALE),10)
 
 VALGRIND_SKIP ?= stress_test
+# Run alone under valgrind, after the others (tests/valgrind/run.sh).
+VALGRIND_ALONE ?= settle_test timer_test sqlite_test curl_test
 VALGRIND_TIMEOUT ?= 600
 # --fair-sched: valgrind runs one thread at a time; by default a thread
 # that never blocks (an SQLite query, a busy loop under test) can keep the
@@ -228,7 +230,8 @@ check-valgrind:
 	  case " $(VALGRIND_SKIP) " in *" $$(basename "$$src" .c) "*) continue ;; esac; \
 	  srcs="$$srcs $$src"; \
 	done; \
-	VALGRIND="$(VALGRIND)" CANCEL_TEST_TIME_SCALE=$(VALGRIND_SCALE) \
+	VALGRIND="$(VALGRIND)" VALGRIND_ALONE="$(VALGRIND_ALONE)" \
+	  CANCEL_TEST_TIME_SCALE=$(VALGRIND_SCALE) \
 	  sh tests/valgrind/run.sh build $(JOBS) $(VALGRIND_TIMEOUT) $$srcs \
 	  > build/valgrind.txt; rc=$$?; \
 	sed '$$d' build/valgrind.txt; \

@@ -33,7 +33,21 @@ shift 3
 for src in "$@"; do
   rm -f "$build/valgrind-$(basename "$src" .c).log.status"
 done
-printf '%s\n' "$@" | xargs -P "$jobs" -I{} sh "$0" --one "$build" "$timeout" {}
+# Those named in VALGRIND_ALONE (their timing needs a CPU of their own
+# under valgrind: a timer thread that a neighbour keeps waiting fires too
+# late for them) run after the others, one at a time.
+together= alone=
+for src in "$@"; do
+  case " ${VALGRIND_ALONE:-} " in
+  *" $(basename "$src" .c) "*) alone="$alone $src" ;;
+  *) together="$together $src" ;;
+  esac
+done
+# shellcheck disable=SC2086 # one program per word
+printf '%s\n' $together | xargs -P "$jobs" -I{} sh "$0" --one "$build" "$timeout" {}
+for src in $alone; do
+  sh "$0" --one "$build" "$timeout" "$src"
+done
 passed=0 failed=0
 for src in "$@"; do
   name=$(basename "$src" .c)
